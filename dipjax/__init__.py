@@ -1,0 +1,1 @@
+"""dipjax: Deep Image Prior with DDPM-staged supervision, in JAX/Flax."""
