@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
@@ -81,3 +82,94 @@ def _conv2d_bwd(stride, res, g):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def pad2d(x: Array, pad: int, mode: str) -> Array:
+  """Pads the two spatial axes of (N, H, W, C) by `pad`; mode 'reflect' | 'zero'."""
+  if pad == 0:
+    return x
+  widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+  return jnp.pad(x, widths, mode="reflect" if mode == "reflect" else "constant")
+
+
+def upsample2x(x: Array, mode: str) -> Array:
+  """2x spatial up-sampling of (N, H, W, C): 'nearest', or 'bilinear'.
+
+  'bilinear' equals PyTorch's ``nn.Upsample(scale_factor=2, mode='bilinear')``
+  (align_corners=False, edges clamped): each output pixel is 3/4 of its nearest input pixel plus
+  1/4 of the next one, written as shifted slices (much cheaper than a general resize).
+  """
+  if mode == "nearest":
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  if mode != "bilinear":
+    raise ValueError(f"unknown up-sampling mode {mode!r}; expected 'nearest' or 'bilinear'")
+  for axis in (1, 2):
+    n = x.shape[axis]
+    prev = jnp.concatenate([lax.slice_in_dim(x, 0, 1, axis=axis),
+                            lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+    nxt = jnp.concatenate([lax.slice_in_dim(x, 1, n, axis=axis),
+                           lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
+    even = 0.75 * x + 0.25 * prev
+    odd = 0.75 * x + 0.25 * nxt
+    x = jnp.stack([even, odd], axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis:axis + 2] = [2 * n]
+    x = x.reshape(shape)
+  return x
+
+
+def _torch_uniform(fan_in_axes: tuple[int, ...]):
+  """PyTorch's default conv initialiser, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as DIP used it."""
+
+  def init(key, shape, dtype=jnp.float32, fan_in=None):
+    if fan_in is None:
+      fan_in = 1
+      for a in fan_in_axes:
+        fan_in *= shape[a]
+    bound = 1.0 / jnp.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv(nn.Module):
+  """Padded 2-D convolution through :func:`conv2d`, with PyTorch's default initialisation.
+
+  Padding keeps the size (divided by `stride`): (k - 1) // 2 pixels each side, reflected
+  ('reflect', the DIP default) or zeros ('zero').
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: str = "reflect"
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, cin = self.kernel_size, x.shape[-1]
+    w = self.param("kernel", _torch_uniform((0, 1, 2)), (k, k, cin, self.features))
+    y = conv2d(pad2d(x, (k - 1) // 2, self.padding), w, self.stride)
+    if self.use_bias:
+      b = self.param("bias", lambda key, s: _torch_uniform(())(key, s, fan_in=k * k * cin),
+                     (self.features,))
+      y = y + b
+    return y
+
+
+class ConvBlock(nn.Module):
+  """Conv -> BatchNorm (batch statistics when `train`) -> LeakyReLU(0.2): DIP's unit."""
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: str = "reflect"
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    x = Conv(self.features, self.kernel_size, self.stride, self.padding)(x)
+    x = batch_norm(x, train)
+    return nn.leaky_relu(x, 0.2)
+
+
+def batch_norm(x: Array, train: bool) -> Array:
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), inside a compact module."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)

@@ -1,0 +1,43 @@
+"""Network shapes, the DIP paper's F16 parameter count, and bad configurations."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dipjax import nets
+
+
+def _num_params(net, in_channels, size=64):
+  variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, in_channels)))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+
+
+def test_paper_f16_has_the_original_parameter_count():
+  assert _num_params(nets.paper_f16(), in_channels=32) == 2_217_831
+
+
+@pytest.mark.parametrize("name", nets.NETS)
+def test_nets_map_input_size_to_output_in_unit_range(name):
+  net = nets.make(name, width=4, scales=3, out_channels=1)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (1, 16, 16, 2))
+  variables = net.init(jax.random.PRNGKey(1), x)
+  y, updates = net.apply(variables, x, mutable=["batch_stats"])
+  assert y.shape == (1, 16, 16, 1)
+  assert float(y.min()) >= 0 and float(y.max()) <= 1
+  assert "batch_stats" in updates
+  assert net.multiple == 8 if name != "unet" else net.multiple == 4
+
+
+def test_hourglass_has_no_skip_branch():
+  with_skip = _num_params(nets.make("skip", width=8, scales=2), 3, 16)
+  without = _num_params(nets.make("hourglass", width=8, scales=2), 3, 16)
+  assert without < with_skip
+
+
+def test_bad_network_name_and_width():
+  with pytest.raises(ValueError, match="unknown network"):
+    nets.make("resnet")
+  with pytest.raises(ValueError, match="positive"):
+    nets.make("skip", width=0)
