@@ -1,0 +1,126 @@
+"""Tests for dipjax.operators."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dipjax import operators
+
+
+def _image(shape, seed=0):
+  return jax.random.uniform(jax.random.PRNGKey(seed), shape)
+
+
+def _dip_lanczos(factor, support=2):
+  """Direct port of DIP's get_kernel(factor, 'lanczos', 0.5, 4 * factor + 1, support)."""
+  width = 4 * factor + 1
+  kernel = np.zeros([width - 1, width - 1])
+  center = (width + 1) / 2.
+  for i in range(1, kernel.shape[0] + 1):
+    for j in range(1, kernel.shape[1] + 1):
+      di = abs(i + 0.5 - center) / factor
+      dj = abs(j + 0.5 - center) / factor
+      val = 1
+      if di != 0:
+        val = val * support * np.sin(np.pi * di) * np.sin(np.pi * di / support)
+        val = val / (np.pi * np.pi * di * di)
+      if dj != 0:
+        val = val * support * np.sin(np.pi * dj) * np.sin(np.pi * dj / support)
+        val = val / (np.pi * np.pi * dj * dj)
+      kernel[i - 1][j - 1] = val
+  return kernel / kernel.sum()
+
+
+def test_identity():
+  x = _image((8, 8, 3))
+  op = operators.identity()
+  np.testing.assert_array_equal(op(x), x)
+  assert op.measurement_shape((8, 8, 3)) == (8, 8, 3)
+
+
+def test_mask_zeroes_masked_pixels_only():
+  x = _image((8, 8, 3)) + 0.1
+  raw = np.asarray(_image((8, 8), seed=1))
+  op = operators.inpainting(raw)
+  assert op.mask.shape == (8, 8, 1) and op.mask.dtype == jnp.float32
+  known = raw >= 0.5
+  y = np.asarray(op(x))
+  np.testing.assert_array_equal(y[~known], 0.0)
+  np.testing.assert_array_equal(y[known], np.asarray(x)[known])
+  assert op(x[None]).shape == (1, 8, 8, 3)
+
+
+def test_mask_shape_errors():
+  with pytest.raises(ValueError, match="mask must have shape"):
+    operators.inpainting(np.ones((2, 8, 8, 1)))
+  with pytest.raises(ValueError, match="does not fit"):
+    operators.inpainting(np.ones((8, 8)))(jnp.ones((4, 4, 3)))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+@pytest.mark.parametrize("kernel", ["lanczos", "box"])
+def test_downsampler_shapes(factor, kernel):
+  op = operators.downsampler(factor, kernel)
+  for shape in [(16, 24, 1), (16, 24, 3), (2, 16, 24, 3)]:
+    out = op.measurement_shape(shape)
+    assert out == shape[:-3] + (16 // factor, 24 // factor, shape[-1])
+    assert op(jnp.zeros(shape)).shape == out
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_constant_image_stays_constant(factor):
+  apply = jax.jit(lambda op, x: op(x))  # The operator is a pytree argument.
+  y = apply(operators.downsampler(factor), jnp.full((16, 16, 3), 0.3))
+  np.testing.assert_allclose(y, 0.3, rtol=1e-5)
+
+
+def test_lanczos_kernel_matches_dip():
+  op = operators.downsampler(4)
+  k = np.asarray(op.kernel)
+  assert k.shape == (16, 16) and op.pad == 6
+  np.testing.assert_allclose(k, _dip_lanczos(4), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(k, k.T, atol=1e-9)
+  np.testing.assert_allclose(k, k[::-1, ::-1], atol=1e-9)
+  np.testing.assert_allclose(k.sum(), 1.0, rtol=1e-6)
+
+
+def test_box2_is_block_average():
+  x = _image((2, 8, 6, 3))
+  want = np.asarray(x).reshape(2, 4, 2, 3, 2, 3).mean(axis=(2, 4))
+  np.testing.assert_allclose(operators.downsampler(2, "box")(x), want, rtol=1e-6)
+
+
+def test_vmap_stacked_masks():
+  masks = [np.asarray(_image((8, 8), seed=s)) for s in (1, 2)]
+  ops = [operators.inpainting(m) for m in masks]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *ops)
+  xs = _image((2, 8, 8, 3))
+  ys = jax.vmap(lambda op, x: op(x))(stacked, xs)
+  for i in range(2):
+    np.testing.assert_array_equal(ys[i], ops[i](xs[i]))
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="not divisible by the super-resolution factor 4"):
+    operators.downsampler(4)(jnp.zeros((250, 250, 3)))
+  with pytest.raises(ValueError, match="image size 250x250"):
+    operators.downsampler(4).measurement_shape((250, 250, 3))
+  with pytest.raises(ValueError, match="factor must be one of"):
+    operators.downsampler(3)
+  with pytest.raises(ValueError, match="unknown down-sampling kernel"):
+    operators.downsampler(2, "bicubic")
+
+
+@pytest.mark.parametrize("op", [operators.downsampler(2), operators.downsampler(4, "box"),
+                                operators.inpainting(np.eye(8))])
+def test_gradient_and_adjoint(op):
+  x = _image((8, 8, 2))
+  y = _image(op.measurement_shape(x.shape), seed=3)
+  g = jax.grad(lambda x: op(x).sum())(x)
+  assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g)))
+  ax, vjp = jax.vjp(op, x)
+  (aty,) = vjp(y)
+  np.testing.assert_allclose(jnp.vdot(ax, y), jnp.vdot(x, aty), rtol=1e-5)
