@@ -1,0 +1,293 @@
+"""Fitting a DIP network: the train state, the pure step, scanned segments, many fits at once.
+
+One fit minimises ‖A f_θ(z) − x_k‖² where x_k is the target of the stage the current iteration
+belongs to (plain DIP: one stage, x_1 = y). Iterations run as ``lax.scan`` over steps inside a
+segment, and ``lax.scan`` over segments; the stage index is computed from the global step inside
+the scan, so any number of stages and any stage budgets share one compiled function.
+
+Shapes: the network input z is (H, W, Cz), its output and the ground truth (H, W, C); the
+observation y and the stage targets live in measurement space, (h, w, C) and (K, h, w, C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dipjax import metrics
+from dipjax import targets as targets_lib
+from dipjax.inputs import NetInput
+from dipjax.operators import Operator
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """Optimisation settings (hashable: a static argument of the compiled fit).
+
+  Attributes:
+    learning_rate: Adam step size (DIP: 0.01).
+    exp_weight: output EMA weight (DIP: 0.99; 0 makes the EMA the raw output).
+    segment: iterations per scanned segment; SSIM is traced once per segment.
+    rollback_db: a fit whose PSNR against the observation drops by more than this in one
+      iteration, or whose loss is not finite, is rolled back to its last good state (DIP: 5 dB).
+  """
+  learning_rate: float = 0.01
+  exp_weight: float = 0.99
+  segment: int = 100
+  rollback_db: float = 5.0
+
+
+@flax.struct.dataclass
+class Problem:
+  """What one fit is fitted to (all arrays, so problems can be stacked and vmapped).
+
+  Attributes:
+    inputs: the network input z = base + std * N(0, 1), redrawn every step.
+    targets: (K, h, w, C) stage targets, noisiest first; the last is usually y itself.
+    ends: (K,) int32 cumulative iteration at which each stage ends.
+    observation: (h, w, C) the degraded image y.
+    operator: the forward operator A, image (H, W, C) -> measurement (h, w, C).
+    clean: (H, W, C) ground truth, or None.
+  """
+  inputs: NetInput
+  targets: Array
+  ends: Array
+  observation: Array
+  operator: Operator
+  clean: Array | None = None
+
+
+def plain_problem(inputs: NetInput, observation: Array, operator: Operator, iters: int,
+                  clean: Array | None = None) -> Problem:
+  """Classic DIP: one stage whose target is the observation, for `iters` iterations."""
+  return Problem(inputs, observation[None], jnp.array([iters], jnp.int32), observation,
+                 operator, clean)
+
+
+@flax.struct.dataclass
+class Snapshot:
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a fit carries from one iteration to the next.
+
+  Attributes:
+    step: int32 iterations done.
+    params, batch_stats, opt_state: network weights, BatchNorm statistics, Adam state.
+    out: (H, W, C) the latest output; ema: its exponential moving average.
+    key: PRNG key for the input noise.
+    good: the last state whose output was healthy (what a divergence rolls back to).
+    good_psnr: PSNR(A out, y) of that state, dB.
+  """
+  step: Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  out: Array
+  ema: Array
+  key: Array
+  good: Snapshot
+  good_psnr: Array
+
+
+@flax.struct.dataclass
+class Trace:
+  """Per-iteration (n,) and per-segment (n / segment,) records of a fit; PSNR in dB.
+
+  `target` is the current stage's target, `obs` the observation y (both compared in measurement
+  space, A out), `clean` the ground truth (NaN when none is given); `_ema` for the EMA output.
+  """
+  loss: Array
+  psnr_target: Array
+  psnr_target_ema: Array
+  psnr_obs: Array
+  psnr_obs_ema: Array
+  psnr_clean: Array
+  psnr_clean_ema: Array
+  stage: Array
+  rolled_back: Array
+  ssim_clean: Array
+  ssim_clean_ema: Array
+
+
+def optimizer(config: FitConfig) -> optax.GradientTransformation:
+  return optax.adam(config.learning_rate)
+
+
+def init_state(key: Array, net: nn.Module, problem: Problem, config: FitConfig) -> TrainState:
+  """A fresh fit: network weights drawn from `key` at the input's shape."""
+  k_init, k_run = jax.random.split(key)
+  z = problem.inputs.base[None]
+  variables = net.init(k_init, z, train=True)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  opt_state = optimizer(config).init(params)
+  out_shape = z.shape[1:3] + (problem.observation.shape[-1],)
+  if problem.clean is not None:
+    out_shape = problem.clean.shape
+  blank = jnp.zeros(out_shape, jnp.float32)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=opt_state, out=blank, ema=blank, key=k_run,
+      good=jax.tree.map(jnp.copy, Snapshot(params, batch_stats, opt_state)),  # own buffers
+      good_psnr=jnp.array(-jnp.inf))
+
+
+def _select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
+               config: FitConfig) -> tuple[TrainState, dict[str, Array]]:
+  """One Adam step on the current stage's target; returns the new state and scalar metrics."""
+  key, k_z = jax.random.split(state.key)
+  z = problem.inputs.sample(k_z)[None]
+  stage = targets_lib.stage_index(problem.ends, state.step)
+  target = problem.targets[stage]
+  op = problem.operator
+
+  def loss_fn(params):
+    out, updates = net.apply({"params": params, "batch_stats": state.batch_stats}, z,
+                             train=True, mutable=["batch_stats"])
+    out = out[0]
+    return jnp.mean((op(out) - target) ** 2), (out, updates["batch_stats"])
+
+  (loss, (out, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  w = jnp.where(state.step == 0, 0.0, config.exp_weight)
+  ema = w * state.ema + (1.0 - w) * out
+  measured, measured_ema = op(out), op(ema)
+  psnr_obs = metrics.psnr(measured, problem.observation)
+  healthy = jnp.isfinite(loss) & (psnr_obs >= state.good_psnr - config.rollback_db)
+
+  new = TrainState(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+      out=out, ema=ema, key=key, good=Snapshot(state.params, state.batch_stats, state.opt_state),
+      good_psnr=psnr_obs)
+  back = state.replace(step=state.step + 1, key=key, params=state.good.params,
+                       batch_stats=state.good.batch_stats, opt_state=state.good.opt_state)
+  state = _select(healthy, new, back)
+
+  nan = jnp.full((), jnp.nan)
+  clean = problem.clean
+  record = dict(
+      loss=loss,
+      psnr_target=metrics.psnr(measured, target),
+      psnr_target_ema=metrics.psnr(measured_ema, target),
+      psnr_obs=psnr_obs,
+      psnr_obs_ema=metrics.psnr(measured_ema, problem.observation),
+      psnr_clean=nan if clean is None else metrics.psnr(out, clean),
+      psnr_clean_ema=nan if clean is None else metrics.psnr(ema, clean),
+      stage=stage,
+      rolled_back=~healthy)
+  return state, record
+
+
+def _segment(state: TrainState, problem: Problem, net: nn.Module,
+             config: FitConfig) -> tuple[TrainState, dict[str, Array]]:
+  step = functools.partial(train_step, problem=problem, net=net, config=config)
+  state, record = jax.lax.scan(lambda s, _: step(s), state, length=config.segment)
+  nan = jnp.full((), jnp.nan)
+  clean = problem.clean
+  record["ssim_clean"] = nan if clean is None else metrics.ssim(state.out, clean)
+  record["ssim_clean_ema"] = nan if clean is None else metrics.ssim(state.ema, clean)
+  return state, record
+
+
+def _fit(state: TrainState, problem: Problem, num_segments: int, net: nn.Module,
+         config: FitConfig) -> tuple[TrainState, Trace]:
+  state, rec = jax.lax.scan(lambda s, _: _segment(s, problem, net, config), state,
+                            length=num_segments)
+  per_iter = {k: v.reshape(-1) for k, v in rec.items() if not k.startswith("ssim")}
+  return state, Trace(**per_iter, ssim_clean=rec["ssim_clean"],
+                      ssim_clean_ema=rec["ssim_clean_ema"])
+
+
+def _check_iters(iters: int, config: FitConfig) -> int:
+  if iters < 1 or iters % config.segment:
+    raise ValueError(f"iterations ({iters}) must be a positive multiple of the segment length "
+                     f"({config.segment})")
+  return iters // config.segment
+
+
+@functools.partial(jax.jit, static_argnames=("num_segments", "net", "config"),
+                   donate_argnums=(0,))
+def _fit_jit(state, problem, num_segments, net, config):
+  return _fit(state, problem, num_segments, net, config)
+
+
+def fit(state: TrainState, problem: Problem, iters: int, *, net: nn.Module,
+        config: FitConfig) -> tuple[TrainState, Trace]:
+  """Runs `iters` iterations (a multiple of ``config.segment``) from `state`, compiled once.
+
+  `state` is consumed (its buffers are donated); continue from the returned one. Resuming from
+  a restored state gives bit-for-bit the same result as an uninterrupted fit.
+  """
+  return _fit_jit(state, problem, _check_iters(iters, config), net, config)
+
+
+@functools.partial(jax.jit, static_argnames=("num_segments", "net", "config", "shared"),
+                   donate_argnums=(0,))
+def _fit_many_jit(states, problems, num_segments, net, config, shared):
+  one = lambda s, p: _fit(s, p, num_segments, net, config)
+  # The model axis: fits run one after the other (lax.map), which on CPU is faster than
+  # vmapping per-model convolution weights (grouped convolutions). How the axis is batched is
+  # decided here and nowhere else.
+  if shared:
+    return jax.lax.map(lambda s: one(s, problems), states)
+  return jax.lax.map(lambda sp: one(*sp), (states, problems))
+
+
+@functools.partial(jax.jit, static_argnames=("net", "config", "shared"))
+def init_many(keys: Array, net: nn.Module, problems: Problem, config: FitConfig, *,
+              shared: bool = True) -> TrainState:
+  """Fresh states for M fits, stacked along a leading model axis. keys: (M, ...) PRNG keys.
+
+  shared: one problem for all fits (seeds); otherwise `problems` is stacked (M, ...) too.
+  """
+  init = lambda k, p: init_state(k, net, p, config)
+  return jax.vmap(init, in_axes=(0, None if shared else 0))(keys, problems)
+
+
+def fit_many(states: TrainState, problems: Problem, iters: int, *, net: nn.Module,
+             config: FitConfig, shared: bool = True) -> tuple[TrainState, Trace, Array]:
+  """Fits M models at once. States and traces carry a leading model axis M.
+
+  shared: True fits every model to the one `problems` (M seeds); False takes problems stacked
+  along M (one per schedule / stage setting / image). Returns the states, the traces and the
+  ensemble mean of the M EMA outputs, (H, W, C). Each fit equals its separate `fit`.
+  """
+  states, traces = _fit_many_jit(states, problems, _check_iters(iters, config), net, config,
+                                 shared)
+  return states, traces, jnp.mean(states.ema, axis=0)
+
+
+def compile_many(states: TrainState, problems: Problem, iters: int, *, net: nn.Module,
+                 config: FitConfig, shared: bool = True
+                 ) -> Callable[[TrainState, Problem], tuple[TrainState, Trace]]:
+  """Compiles :func:`fit_many`'s core ahead of time for these shapes (to time the compile).
+
+  Returns ``run(states, problems) -> (states, traces)``; `states` is donated.
+  """
+  return _fit_many_jit.lower(states, problems, _check_iters(iters, config), net, config,
+                             shared).compile()
+
+
+def stack(trees: list[PyTree]) -> PyTree:
+  """Stacks pytrees of equal structure along a new leading (model) axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)

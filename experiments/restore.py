@@ -1,0 +1,343 @@
+r"""Restores one image with Deep Image Prior, plain or with DDPM-staged targets.
+
+  python experiments/restore.py                        # sigma=25 denoising of the bundled image
+  python experiments/restore.py --image x.png --sigma 50 --method staged --stages 4
+  python experiments/restore.py --image x.png --task inpaint --mask m.png
+  python experiments/restore.py --image x.png --task sr --factor 4
+  python experiments/restore.py --preset paper         # the DIP paper's network and budget
+
+Writes to --out_dir: restored.png (EMA output; the mean over seeds when --seeds > 1),
+degraded.png, metrics.json, trace.csv, psnr.png, and checkpoints/ with --checkpoint_every.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dipjax import checkpoint
+from dipjax import fit
+from dipjax import inputs
+from dipjax import io
+from dipjax import metrics
+from dipjax import nets
+from dipjax import operators
+from dipjax import plots
+from dipjax import schedules
+from dipjax import targets
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+_IMAGE = flags.DEFINE_string("image", os.path.join(ASSETS, "house.png"), "Image to restore.")
+_TASK = flags.DEFINE_enum("task", "denoise", ["denoise", "inpaint", "sr"], "Restoration task.")
+_SIGMA = flags.DEFINE_float(
+    "sigma", None, "Std of the Gaussian noise added to the clean image, in 0-255 units "
+    "(default 25 for denoise, 0 otherwise).")
+_NOISY = flags.DEFINE_bool(
+    "noisy", False, "--image is already the degraded observation (noisy, masked or low-res); "
+    "no noise is added and there is no ground truth unless --clean is given.")
+_CLEAN = flags.DEFINE_string("clean", None, "Ground truth for an observation given with --noisy.")
+_MASK = flags.DEFINE_string("mask", None, "Inpainting mask image: white = known pixel.")
+_FACTOR = flags.DEFINE_integer("factor", 4, "Super-resolution factor (2, 4 or 8).")
+_KERNEL = flags.DEFINE_enum("kernel", "lanczos", ["lanczos", "box"], "SR down-sampling kernel.")
+_CROP = flags.DEFINE_integer("crop", 0, "Centre-crop the image to this size first (0: no crop).")
+_METHOD = flags.DEFINE_enum("method", "dip", ["dip", "staged"],
+                            "dip: fit y; staged: fit DDPM-noised targets, noisiest first.")
+_SCHEDULE = flags.DEFINE_enum("schedule", "linear", ["linear", "cosine"], "Noise schedule.")
+_STAGES = flags.DEFINE_integer("stages", 4, "Number of stages for --method staged.")
+_T_MAX = flags.DEFINE_integer("t_max", 100, "Timestep of the noisiest stage target.")
+_FRESH_EPS = flags.DEFINE_bool("fresh_eps", False, "Draw a new noise image for every stage.")
+_SCALED = flags.DEFINE_bool("scaled_targets", True,
+                            "Targets sqrt(abar) y + sqrt(1-abar) eps (else y + sigma_t eps).")
+_ITERS = flags.DEFINE_integer("iters", 1200, "Total iterations (a multiple of --log_every).")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Independent fits, averaged into restored.png.")
+_NET = flags.DEFINE_enum("net", "skip", list(nets.NETS), "Network.")
+_WIDTH = flags.DEFINE_integer("width", 32, "Channels per scale.")
+_SCALES = flags.DEFINE_integer("scales", 5, "Number of scales (the image is padded to 2^scales).")
+_INPUT = flags.DEFINE_enum("input", "noise", ["noise", "meshgrid", "ddpm"],
+                           "Network input: DIP noise, meshgrid, or the DDPM-noised observation.")
+_INPUT_T = flags.DEFINE_integer(
+    "input_t", None, "Timestep of --input ddpm (default: where the schedule's noise matches "
+    "--sigma).")
+_INPUT_FRESH = flags.DEFINE_bool("input_fresh", True, "--input ddpm: redraw its noise each step.")
+_INPUT_EXTRA = flags.DEFINE_integer("input_extra", 0, "--input ddpm: extra DIP noise channels.")
+_REG_NOISE = flags.DEFINE_float("reg_noise_std", 1 / 30, "Input jitter std (DIP's reg_noise_std).")
+_LR = flags.DEFINE_float("lr", 0.01, "Adam learning rate.")
+_EXP_WEIGHT = flags.DEFINE_float("exp_weight", 0.99, "Output EMA weight (0: no EMA).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic degradation and of the fits.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "runs/restore", "Output directory.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Iterations between progress lines.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 0, "Iterations between checkpoints (a multiple of --log_every; 0: none).")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --out_dir.")
+_PRESET = flags.DEFINE_enum(
+    "preset", "default", ["default", "paper"],
+    "paper: the DIP paper's network (paper_f16: 128 channels x 5 scales) and its notebooks' "
+    "budgets (denoise 3000 it, sr 2000 it with reg_noise_std 0.03), overriding --net/--width/"
+    "--scales/--iters/--reg_noise_std.")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", os.path.expanduser("~/.cache/dipjax/jax"),
+    "Persistent XLA compilation cache ('' to disable).")
+
+
+class _Settings:
+  """Flags after the preset is applied, validated."""
+
+  def __init__(self):
+    self.net_name, self.width, self.scales = _NET.value, _WIDTH.value, _SCALES.value
+    self.iters, self.reg_noise_std = _ITERS.value, _REG_NOISE.value
+    if _PRESET.value == "paper":
+      if _TASK.value == "inpaint":
+        raise ValueError("--preset paper covers denoise and sr (the DIP notebooks tune "
+                         "inpainting per image); set --net/--width/--iters instead")
+      self.net_name, self.width, self.scales = "skip", 128, 5
+      self.iters = {"denoise": 3000, "sr": 2000}[_TASK.value]
+      self.reg_noise_std = {"denoise": 1 / 30, "sr": 0.03}[_TASK.value]
+    self.sigma = _SIGMA.value if _SIGMA.value is not None else (
+        25.0 if _TASK.value == "denoise" and not _NOISY.value else 0.0)
+    checks = [
+        (self.sigma < 0, f"--sigma must be >= 0, got {self.sigma}"),
+        (_NOISY.value and _SIGMA.value, "--sigma adds noise to a clean image; with --noisy the "
+         "image is already degraded (leave --sigma out)"),
+        (_TASK.value == "sr" and _FACTOR.value not in (2, 4, 8),
+         f"--factor must be 2, 4 or 8, got {_FACTOR.value}"),
+        (_TASK.value == "inpaint" and not _MASK.value, "--task inpaint needs --mask"),
+        (self.iters < 1, f"--iters must be positive, got {self.iters}"),
+        (_LOG_EVERY.value < 1 or self.iters % _LOG_EVERY.value,
+         f"--iters ({self.iters}) must be a positive multiple of --log_every "
+         f"({_LOG_EVERY.value})"),
+        (_CHECKPOINT_EVERY.value < 0 or _CHECKPOINT_EVERY.value % _LOG_EVERY.value,
+         f"--checkpoint_every ({_CHECKPOINT_EVERY.value}) must be a multiple of --log_every "
+         f"({_LOG_EVERY.value})"),
+        (_METHOD.value == "staged" and _STAGES.value < 1, "--stages must be >= 1"),
+        (_METHOD.value == "staged" and _STAGES.value > self.iters,
+         f"--stages ({_STAGES.value}) cannot exceed --iters ({self.iters})"),
+        (_SEEDS.value < 1, f"--seeds must be >= 1, got {_SEEDS.value}"),
+        (self.width < 1 or self.scales < 1, "--width and --scales must be positive"),
+        (not 0 <= _EXP_WEIGHT.value < 1, "--exp_weight must lie in [0, 1)"),
+        (_LR.value <= 0, "--lr must be positive"),
+        (self.reg_noise_std < 0, "--reg_noise_std must be >= 0"),
+        (_CROP.value < 0, "--crop must be >= 0"),
+        (_INPUT.value == "ddpm" and _INPUT_T.value is None and self.sigma == 0,
+         "--input ddpm needs --input_t when the noise level is unknown (--sigma 0 or --noisy)"),
+    ]
+    for failed, message in checks:
+      if failed:
+        raise ValueError(message)
+    self.log_every = _LOG_EVERY.value
+    self.segment = math.gcd(self.log_every, 100)
+    self.factor = _FACTOR.value if _TASK.value == "sr" else 1
+
+
+def _degrade(s: _Settings):
+  """Returns (observation y (h,w,C), clean (H,W,C) or None, operator, padding of y)."""
+  image = io.load_image(_IMAGE.value)
+  if _CROP.value:
+    image = io.center_crop(image, _CROP.value, _CROP.value)
+  clean = None
+  if _NOISY.value:
+    y = image
+    if _CLEAN.value:
+      clean = io.load_image(_CLEAN.value, channels=y.shape[-1])
+      want = (y.shape[0] * s.factor, y.shape[1] * s.factor)
+      if clean.shape[:2] != want:
+        raise ValueError(f"--clean is {clean.shape[1]}x{clean.shape[0]} but the observation "
+                         f"needs {want[1]}x{want[0]}")
+  else:
+    clean = y = image
+  multiple = 2 ** s.scales
+  rng = np.random.default_rng(_SEED.value)
+  if _TASK.value == "inpaint":
+    mask = io.load_image(_MASK.value, channels=1)
+    if mask.shape[:2] != image.shape[:2]:
+      raise ValueError(f"mask {_MASK.value} is {mask.shape[1]}x{mask.shape[0]} but the image "
+                       f"is {image.shape[1]}x{image.shape[0]}")
+    mask = (mask > 0.5).astype(np.float32)
+    if clean is not None:
+      y = clean * mask
+    mask, _ = io.pad_to_multiple(mask, multiple, mode="constant")
+    op = operators.inpainting(mask)
+  elif _TASK.value == "sr":
+    op = operators.downsampler(s.factor, _KERNEL.value)
+    if not _NOISY.value:
+      operators.check_divisible(clean.shape, s.factor)
+      y = np.asarray(op(jnp.asarray(clean)))
+  else:
+    op = operators.identity()
+  if not _NOISY.value and s.sigma:
+    y = io.add_noise(rng, y, s.sigma / 255)
+  y, padding = io.pad_to_multiple(y, multiple // s.factor if multiple >= s.factor else 1)
+  if clean is not None:
+    clean, _ = io.pad_to_multiple(clean, multiple)
+  return y.astype(np.float32), clean, op, padding
+
+
+def _problem(key, s: _Settings, y, clean, op) -> tuple[fit.Problem, np.ndarray]:
+  """The fit problem and the stage ends."""
+  height, width = y.shape[0] * s.factor, y.shape[1] * s.factor
+  k_input, k_targets = jax.random.split(key)
+  schedule = schedules.get(_SCHEDULE.value)
+  if _INPUT.value == "noise":
+    net_input = inputs.dip_noise(k_input, height, width, reg_noise_std=s.reg_noise_std)
+  elif _INPUT.value == "meshgrid":
+    net_input = inputs.meshgrid(height, width, reg_noise_std=s.reg_noise_std)
+  else:
+    t = _INPUT_T.value
+    if t is None:
+      t = int(schedules.t_for_sigma(schedule, s.sigma / 255))
+    y_full = jax.image.resize(y, (height, width, y.shape[-1]), "bicubic") if s.factor > 1 else y
+    net_input = inputs.ddpm_noised(k_input, jnp.asarray(y_full), schedule, t,
+                                   fresh=_INPUT_FRESH.value, extra_channels=_INPUT_EXTRA.value,
+                                   reg_noise_std=s.reg_noise_std)
+  y = jnp.asarray(y)
+  if _METHOD.value == "staged":
+    ts = targets.stage_timesteps(_STAGES.value, _T_MAX.value)
+    ends = targets.stage_ends(targets.stage_lengths(s.iters, _STAGES.value))
+    stage_targets = targets.staged_targets(k_targets, y, schedule, jnp.asarray(ts),
+                                           fresh_noise=_FRESH_EPS.value, scaled=_SCALED.value)
+  else:
+    ends = np.array([s.iters], np.int32)
+    stage_targets = y[None]
+  problem = fit.Problem(net_input, stage_targets, jnp.asarray(ends), y, op,
+                        None if clean is None else jnp.asarray(clean))
+  return problem, ends
+
+
+def _unpad_out(x: np.ndarray, padding: io.Padding, factor: int) -> np.ndarray:
+  return io.unpad(x, io.Padding(*(factor * p for p in (padding.top, padding.bottom,
+                                                         padding.left, padding.right))))
+
+
+def _write_trace_csv(path: str, trace: dict[str, np.ndarray], segment: int) -> None:
+  names = [k for k in trace if not k.startswith("ssim")]
+  seeds, n = trace["loss"].shape
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["seed", "iteration"] + names + ["ssim_clean", "ssim_clean_ema"])
+    for m in range(seeds):
+      for i in range(n):
+        seg_end = (i + 1) % segment == 0
+        ssim = [f"{trace[k][m, i // segment]:.5f}" if seg_end else "" for k in
+                ("ssim_clean", "ssim_clean_ema")]
+        w.writerow([m, i + 1] + [f"{trace[k][m, i]:.5g}" for k in names] + ssim)
+
+
+def run(s: _Settings) -> None:
+  out_dir = _OUT_DIR.value
+  ckpt_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
+  y, clean, op, padding = _degrade(s)
+  net = nets.make(s.net_name, s.width, s.scales, out_channels=y.shape[-1])
+  config = fit.FitConfig(learning_rate=_LR.value, exp_weight=_EXP_WEIGHT.value,
+                         segment=s.segment)
+  key = jax.random.PRNGKey(_SEED.value)
+  k_problem, k_fits = jax.random.split(key)
+  problem, ends = _problem(k_problem, s, y, clean, op)
+  states = fit.init_many(jax.random.split(k_fits, _SEEDS.value), net, problem, config)
+  n_seg = s.iters // s.segment
+  trace = {f.name: np.full((_SEEDS.value, n_seg if f.name.startswith("ssim") else s.iters),
+                           np.nan, np.float32) for f in dataclasses.fields(fit.Trace)}
+  if _RESUME.value:
+    step = checkpoint.latest_step(ckpt_dir)
+    if step is None:
+      raise ValueError(f"--resume: no checkpoint in {ckpt_dir}")
+    restored = checkpoint.restore(ckpt_dir, {"state": states, "trace": trace})
+    states, trace = restored["state"], {k: np.asarray(v) for k, v in restored["trace"].items()}
+    logging.info("resumed from iteration %d of %d", step, s.iters)
+  start = int(states.step[0])
+
+  t0 = time.perf_counter()
+  run_chunk = fit.compile_many(states, problem, s.log_every, net=net, config=config)
+  compile_s = time.perf_counter() - t0
+  logging.info("compiled in %.1f s (%s, %dx%d, %d seed(s), %s width %d)", compile_s,
+               jax.default_backend(), y.shape[1] * s.factor, y.shape[0] * s.factor,
+               _SEEDS.value, s.net_name, s.width)
+  t_fit = time.perf_counter()
+  for done in range(start + s.log_every, s.iters + 1, s.log_every):
+    states, chunk = run_chunk(states, problem)
+    lo, seg_lo = done - s.log_every, (done - s.log_every) // s.segment
+    for k, v in vars(chunk).items():
+      v = np.asarray(v)
+      if k.startswith("ssim"):
+        trace[k][:, seg_lo:seg_lo + v.shape[1]] = v
+      else:
+        trace[k][:, lo:done] = v
+    elapsed = time.perf_counter() - t_fit
+    rate = (done - start) / elapsed
+    shown = "psnr_clean_ema" if clean is not None else "psnr_obs_ema"
+    logging.info("iteration %d/%d  %.2f it/s  ETA %.0f s  %s %.2f dB  loss %.5f", done, s.iters,
+                 rate, (s.iters - done) / rate, shown, np.mean(trace[shown][:, done - 1]),
+                 np.mean(trace["loss"][:, done - 1]))
+    if _CHECKPOINT_EVERY.value and done % _CHECKPOINT_EVERY.value == 0:
+      checkpoint.save(ckpt_dir, done, {"state": states, "trace": trace})
+  fit_s = time.perf_counter() - t_fit
+
+  _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s, fit_s, start)
+
+
+def _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s, fit_s, start):
+  os.makedirs(out_dir, exist_ok=True)
+  ema = np.asarray(states.ema)
+  outs = [_unpad_out(x, padding, s.factor) for x in ema]
+  restored = np.mean(outs, axis=0)
+  io.save_image(os.path.join(out_dir, "restored.png"), restored)
+  io.save_image(os.path.join(out_dir, "degraded.png"), io.unpad(y, padding))
+  result = dict(
+      image=os.path.abspath(_IMAGE.value), task=_TASK.value, method=_METHOD.value,
+      sigma=s.sigma, net=s.net_name, width=s.width, scales=s.scales, iterations=s.iters,
+      seeds=_SEEDS.value, stage_ends=[int(e) for e in ends], device=jax.default_backend(),
+      compile_seconds=round(compile_s, 2), fit_seconds=round(fit_s, 2),
+      iterations_per_second=round((s.iters - start) / fit_s, 3) if fit_s > 0 else None,
+      rolled_back=int(np.nansum(trace["rolled_back"])))
+  if clean is not None:
+    truth = io.unpad(clean, io.Padding(*(s.factor * p for p in vars(padding).values())))
+    score = lambda x: dict(psnr=float(metrics.psnr(x, truth)), ssim=float(metrics.ssim(x, truth)))
+    final_out = [_unpad_out(x, padding, s.factor) for x in np.asarray(states.out)]
+    result["per_seed"] = [dict(output=score(o), ema=score(e)) for o, e in zip(final_out, outs)]
+    result["restored"] = score(restored)
+    if _TASK.value == "denoise" or s.factor == 1:
+      result["degraded"] = score(io.unpad(y, padding))
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  _write_trace_csv(os.path.join(out_dir, "trace.csv"), trace, s.segment)
+  curves = {}
+  for m in range(_SEEDS.value):
+    tag = f" (seed {m})" if _SEEDS.value > 1 else ""
+    if clean is not None:
+      curves["output vs clean" + tag] = trace["psnr_clean"][m]
+      curves["EMA vs clean" + tag] = trace["psnr_clean_ema"][m]
+    curves["output vs observation" + tag] = trace["psnr_obs"][m]
+  plots.psnr_curves(os.path.join(out_dir, "psnr.png"), curves, ends if len(ends) > 1 else None,
+                    title=f"{_TASK.value}, {_METHOD.value}, {os.path.basename(_IMAGE.value)}")
+  summary = result.get("restored", {})
+  logging.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+  print(json.dumps({k: result[k] for k in ("compile_seconds", "fit_seconds",
+                                           "iterations_per_second")} | summary))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CACHE_DIR.value:
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  try:
+    run(_Settings())
+  except (ValueError, FileNotFoundError) as e:  # io.ImageError is a ValueError
+    print(f"restore.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
