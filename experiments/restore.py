@@ -7,7 +7,7 @@ r"""Restores one image with Deep Image Prior, plain or with DDPM-staged targets.
   python experiments/restore.py --preset paper         # the DIP paper's network and budget
 
 Writes to --out_dir: restored.png (EMA output; the mean over seeds when --seeds > 1),
-degraded.png, metrics.json, trace.csv, psnr.png, and checkpoints/ with --checkpoint_every.
+degraded.png (and degraded.npy, the exact float observation), metrics.json, trace.csv, psnr.png, and checkpoints/ with --checkpoint_every.
 """
 
 from __future__ import annotations
@@ -293,6 +293,7 @@ def _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s
   restored = np.mean(outs, axis=0)
   io.save_image(os.path.join(out_dir, "restored.png"), restored)
   io.save_image(os.path.join(out_dir, "degraded.png"), io.unpad(y, padding))
+  np.save(os.path.join(out_dir, "degraded.npy"), io.unpad(y, padding))  # exact, for baselines
   result = dict(
       image=os.path.abspath(_IMAGE.value), task=_TASK.value, method=_METHOD.value,
       sigma=s.sigma, net=s.net_name, width=s.width, scales=s.scales, iterations=s.iters,
