@@ -128,8 +128,7 @@ def optimizer(config: FitConfig) -> optax.GradientTransformation:
   return optax.adam(config.learning_rate)
 
 
-def init_state(key: Array, net: nn.Module, problem: Problem, config: FitConfig) -> TrainState:
-  """A fresh fit: network weights drawn from `key` at the input's shape."""
+def _init_state(key: Array, net: nn.Module, problem: Problem, config: FitConfig) -> TrainState:
   k_init, k_run = jax.random.split(key)
   z = problem.inputs.base[None]
   variables = net.init(k_init, z, train=True)
@@ -142,8 +141,14 @@ def init_state(key: Array, net: nn.Module, problem: Problem, config: FitConfig) 
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=opt_state, out=blank, ema=blank, key=k_run,
-      good=jax.tree.map(jnp.copy, Snapshot(params, batch_stats, opt_state)),  # own buffers
-      good_psnr=jnp.array(-jnp.inf))
+      good=Snapshot(params, batch_stats, opt_state),
+      good_psnr=jnp.full((), -jnp.inf, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("net", "config"))
+def init_state(key: Array, net: nn.Module, problem: Problem, config: FitConfig) -> TrainState:
+  """A fresh fit: network weights drawn from `key` at the input's shape (compiled)."""
+  return _init_state(key, net, problem, config)
 
 
 def _select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
@@ -260,7 +265,7 @@ def init_many(keys: Array, net: nn.Module, problems: Problem, config: FitConfig,
 
   shared: one problem for all fits (seeds); otherwise `problems` is stacked (M, ...) too.
   """
-  init = lambda k, p: init_state(k, net, p, config)
+  init = lambda k, p: _init_state(k, net, p, config)
   return jax.vmap(init, in_axes=(0, None if shared else 0))(keys, problems)
 
 
