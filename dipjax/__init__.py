@@ -1,1 +1,18 @@
-"""dipjax: Deep Image Prior with DDPM-staged supervision, in JAX/Flax."""
+"""dipjax: Deep Image Prior with DDPM-staged supervision, in JAX/Flax.
+
+Images are float32 in [0, 1], shape (H, W, C) in the library and (N, H, W, C) inside networks.
+"""
+
+from dipjax import checkpoint
+from dipjax import fit
+from dipjax import inputs
+from dipjax import io
+from dipjax import layers
+from dipjax import metrics
+from dipjax import nets
+from dipjax import operators
+from dipjax import plots
+from dipjax import schedules
+from dipjax import targets
+
+__version__ = "0.1.0"

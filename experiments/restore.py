@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging as std_logging
 import math
 import os
 import sys
@@ -327,7 +328,13 @@ def _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s
                                            "iterations_per_second")} | summary))
 
 
+def _own_info_only(record) -> bool:
+  """Keeps this script's progress lines and every warning; drops libraries' INFO chatter."""
+  return record.levelno >= std_logging.WARNING or record.pathname == os.path.abspath(__file__)
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_own_info_only)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CACHE_DIR.value:
