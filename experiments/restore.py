@@ -62,7 +62,7 @@ _T_MAX = flags.DEFINE_integer("t_max", 100, "Timestep of the noisiest stage targ
 _FRESH_EPS = flags.DEFINE_bool("fresh_eps", False, "Draw a new noise image for every stage.")
 _SCALED = flags.DEFINE_bool("scaled_targets", True,
                             "Targets sqrt(abar) y + sqrt(1-abar) eps (else y + sigma_t eps).")
-_ITERS = flags.DEFINE_integer("iters", 1200, "Total iterations (a multiple of --log_every).")
+_ITERS = flags.DEFINE_integer("iters", 600, "Total iterations (a multiple of --log_every).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Independent fits, averaged into restored.png.")
 _NET = flags.DEFINE_enum("net", "skip", list(nets.NETS), "Network.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Channels per scale.")
