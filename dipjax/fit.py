@@ -183,7 +183,7 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
   new = TrainState(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
       out=out, ema=ema, key=key, good=Snapshot(state.params, state.batch_stats, state.opt_state),
-      good_psnr=psnr_obs)
+      good_psnr=jnp.minimum(psnr_obs, 100.0))  # finite even for an exact fit (PSNR = inf)
   back = state.replace(step=state.step + 1, key=key, params=state.good.params,
                        batch_stats=state.good.batch_stats, opt_state=state.good.opt_state)
   state = _select(healthy, new, back)

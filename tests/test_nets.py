@@ -22,8 +22,8 @@ def test_paper_f16_has_the_original_parameter_count():
 def test_nets_map_input_size_to_output_in_unit_range(name):
   net = nets.make(name, width=4, scales=3, out_channels=1)
   x = jax.random.uniform(jax.random.PRNGKey(0), (1, 16, 16, 2))
-  variables = net.init(jax.random.PRNGKey(1), x)
-  y, updates = net.apply(variables, x, mutable=["batch_stats"])
+  variables = jax.jit(net.init)(jax.random.PRNGKey(1), x)
+  y, updates = jax.jit(lambda v, x: net.apply(v, x, mutable=["batch_stats"]))(variables, x)
   assert y.shape == (1, 16, 16, 1)
   assert float(y.min()) >= 0 and float(y.max()) <= 1
   assert "batch_stats" in updates
