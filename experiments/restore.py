@@ -62,7 +62,7 @@ _T_MAX = flags.DEFINE_integer("t_max", 100, "Timestep of the noisiest stage targ
 _FRESH_EPS = flags.DEFINE_bool("fresh_eps", False, "Draw a new noise image for every stage.")
 _SCALED = flags.DEFINE_bool("scaled_targets", True,
                             "Targets sqrt(abar) y + sqrt(1-abar) eps (else y + sigma_t eps).")
-_ITERS = flags.DEFINE_integer("iters", 600, "Total iterations (a multiple of --log_every).")
+_ITERS = flags.DEFINE_integer("iters", 500, "Total iterations (a multiple of --log_every).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Independent fits, averaged into restored.png.")
 _NET = flags.DEFINE_enum("net", "skip", list(nets.NETS), "Network.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Channels per scale.")
@@ -162,6 +162,8 @@ def _degrade(s: _Settings):
   rng = np.random.default_rng(_SEED.value)
   if _TASK.value == "inpaint":
     mask = io.load_image(_MASK.value, channels=1)
+    if _CROP.value and mask.shape[:2] != image.shape[:2]:
+      mask = io.center_crop(mask, _CROP.value, _CROP.value)
     if mask.shape[:2] != image.shape[:2]:
       raise ValueError(f"mask {_MASK.value} is {mask.shape[1]}x{mask.shape[0]} but the image "
                        f"is {image.shape[1]}x{image.shape[0]}")
@@ -179,9 +181,10 @@ def _degrade(s: _Settings):
     op = operators.identity()
   if not _NOISY.value and s.sigma:
     y = io.add_noise(rng, y, s.sigma / 255)
-  y, padding = io.pad_to_multiple(y, multiple // s.factor if multiple >= s.factor else 1)
-  if clean is not None:
-    clean, _ = io.pad_to_multiple(clean, multiple)
+  y, padding = io.pad_to_multiple(y, max(multiple // s.factor, 1))
+  if clean is not None:  # the same frame at the network's resolution
+    p = _scaled(padding, s.factor)
+    clean = np.pad(clean, ((p.top, p.bottom), (p.left, p.right), (0, 0)), mode="reflect")
   return y.astype(np.float32), clean, op, padding
 
 
@@ -216,9 +219,9 @@ def _problem(key, s: _Settings, y, clean, op) -> tuple[fit.Problem, np.ndarray]:
   return problem, ends
 
 
-def _unpad_out(x: np.ndarray, padding: io.Padding, factor: int) -> np.ndarray:
-  return io.unpad(x, io.Padding(*(factor * p for p in (padding.top, padding.bottom,
-                                                         padding.left, padding.right))))
+def _scaled(padding: io.Padding, factor: int) -> io.Padding:
+  """The padding of the observation, at the network's (factor x larger) resolution."""
+  return io.Padding(*(factor * p for p in dataclasses.astuple(padding)))
 
 
 def _write_trace_csv(path: str, trace: dict[str, np.ndarray], segment: int) -> None:
@@ -290,7 +293,7 @@ def run(s: _Settings) -> None:
 def _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s, fit_s, start):
   os.makedirs(out_dir, exist_ok=True)
   ema = np.asarray(states.ema)
-  outs = [_unpad_out(x, padding, s.factor) for x in ema]
+  outs = [io.unpad(x, _scaled(padding, s.factor)) for x in ema]
   restored = np.mean(outs, axis=0)
   io.save_image(os.path.join(out_dir, "restored.png"), restored)
   io.save_image(os.path.join(out_dir, "degraded.png"), io.unpad(y, padding))
@@ -303,9 +306,9 @@ def _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s
       iterations_per_second=round((s.iters - start) / fit_s, 3) if fit_s > 0 else None,
       rolled_back=int(np.nansum(trace["rolled_back"])))
   if clean is not None:
-    truth = io.unpad(clean, io.Padding(*(s.factor * p for p in vars(padding).values())))
+    truth = io.unpad(clean, _scaled(padding, s.factor))
     score = lambda x: dict(psnr=float(metrics.psnr(x, truth)), ssim=float(metrics.ssim(x, truth)))
-    final_out = [_unpad_out(x, padding, s.factor) for x in np.asarray(states.out)]
+    final_out = [io.unpad(x, _scaled(padding, s.factor)) for x in np.asarray(states.out)]
     result["per_seed"] = [dict(output=score(o), ema=score(e)) for o, e in zip(final_out, outs)]
     result["restored"] = score(restored)
     if _TASK.value == "denoise" or s.factor == 1:
