@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import time
 
@@ -83,12 +84,20 @@ def bench_one(size: int, width: int, iters: int, repeats: int) -> dict:
               ratio=scan_ms / step_ms, step_compile_s=step_compile, scan_compile_s=scan_compile)
 
 
+def _host() -> str:
+  """CPU model and core count of this machine."""
+  model = platform.machine()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+  return f"{model}, {os.cpu_count()} cores"
+
+
 def main(argv):
   del argv
   sizes = [128] if _QUICK.value else [int(s) for s in _SIZES.value]
   widths = [32, 128] if _QUICK.value else [int(w) for w in _WIDTHS.value]
-  device = (f"{jax.default_backend()} ({jax.devices()[0].device_kind}, "
-            f"{platform.processor() or platform.machine()}, {jax.device_count()} device(s))")
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({_host()})"
   rows = []
   for size in sizes:
     for width in widths:
