@@ -1,7 +1,7 @@
 """Fitting a DIP network: the train state, the pure step, scanned segments, many fits at once.
 
-One fit minimises ‖A f_θ(z) − x_k‖² where x_k is the target of the stage the current iteration
-belongs to (plain DIP: one stage, x_1 = y). Iterations run as ``lax.scan`` over steps inside a
+One fit minimises ‖A f_θ(z) − x_k‖² where x_k is the target of the stage the current
+iteration belongs to (plain DIP: one stage, x_1 = y). Iterations run as ``lax.scan`` over steps inside a
 segment, and ``lax.scan`` over segments; the stage index is computed from the global step inside
 the scan, so any number of stages and any stage budgets share one compiled function.
 

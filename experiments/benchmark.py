@@ -4,9 +4,11 @@ r"""Speed of a DIP fit: one jitted step in a Python loop against the scanned fit
 
 For each size and width it reports compile time and ms per iteration of (a) `fit.train_step`
 jitted once and called from a Python loop, (b) `fit.fit`, the same step inside `lax.scan`
-(segments) inside `lax.scan` (stages), and their ratio b/a. Results print as a markdown table and
-go to --json_out. On XLA:CPU a naive scanned fit is ~16x slower than (a); dipjax's conv layer
-keeps the ratio near 1.
+(segments) inside `lax.scan` (stages), and their ratio b/a; and, when PyTorch is installed
+(`pip install -e '.[torch]'`), (c) the original DIP network and loop in PyTorch eager
+(experiments/torch_dip.py) in the same process, with dipjax's speed-up c/b. Results print as a
+markdown table and go to --json_out. On XLA:CPU a naive scanned fit is ~16x slower than (a);
+dipjax's conv layer keeps the ratio near 1.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _WIDTHS = flags.DEFINE_list("widths", ["32", "64", "128"], "Skip-net widths.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed iterations per measurement.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch original when torch is installed.")
 
 
 def _median_seconds(run, repeats: int) -> float:
@@ -84,6 +87,17 @@ def bench_one(size: int, width: int, iters: int, repeats: int) -> dict:
               ratio=scan_ms / step_ms, step_compile_s=step_compile, scan_compile_s=scan_compile)
 
 
+def _torch_dip():
+  """experiments/torch_dip.py, or None when PyTorch is not installed (or --notorch)."""
+  if not _TORCH.value:
+    return None
+  try:
+    import torch_dip  # needs torch
+  except ImportError:
+    return None
+  return torch_dip
+
+
 def _host() -> str:
   """CPU model and core count of this machine."""
   model = platform.machine()
@@ -98,21 +112,29 @@ def main(argv):
   sizes = [128] if _QUICK.value else [int(s) for s in _SIZES.value]
   widths = [32, 128] if _QUICK.value else [int(w) for w in _WIDTHS.value]
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({_host()})"
+  torch_dip = _torch_dip()
   rows = []
   for size in sizes:
     for width in widths:
       r = bench_one(size, width, _ITERS.value, _REPEATS.value)
+      if torch_dip is not None:
+        t = torch_dip.time_fit(size, width, _ITERS.value)
+        r.update(torch_ms=t["ms_per_it"], torch_version=t["torch"], torch_threads=t["threads"],
+                 speedup_vs_torch=t["ms_per_it"] / r["scan_ms"])
       rows.append(r)
       print(f"{size}x{size} width {width}: step {r['step_ms']:.1f} ms/it, scan "
-            f"{r['scan_ms']:.1f} ms/it, ratio {r['ratio']:.2f}", flush=True)
+            f"{r['scan_ms']:.1f} ms/it, ratio {r['ratio']:.2f}"
+            + (f", torch {r['torch_ms']:.1f} ms/it" if "torch_ms" in r else ""), flush=True)
   print(f"\njax {jax.__version__}, {device}; skip net 5 scales, skip 4, 32-ch input, Adam, "
         f"jitter, EMA; median of {_REPEATS.value} x {_ITERS.value} iterations\n")
+  torch_cols = torch_dip is not None
   print("| size | width | (a) jitted step, Python loop | (b) scanned fit | b / a | "
-        "compile (a) | compile (b) |")
-  print("|---|---|---|---|---|---|---|")
+        "compile (a) | compile (b) |" + (" (c) PyTorch eager | c / b |" if torch_cols else ""))
+  print("|---|---|---|---|---|---|---|" + ("---|---|" if torch_cols else ""))
   for r in rows:
     print(f"| {r['size']}² | {r['width']} | {r['step_ms']:.0f} ms/it | {r['scan_ms']:.0f} ms/it | "
-          f"{r['ratio']:.2f} | {r['step_compile_s']:.1f} s | {r['scan_compile_s']:.1f} s |")
+          f"{r['ratio']:.2f} | {r['step_compile_s']:.1f} s | {r['scan_compile_s']:.1f} s |"
+          + (f" {r['torch_ms']:.0f} ms/it | {r['speedup_vs_torch']:.2f}× |" if torch_cols else ""))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(dict(device=device, jax=jax.__version__, rows=rows), f, indent=2)

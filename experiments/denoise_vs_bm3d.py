@@ -88,7 +88,8 @@ def main(argv):
   lines.append(f"| **mean** | {mean[0]:.2f} | {mean[1]:.2f} / {mean[2]:.4f} | {mean[3]:.0f} | "
                f"{mean[4]:.2f} / {mean[5]:.4f} | {mean[6]:.1f} |")
   table = "\n".join(lines)
-  header = (f"{len(rows)} images, {_CROP.value}x{_CROP.value} centre crops, sigma={_SIGMA.value:g}, "
+  header = (f"{len(rows)} images, {_CROP.value}x{_CROP.value} centre crops, "
+            f"sigma={_SIGMA.value:g}, "
             f"seed {_SEED.value}; DIP: skip net width {_WIDTH.value}, {_ITERS.value} iterations, "
             f"EMA output; device: {jax.default_backend()}")
   print(header + "\n\n" + table)

@@ -7,7 +7,8 @@ r"""Restores one image with Deep Image Prior, plain or with DDPM-staged targets.
   python experiments/restore.py --preset paper         # the DIP paper's network and budget
 
 Writes to --out_dir: restored.png (EMA output; the mean over seeds when --seeds > 1),
-degraded.png (and degraded.npy, the exact float observation), metrics.json, trace.csv, psnr.png, and checkpoints/ with --checkpoint_every.
+degraded.png (and degraded.npy, the exact float observation), metrics.json, trace.csv,
+psnr.png, and checkpoints/ with --checkpoint_every.
 """
 
 from __future__ import annotations

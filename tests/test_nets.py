@@ -10,7 +10,8 @@ from dipjax import nets
 
 
 def _num_params(net, in_channels, size=64):
-  variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, in_channels)))
+  x = jnp.zeros((1, size, size, in_channels))
+  variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), x)
   return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
 
 
