@@ -1,9 +1,9 @@
 """Fitting a DIP network: the train state, the pure step, scanned segments, many fits at once.
 
 One fit minimises ‖A f_θ(z) − x_k‖² where x_k is the target of the stage the current
-iteration belongs to (plain DIP: one stage, x_1 = y). Iterations run as ``lax.scan`` over steps inside a
-segment, and ``lax.scan`` over segments; the stage index is computed from the global step inside
-the scan, so any number of stages and any stage budgets share one compiled function.
+iteration belongs to (plain DIP: one stage, x_1 = y). Iterations run as ``lax.scan`` over steps
+inside a segment, and ``lax.scan`` over segments; the stage index is computed from the global
+step inside the scan, so any number of stages and any stage budgets share one compiled function.
 
 Shapes: the network input z is (H, W, Cz), its output and the ground truth (H, W, C); the
 observation y and the stage targets live in measurement space, (h, w, C) and (K, h, w, C).
