@@ -168,7 +168,7 @@ def _degrade(s: _Settings):
     if mask.shape[:2] != image.shape[:2]:
       raise ValueError(f"mask {_MASK.value} is {mask.shape[1]}x{mask.shape[0]} but the image "
                        f"is {image.shape[1]}x{image.shape[0]}")
-    mask = (mask > 0.5).astype(np.float32)
+    mask = (mask >= 0.5).astype(np.float32)  # as operators.inpainting binarises
     if clean is not None:
       y = clean * mask
     mask, _ = io.pad_to_multiple(mask, multiple, mode="constant")
