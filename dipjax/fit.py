@@ -151,6 +151,12 @@ def init_state(key: Array, net: nn.Module, problem: Problem, config: FitConfig) 
   return _init_state(key, net, problem, config)
 
 
+def _against_clean(metric: Callable[[Array, Array], Array], x: Array,
+                   clean: Array | None) -> Array:
+  """metric(x, clean), or NaN when there is no ground truth."""
+  return jnp.full((), jnp.nan) if clean is None else metric(x, clean)
+
+
 def _select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
@@ -168,15 +174,17 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
     out, updates = net.apply({"params": params, "batch_stats": state.batch_stats}, z,
                              train=True, mutable=["batch_stats"])
     out = out[0]
-    return jnp.mean((op(out) - target) ** 2), (out, updates["batch_stats"])
+    measured = op(out)
+    return jnp.mean((measured - target) ** 2), (out, measured, updates["batch_stats"])
 
-  (loss, (out, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (out, measured, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer(config).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
   w = jnp.where(state.step == 0, 0.0, config.exp_weight)
   ema = w * state.ema + (1.0 - w) * out
-  measured, measured_ema = op(out), op(ema)
+  measured_ema = op(ema)
   psnr_obs = metrics.psnr(measured, problem.observation)
   healthy = jnp.isfinite(loss) & (psnr_obs >= state.good_psnr - config.rollback_db)
 
@@ -188,16 +196,14 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
                        batch_stats=state.good.batch_stats, opt_state=state.good.opt_state)
   state = _select(healthy, new, back)
 
-  nan = jnp.full((), jnp.nan)
-  clean = problem.clean
   record = dict(
       loss=loss,
       psnr_target=metrics.psnr(measured, target),
       psnr_target_ema=metrics.psnr(measured_ema, target),
       psnr_obs=psnr_obs,
       psnr_obs_ema=metrics.psnr(measured_ema, problem.observation),
-      psnr_clean=nan if clean is None else metrics.psnr(out, clean),
-      psnr_clean_ema=nan if clean is None else metrics.psnr(ema, clean),
+      psnr_clean=_against_clean(metrics.psnr, out, problem.clean),
+      psnr_clean_ema=_against_clean(metrics.psnr, ema, problem.clean),
       stage=stage,
       rolled_back=~healthy)
   return state, record
@@ -207,10 +213,8 @@ def _segment(state: TrainState, problem: Problem, net: nn.Module,
              config: FitConfig) -> tuple[TrainState, dict[str, Array]]:
   step = functools.partial(train_step, problem=problem, net=net, config=config)
   state, record = jax.lax.scan(lambda s, _: step(s), state, length=config.segment)
-  nan = jnp.full((), jnp.nan)
-  clean = problem.clean
-  record["ssim_clean"] = nan if clean is None else metrics.ssim(state.out, clean)
-  record["ssim_clean_ema"] = nan if clean is None else metrics.ssim(state.ema, clean)
+  record["ssim_clean"] = _against_clean(metrics.ssim, state.out, problem.clean)
+  record["ssim_clean_ema"] = _against_clean(metrics.ssim, state.ema, problem.clean)
   return state, record
 
 

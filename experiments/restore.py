@@ -189,8 +189,8 @@ def _degrade(s: _Settings):
   return y.astype(np.float32), clean, op, padding
 
 
-def _problem(key, s: _Settings, y, clean, op) -> tuple[fit.Problem, np.ndarray]:
-  """The fit problem and the stage ends."""
+def _problem(key, s: _Settings, y, clean, op) -> fit.Problem:
+  """The fit problem: plain DIP, or the staged targets."""
   height, width = y.shape[0] * s.factor, y.shape[1] * s.factor
   k_input, k_targets = jax.random.split(key)
   schedule = schedules.get(_SCHEDULE.value)
@@ -207,17 +207,14 @@ def _problem(key, s: _Settings, y, clean, op) -> tuple[fit.Problem, np.ndarray]:
                                    fresh=_INPUT_FRESH.value, extra_channels=_INPUT_EXTRA.value,
                                    reg_noise_std=s.reg_noise_std)
   y = jnp.asarray(y)
-  if _METHOD.value == "staged":
-    ts = targets.stage_timesteps(_STAGES.value, _T_MAX.value)
-    ends = targets.stage_ends(targets.stage_lengths(s.iters, _STAGES.value))
-    stage_targets = targets.staged_targets(k_targets, y, schedule, jnp.asarray(ts),
-                                           fresh_noise=_FRESH_EPS.value, scaled=_SCALED.value)
-  else:
-    ends = np.array([s.iters], np.int32)
-    stage_targets = y[None]
-  problem = fit.Problem(net_input, stage_targets, jnp.asarray(ends), y, op,
-                        None if clean is None else jnp.asarray(clean))
-  return problem, ends
+  clean = None if clean is None else jnp.asarray(clean)
+  if _METHOD.value != "staged":
+    return fit.plain_problem(net_input, y, op, s.iters, clean)
+  ts = targets.stage_timesteps(_STAGES.value, _T_MAX.value)
+  ends = targets.stage_ends(targets.stage_lengths(s.iters, _STAGES.value))
+  stage_targets = targets.staged_targets(k_targets, y, schedule, jnp.asarray(ts),
+                                         fresh_noise=_FRESH_EPS.value, scaled=_SCALED.value)
+  return fit.Problem(net_input, stage_targets, jnp.asarray(ends), y, op, clean)
 
 
 def _scaled(padding: io.Padding, factor: int) -> io.Padding:
@@ -248,7 +245,8 @@ def run(s: _Settings) -> None:
                          segment=s.segment)
   key = jax.random.PRNGKey(_SEED.value)
   k_problem, k_fits = jax.random.split(key)
-  problem, ends = _problem(k_problem, s, y, clean, op)
+  problem = _problem(k_problem, s, y, clean, op)
+  ends = np.asarray(problem.ends)
   states = fit.init_many(jax.random.split(k_fits, _SEEDS.value), net, problem, config)
   n_seg = s.iters // s.segment
   trace = {f.name: np.full((_SEEDS.value, n_seg if f.name.startswith("ssim") else s.iters),
