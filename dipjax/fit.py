@@ -19,6 +19,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dipjax import metrics
@@ -250,16 +251,47 @@ def fit(state: TrainState, problem: Problem, iters: int, *, net: nn.Module,
   return _fit_jit(state, problem, _check_iters(iters, config), net, config)
 
 
-@functools.partial(jax.jit, static_argnames=("num_segments", "net", "config", "shared"),
-                   donate_argnums=(0,))
-def _fit_many_jit(states, problems, num_segments, net, config, shared):
+def _fit_local(states, problems, num_segments, net, config, shared, batch):
+  """The model axis on one device: groups of `batch` fits vmapped, groups one after the other.
+
+  How the many-fits axis is lowered is decided here and in :func:`default_batch` only.
+  """
   one = lambda s, p: _fit(s, p, num_segments, net, config)
-  # The model axis: fits run one after the other (lax.map), which on CPU is faster than
-  # vmapping per-model convolution weights (grouped convolutions). How the axis is batched is
-  # decided here and nowhere else.
   if shared:
-    return jax.lax.map(lambda s: one(s, problems), states)
-  return jax.lax.map(lambda sp: one(*sp), (states, problems))
+    return jax.lax.map(lambda s: one(s, problems), states, batch_size=batch)
+  return jax.lax.map(lambda sp: one(*sp), (states, problems), batch_size=batch)
+
+
+@functools.partial(jax.jit, static_argnames=("num_segments", "net", "config", "shared", "batch",
+                                             "mesh"), donate_argnums=(0,))
+def _fit_many_jit(states, problems, num_segments, net, config, shared, batch, mesh):
+  run = functools.partial(_fit_local, num_segments=num_segments, net=net, config=config,
+                          shared=shared, batch=batch)
+  if mesh is None:
+    return run(states, problems)
+  fits = jax.sharding.PartitionSpec(FITS_AXIS)
+  return jax.shard_map(run, mesh=mesh, in_specs=(fits, jax.sharding.PartitionSpec() if shared
+                                                 else fits), out_specs=fits)(states, problems)
+
+
+FITS_AXIS = "fits"
+
+
+def fits_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over `devices` (default: all devices of all processes) for the many-fits axis."""
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(np.array(devices), (FITS_AXIS,))
+
+
+def default_batch(num_fits: int, backend: str | None = None) -> int:
+  """How many fits to vmap together on one device.
+
+  On CPU one fit already fills the cores and batching buys nothing (experiments/benchmark.py:
+  vmapped 0.9-1.0x of fits one after the other at 32^2-128^2), so fits run one after the other;
+  on accelerators all fits of a device are batched into each GEMM.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  return 1 if backend == "cpu" else num_fits
 
 
 @functools.partial(jax.jit, static_argnames=("net", "config", "shared"))
@@ -273,28 +305,49 @@ def init_many(keys: Array, net: nn.Module, problems: Problem, config: FitConfig,
   return jax.vmap(init, in_axes=(0, None if shared else 0))(keys, problems)
 
 
+def _many_args(states, iters, config, batch, mesh):
+  m = jax.tree.leaves(states.step)[0].shape[0]
+  shards = 1 if mesh is None else mesh.shape[FITS_AXIS]
+  if m % shards:
+    raise ValueError(f"{m} fits cannot be split evenly over {shards} devices; use a multiple")
+  batch = default_batch(m // shards) if batch is None else batch
+  if batch < 1 or (m // shards) % batch:
+    raise ValueError(f"batch={batch} must divide the {m // shards} fits per device")
+  return _check_iters(iters, config), batch
+
+
 def fit_many(states: TrainState, problems: Problem, iters: int, *, net: nn.Module,
-             config: FitConfig, shared: bool = True) -> tuple[TrainState, Trace, Array]:
+             config: FitConfig, shared: bool = True, batch: int | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, Trace, Array]:
   """Fits M models at once. States and traces carry a leading model axis M.
 
-  shared: True fits every model to the one `problems` (M seeds); False takes problems stacked
-  along M (one per schedule / stage setting / image). Returns the states, the traces and the
-  ensemble mean of the M EMA outputs, (H, W, C). Each fit equals its separate `fit`.
+  Args:
+    shared: True fits every model to the one `problems` (M seeds); False takes problems stacked
+      along M (one per schedule / stage setting / image).
+    batch: fits vmapped together on a device (a divisor of M per device); default
+      :func:`default_batch`. The result does not depend on it beyond float rounding.
+    mesh: shard the M fits over this mesh's devices (:func:`fits_mesh`; M a multiple of the
+      device count); None runs them on the default device.
+
+  Returns the states, the traces and the ensemble mean of the M EMA outputs, (H, W, C). Each
+  fit equals its separate `fit`.
   """
-  states, traces = _fit_many_jit(states, problems, _check_iters(iters, config), net, config,
-                                 shared)
+  num_segments, batch = _many_args(states, iters, config, batch, mesh)
+  states, traces = _fit_many_jit(states, problems, num_segments, net, config, shared, batch, mesh)
   return states, traces, jnp.mean(states.ema, axis=0)
 
 
 def compile_many(states: TrainState, problems: Problem, iters: int, *, net: nn.Module,
-                 config: FitConfig, shared: bool = True
+                 config: FitConfig, shared: bool = True, batch: int | None = None,
+                 mesh: jax.sharding.Mesh | None = None
                  ) -> Callable[[TrainState, Problem], tuple[TrainState, Trace]]:
   """Compiles :func:`fit_many`'s core ahead of time for these shapes (to time the compile).
 
   Returns ``run(states, problems) -> (states, traces)``; `states` is donated.
   """
-  return _fit_many_jit.lower(states, problems, _check_iters(iters, config), net, config,
-                             shared).compile()
+  num_segments, batch = _many_args(states, iters, config, batch, mesh)
+  return _fit_many_jit.lower(states, problems, num_segments, net, config, shared, batch,
+                             mesh).compile()
 
 
 def stack(trees: list[PyTree]) -> PyTree:

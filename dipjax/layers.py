@@ -3,14 +3,21 @@
 Every convolution in dipjax (network layers, the down-sampling operator) goes through
 :func:`conv2d`, so how a convolution is lowered is decided here and nowhere else.
 
-Layout: activations (N, H, W, C), kernels (kh, kw, C_in, C_out), float32.
+Layout: activations (N, H, W, C), kernels (kh, kw, C_in, C_out).
 
-Why a custom VJP: on XLA:CPU the weight gradient of a convolution placed inside a loop body
-(``lax.scan`` / ``fori_loop``) runs ~43x slower than the same op outside a loop (jax-ml/jax#12868),
-which makes a scanned DIP fit ~16x slower than a Python loop of jitted steps. Here the weight
-gradient is written as patches x matmul (im2col, one GEMM) and the input gradient as a plain
-forward convolution of the (dilated, padded) cotangent with the flipped kernel; both run at full
-speed inside loops, and the maths is exactly the convolution's VJP.
+No convolution op is emitted at all: every convolution is written as matrix products, for three
+measured reasons (docs/PERFORMANCE.md).
+1. The XLA:CPU loop trap: the weight gradient of a convolution inside a loop body (``lax.scan``)
+   runs ~43x slower than outside one (jax-ml/jax#12868), which makes a scanned DIP fit ~16x
+   slower than a Python loop. Matrix products and their gradients run at full speed in loops.
+2. Many fits: ``vmap`` over per-model weights turns a convolution into a grouped convolution
+   (16x slower than the same maths as batched GEMMs on this CPU); a matrix product simply gains
+   a batch dimension.
+3. Speed: a 3x3, stride-1 convolution on a large image runs as Winograd F(2x2, 3x3): 16 GEMMs on
+   transformed 4x4 tiles, 2.25x fewer multiplications than direct convolution, with its own VJP
+   whose gradients are GEMMs in the same transformed domain.
+Everything else (strides, 1x1 and other kernels, small images) is im2col: one GEMM of the
+patches with the flattened kernel, differentiated by JAX (the patches' gradient is col2im).
 """
 
 from __future__ import annotations
@@ -20,30 +27,19 @@ import functools
 import jax
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
 
-_DIMS = ("NHWC", "HWIO", "NHWC")
+# Winograd pays from about 32x32 outputs on; below it the transforms' overhead dominates
+# (measured on the 2-core CPU: 32^2 on par, 16^2 and 8^2 slower than im2col).
+WINOGRAD_MIN_PIXELS = 32 * 32
+# F(4x4, 3x3) (4x fewer multiplications, heavier transforms) beats F(2x2, 3x3) on the largest
+# layers only: 256^2 x 64 -> 64 and 128^2 x 128 -> 128, not 128^2 x 64 -> 64.
+WINOGRAD_F4_MIN_MACS = 2**27
 
 
-def _forward(x: Array, w: Array, stride: int) -> Array:
-  return lax.conv_general_dilated(
-      x, w, (stride, stride), "VALID", dimension_numbers=_DIMS)
-
-
-def _patches(x: Array, kh: int, kw: int, stride: int, ho: int, wo: int) -> Array:
-  """im2col: (N, H, W, C) -> (N*ho*wo, kh*kw*C), ordered (i, j, c) like an HWIO kernel."""
-  cols = [
-      lax.slice(x, (0, i, j, 0),
-                (x.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, x.shape[3]),
-                (1, stride, stride, 1))
-      for i in range(kh) for j in range(kw)
-  ]
-  return jnp.concatenate(cols, axis=-1).reshape(-1, kh * kw * x.shape[3])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d(x: Array, w: Array, stride: int = 1) -> Array:
   """VALID 2-D convolution (cross-correlation, as in every deep-learning framework).
 
@@ -53,35 +49,173 @@ def conv2d(x: Array, w: Array, stride: int = 1) -> Array:
     stride: spatial stride (same for both axes).
 
   Returns:
-    (N, (H - kh) // stride + 1, (W - kw) // stride + 1, C_out).
+    (N, (H - kh) // stride + 1, (W - kw) // stride + 1, C_out), in x's dtype.
   """
-  return _forward(x, w, stride)
-
-
-def _conv2d_fwd(x, w, stride):
-  return _forward(x, w, stride), (x, w)
-
-
-def _conv2d_bwd(stride, res, g):
-  x, w = res
   kh, kw, cin, cout = w.shape
-  n, ho, wo, _ = g.shape
-  # Weight gradient: one GEMM of im2col patches with the cotangent.
-  dw = jnp.dot(_patches(x, kh, kw, stride, ho, wo).T, g.reshape(-1, cout),
-               preferred_element_type=g.dtype).reshape(kh, kw, cin, cout)
-  # Input gradient: dilate the cotangent by the stride, pad by kernel-1 (plus the rows/columns
-  # the strided forward never reached), then a forward conv with the flipped, transposed kernel.
-  rh = x.shape[1] - (stride * (ho - 1) + kh)
-  rw = x.shape[2] - (stride * (wo - 1) + kw)
-  g = lax.pad(g, jnp.zeros((), g.dtype),
-              ((0, 0, 0), (kh - 1, kh - 1 + rh, stride - 1), (kw - 1, kw - 1 + rw, stride - 1),
-               (0, 0, 0)))
-  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = _forward(g, w_t, 1)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  if x.ndim != 4 or x.shape[3] != cin:
+    raise ValueError(f"conv2d: input {x.shape} does not match kernel {w.shape}")
+  ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  if (kh, kw, stride) == (3, 3, 1) and ho * wo >= WINOGRAD_MIN_PIXELS:
+    m = 4 if ho % 4 == wo % 4 == 0 and ho * wo * cin * cout >= WINOGRAD_F4_MIN_MACS else 2
+    if ho % m == wo % m == 0:
+      return winograd_conv3x3(x, w, m)
+  return _gemm_conv(x, w, stride, ho, wo)
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+def _patches(x: Array, kh: int, kw: int, stride: int, ho: int, wo: int) -> Array:
+  """im2col: (N, H, W, C) -> (N, ho, wo, kh*kw*C), ordered (i, j, c) like an HWIO kernel.
+
+  Gathered in two passes (kh row slices, then kw column slices), so large kernels (the
+  super-resolution operator's 32x32) cost kh + kw slices, not kh * kw.
+  """
+  if kh == kw == 1:
+    return x[:, ::stride, ::stride][:, :ho, :wo]
+  rows = jnp.stack([lax.slice_in_dim(x, i, i + stride * (ho - 1) + 1, stride, axis=1)
+                    for i in range(kh)], axis=3)                       # (N, ho, W, kh, C)
+  cols = jnp.stack([lax.slice_in_dim(rows, j, j + stride * (wo - 1) + 1, stride, axis=2)
+                    for j in range(kw)], axis=4)                       # (N, ho, wo, kh, kw, C)
+  return cols.reshape(x.shape[0], ho, wo, kh * kw * x.shape[3])
+
+
+def _gemm_conv(x: Array, w: Array, stride: int, ho: int, wo: int) -> Array:
+  kh, kw, cin, cout = w.shape
+  return jnp.dot(_patches(x, kh, kw, stride, ho, wo), w.reshape(kh * kw * cin, cout))
+
+
+# Winograd F(m x m, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A for each
+# (m + 2)^2 input tile d (stride m, overlapping) and m x m output tile Y. The transforms are
+# additions of strided slices with the matrices' constant coefficients (XLA fuses them); the
+# (m + 2)^2 products are one batched GEMM over the tile positions.
+_WINOGRAD = {  # m: (B^T, G, A^T)
+    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+         [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+}
+
+
+def _combine(mat, xs: list[Array]) -> list[Array]:
+  """[sum_i mat[a][i] * xs[i] for each row a], skipping zero coefficients."""
+  out = []
+  for row in mat:
+    terms = [x if c == 1 else -x if c == -1 else x * np.float32(c)
+             for c, x in zip(row, xs) if c != 0]
+    acc = terms[0]
+    for term in terms[1:]:
+      acc = acc + term
+    out.append(acc)
+  return out
+
+
+def _tiles(x: Array, axis: int, m: int) -> list[Array]:
+  """The m + 2 overlapping stride-m row sets of an axis of length m * n + 2, each of length n."""
+  n = (x.shape[axis] - 2) // m
+  return [lax.slice_in_dim(x, i, i + m * (n - 1) + 1, m, axis) for i in range(m + 2)]
+
+
+def _untiles(ds: list[Array], axis: int, m: int) -> Array:
+  """Transpose of :func:`_tiles`: overlap-adds the row sets back into length m * n + 2."""
+  n = ds[0].shape[axis]
+  out = None
+  for i, d in enumerate(ds):
+    cfg = [(0, 0, 0)] * d.ndim
+    cfg[axis] = (i, 2 - i + m - 1, m - 1)
+    padded = lax.pad(d, jnp.zeros((), d.dtype), cfg)
+    out = padded if out is None else out + padded
+  return out
+
+
+def _interleave(ys: list[Array], axis: int) -> Array:
+  """ys[i] (..., n, ...) -> (..., len(ys) * n, ...) with ys[i] at positions i, i + len(ys), ..."""
+  shape = list(ys[0].shape)
+  shape[axis] *= len(ys)
+  return jnp.stack(ys, axis=axis + 1).reshape(shape)
+
+
+def _strided(y: Array, axis: int, m: int) -> list[Array]:
+  """Transpose of :func:`_interleave`."""
+  return [lax.slice_in_dim(y, i, None, m, axis) for i in range(m)]
+
+
+def _transpose(mat) -> list[list[float]]:
+  return [list(col) for col in zip(*mat)]
+
+
+def _input_transform(x: Array, m: int) -> Array:
+  """(N, m*h+2, m*w+2, C) -> V ((m+2)^2, N*h*w, C): B^T d B of every tile."""
+  bt = _WINOGRAD[m][0]
+  rows = jnp.stack(_combine(bt, _tiles(x, 1, m)))                # (t, N, h, W + 2, C)
+  v = jnp.stack(_combine(bt, _tiles(rows, 3, m)), axis=1)        # (t, t, N, h, w, C)
+  return v.reshape((m + 2)**2, -1, x.shape[3])
+
+
+def _input_transform_transpose(dv: Array, m: int, n: int, h: int, w: int) -> Array:
+  b, t = _transpose(_WINOGRAD[m][0]), m + 2
+  dv = dv.reshape(t, t, n, h, w, dv.shape[-1])
+  rows = [_untiles(_combine(b, [dv[r, s] for s in range(t)]), 2, m) for r in range(t)]
+  return _untiles(_combine(b, rows), 1, m)
+
+
+def _output_transform(mm: Array, m: int, n: int, h: int, w: int) -> Array:
+  """M ((m+2)^2, N*h*w, K) -> (N, m*h, m*w, K): A^T M A of every tile, tiles side by side."""
+  at, t = _WINOGRAD[m][2], m + 2
+  mm = mm.reshape(t, t, n, h, w, mm.shape[-1])
+  cols = [_combine(at, [mm[r, s] for s in range(t)]) for r in range(t)]   # cols[r][v]
+  y = [_combine(at, [cols[r][v] for r in range(t)]) for v in range(m)]    # y[v][u]
+  return _interleave([_interleave([y[v][u] for v in range(m)], 2) for u in range(m)], 1)
+
+
+def _output_transform_transpose(g: Array, m: int) -> Array:
+  """Transpose of :func:`_output_transform`: (N, m*h, m*w, K) -> dM ((m+2)^2, N*h*w, K)."""
+  a = _transpose(_WINOGRAD[m][2])
+  rows = jnp.stack(_combine(a, _strided(g, 1, m)))
+  dm = jnp.stack(_combine(a, _strided(rows, 3, m)), axis=1)
+  return dm.reshape((m + 2)**2, -1, g.shape[-1])
+
+
+def _kernel_matrix(m: int, dtype) -> Array:
+  return jnp.asarray(np.array(_WINOGRAD[m][1], np.float32), dtype)
+
+
+def _bmm(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+  """Batched over the leading (tile position) axis: contracts a's and b's given axes."""
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def winograd_conv3x3(x: Array, w: Array, m: int = 2) -> Array:
+  """3x3 stride-1 VALID convolution as Winograd F(m x m, 3x3), m in {2, 4}.
+
+  x: (N, H, W, C) with H - 2 and W - 2 multiples of m; w: (3, 3, C, K). Equals :func:`conv2d`
+  up to float rounding (relative error ~1e-6 for m = 2, ~1e-5 for m = 4 in fp32).
+  """
+  return _winograd_fwd(x, w, m)[0]
+
+
+def _winograd_fwd(x, w, m):
+  n, hp, wp, _ = x.shape
+  g = _kernel_matrix(m, w.dtype)
+  u = jnp.einsum("ai,ijck,bj->abck", g, w, g).reshape((m + 2)**2, *w.shape[2:])
+  v = _input_transform(x, m)
+  y = _output_transform(_bmm(v, u, (2, 1)), m, n, (hp - 2) // m, (wp - 2) // m)
+  return y, (v, u, x.shape)
+
+
+def _winograd_bwd(m, res, g):
+  v, u, (n, hp, wp, _) = res
+  dm = _output_transform_transpose(g, m)
+  du = _bmm(v, dm, (1, 1)).reshape(m + 2, m + 2, *u.shape[1:])
+  gm = _kernel_matrix(m, du.dtype)
+  dw = jnp.einsum("ai,abck,bj->ijck", gm, du, gm)
+  dx = _input_transform_transpose(_bmm(dm, u, (2, 2)), m, n, (hp - 2) // m, (wp - 2) // m)
+  return dx, dw
+
+
+winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
 
 
 def pad2d(x: Array, pad: int, mode: str) -> Array:

@@ -16,18 +16,46 @@ def _lax_conv(x, w, stride):
 
 @pytest.mark.parametrize("size,cin,cout,k,stride", [
     ((9, 9), 3, 5, 3, 1), ((10, 11), 3, 4, 3, 2), ((11, 10), 2, 3, 3, 2), ((8, 8), 4, 4, 1, 1),
-    ((17, 16), 1, 2, 9, 3)])
+    ((17, 16), 1, 2, 9, 3), ((34, 34), 4, 3, 3, 1), ((33, 34), 2, 3, 3, 1),
+    ((40, 48), 1, 1, 32, 8)])
 def test_conv2d_value_and_gradients_match_lax(size, cin, cout, k, stride):
   kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(kx, (2, *size, cin))
   w = jax.random.normal(kw, (k, k, cin, cout))
   y = layers.conv2d(x, w, stride)
-  np.testing.assert_allclose(y, _lax_conv(x, w, stride), atol=1e-5)
+  np.testing.assert_allclose(y, _lax_conv(x, w, stride), rtol=1e-5, atol=1e-5)
   g = jax.random.normal(kg, y.shape)
   _, vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, stride), x, w)
   _, vjp_ref = jax.vjp(lambda x, w: _lax_conv(x, w, stride), x, w)
   for got, want in zip(vjp(g), vjp_ref(g)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,size", [(2, (10, 14)), (4, (18, 10))])
+def test_winograd_value_and_gradients_match_lax(m, size):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(m), 3)
+  x = jax.random.normal(kx, (2, *size, 3))
+  w = jax.random.normal(kw, (3, 3, 3, 4))
+  f = lambda x, w: layers.winograd_conv3x3(x, w, m)
+  ref = lambda x, w: _lax_conv(x, w, 1)
+  np.testing.assert_allclose(f(x, w), ref(x, w), rtol=1e-4, atol=1e-4)  # F(4x4): ~1e-5
+  g = jax.random.normal(kg, ref(x, w).shape)
+  for got, want in zip(jax.vjp(f, x, w)[1](g), jax.vjp(ref, x, w)[1](g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_vmapped_over_weights_equals_one_by_one():
+  """The many-fits axis: per-model weights batch the GEMMs (no grouped convolution)."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (3, 1, 34, 34, 2))
+  w = jax.random.normal(jax.random.PRNGKey(5), (3, 3, 3, 2, 4))
+  for stride in (1, 2):
+    loss = lambda x, w: jnp.sum(jnp.sin(layers.conv2d(x, w, stride)))
+    got = jax.vmap(jax.value_and_grad(loss, (0, 1)))(x, w)
+    want = [jax.value_and_grad(loss, (0, 1))(x[i], w[i]) for i in range(3)]
+    for i in range(3):
+      np.testing.assert_allclose(got[0][i], want[i][0], rtol=1e-5)
+      for a, b in zip(got[1], want[i][1]):
+        np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-4)
 
 
 def test_conv2d_gradient_inside_scan_equals_outside():
