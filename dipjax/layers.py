@@ -32,12 +32,11 @@ from jax import lax
 
 Array = jax.Array
 
-# Winograd pays from about 32x32 outputs on; below it the transforms' overhead dominates
-# (measured on the 2-core CPU: 32^2 on par, 16^2 and 8^2 slower than im2col).
+# Which Winograd tile pays, by output size (`experiments/benchmark.py` layer table, 2-core CPU):
+# below 32x32 the transforms' overhead dominates (im2col wins at 16^2); from 64x64 on F(4x4, 3x3)
+# (4x fewer multiplications, 2.25x the input's size transformed) beats F(2x2, 3x3) (2.25x, 4x).
 WINOGRAD_MIN_PIXELS = 32 * 32
-# F(4x4, 3x3) (4x fewer multiplications, heavier transforms) beats F(2x2, 3x3) on the largest
-# layers only: 256^2 x 64 -> 64 and 128^2 x 128 -> 128, not 128^2 x 64 -> 64.
-WINOGRAD_F4_MIN_MACS = 2**27
+WINOGRAD_F4_MIN_PIXELS = 64 * 64
 
 
 def conv2d(x: Array, w: Array, stride: int = 1) -> Array:
@@ -51,15 +50,23 @@ def conv2d(x: Array, w: Array, stride: int = 1) -> Array:
   Returns:
     (N, (H - kh) // stride + 1, (W - kw) // stride + 1, C_out), in x's dtype.
   """
-  kh, kw, cin, cout = w.shape
+  kh, kw, cin, _ = w.shape
   if x.ndim != 4 or x.shape[3] != cin:
     raise ValueError(f"conv2d: input {x.shape} does not match kernel {w.shape}")
   ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
-  if (kh, kw, stride) == (3, 3, 1) and ho * wo >= WINOGRAD_MIN_PIXELS:
-    m = 4 if ho % 4 == wo % 4 == 0 and ho * wo * cin * cout >= WINOGRAD_F4_MIN_MACS else 2
-    if ho % m == wo % m == 0:
-      return winograd_conv3x3(x, w, m)
-  return _gemm_conv(x, w, stride, ho, wo)
+  m = winograd_tile(x.shape, w.shape, stride)
+  return winograd_conv3x3(x, w, m) if m else _gemm_conv(x, w, stride, ho, wo)
+
+
+def winograd_tile(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int) -> int:
+  """The output tile m of the Winograd F(m x m, 3x3) that :func:`conv2d` uses, 0 for im2col."""
+  kh, kw = w_shape[:2]
+  ho, wo = x_shape[1] - 2, x_shape[2] - 2
+  if (kh, kw, stride) != (3, 3, 1) or ho * wo < WINOGRAD_MIN_PIXELS:
+    return 0
+  if ho % 4 == wo % 4 == 0 and ho * wo >= WINOGRAD_F4_MIN_PIXELS:
+    return 4
+  return 2 if ho % 2 == wo % 2 == 0 else 0
 
 
 def _patches(x: Array, kh: int, kw: int, stride: int, ho: int, wo: int) -> Array:
@@ -102,7 +109,7 @@ def _combine(mat, xs: list[Array]) -> list[Array]:
   """[sum_i mat[a][i] * xs[i] for each row a], skipping zero coefficients."""
   out = []
   for row in mat:
-    terms = [x if c == 1 else -x if c == -1 else x * np.float32(c)
+    terms = [x if c == 1 else -x if c == -1 else x * float(c)  # weak type: keeps bf16
              for c, x in zip(row, xs) if c != 0]
     acc = terms[0]
     for term in terms[1:]:
@@ -118,15 +125,18 @@ def _tiles(x: Array, axis: int, m: int) -> list[Array]:
 
 
 def _untiles(ds: list[Array], axis: int, m: int) -> Array:
-  """Transpose of :func:`_tiles`: overlap-adds the row sets back into length m * n + 2."""
-  n = ds[0].shape[axis]
-  out = None
-  for i, d in enumerate(ds):
-    cfg = [(0, 0, 0)] * d.ndim
-    cfg[axis] = (i, 2 - i + m - 1, m - 1)
-    padded = lax.pad(d, jnp.zeros((), d.dtype), cfg)
-    out = padded if out is None else out + padded
-  return out
+  """Transpose of :func:`_tiles`: overlap-adds the row sets back into length m * n + 2.
+
+  Row set i lands on positions i, i + m, ...: residue class c gets set c, plus set c + m one
+  tile later; the m classes are then interleaved (no strided scatter, no full-size sums).
+  """
+  shift = lambda d, lo: lax.pad(d, jnp.zeros((), d.dtype),
+                                [(lo, 1 - lo, 0) if a == axis else (0, 0, 0)
+                                 for a in range(d.ndim)])
+  classes = [shift(ds[c], 0) + shift(ds[c + m], 1) if c + m < len(ds) else shift(ds[c], 0)
+             for c in range(m)]
+  full = _interleave(classes, axis)                  # length m * (n + 1)
+  return lax.slice_in_dim(full, 0, full.shape[axis] - (m - 2), axis=axis)
 
 
 def _interleave(ys: list[Array], axis: int) -> Array:
@@ -211,7 +221,8 @@ def _winograd_bwd(m, res, g):
   du = _bmm(v, dm, (1, 1)).reshape(m + 2, m + 2, *u.shape[1:])
   gm = _kernel_matrix(m, du.dtype)
   dw = jnp.einsum("ai,abck,bj->ijck", gm, du, gm)
-  dx = _input_transform_transpose(_bmm(dm, u, (2, 2)), m, n, (hp - 2) // m, (wp - 2) // m)
+  dx = _input_transform_transpose(_bmm(dm, jnp.swapaxes(u, 1, 2), (2, 1)), m, n,
+                                  (hp - 2) // m, (wp - 2) // m)
   return dx, dw
 
 
@@ -270,23 +281,26 @@ class Conv(nn.Module):
   """Padded 2-D convolution through :func:`conv2d`, with PyTorch's default initialisation.
 
   Padding keeps the size (divided by `stride`): (k - 1) // 2 pixels each side, reflected
-  ('reflect', the DIP default) or zeros ('zero').
+  ('reflect', the DIP default) or zeros ('zero'). Parameters are float32; `dtype` is the compute
+  dtype (bfloat16 for mixed precision: input and kernel cast, output in bfloat16).
   """
   features: int
   kernel_size: int = 3
   stride: int = 1
   padding: str = "reflect"
   use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k, cin = self.kernel_size, x.shape[-1]
     w = self.param("kernel", _torch_uniform((0, 1, 2)), (k, k, cin, self.features))
-    y = conv2d(pad2d(x, (k - 1) // 2, self.padding), w, self.stride)
+    x = pad2d(x.astype(self.dtype), (k - 1) // 2, self.padding)
+    y = conv2d(x, w.astype(self.dtype), self.stride)
     if self.use_bias:
       b = self.param("bias", lambda key, s: _torch_uniform(())(key, s, fan_in=k * k * cin),
                      (self.features,))
-      y = y + b
+      y = y + b.astype(self.dtype)
     return y
 
 
@@ -296,14 +310,18 @@ class ConvBlock(nn.Module):
   kernel_size: int = 3
   stride: int = 1
   padding: str = "reflect"
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool = True) -> Array:
-    x = Conv(self.features, self.kernel_size, self.stride, self.padding)(x)
-    x = batch_norm(x, train)
+    x = Conv(self.features, self.kernel_size, self.stride, self.padding, dtype=self.dtype)(x)
+    x = batch_norm(x, train, self.dtype)
     return nn.leaky_relu(x, 0.2)
 
 
-def batch_norm(x: Array, train: bool) -> Array:
-  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), inside a compact module."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+def batch_norm(x: Array, train: bool, dtype: jnp.dtype = jnp.float32) -> Array:
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5), inside a compact module.
+
+  Statistics are computed in float32 whatever the compute `dtype`."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype)(x)

@@ -2,7 +2,8 @@
 
 All take (N, H, W, C_in) and return (N, H, W, C_out) in [0, 1] (sigmoid output); H and W must
 be multiples of ``net.multiple`` (2 ** scales). BatchNorm uses batch statistics in training
-mode, as in the original code, so call with ``mutable=['batch_stats']``.
+mode, as in the original code, so call with ``mutable=['batch_stats']``. Parameters are float32;
+`dtype` is the compute dtype (jnp.bfloat16 for mixed precision; the output is float32 always).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Skip(nn.Module):
   padding: str = "reflect"
   need_1x1_up: bool = True
   sigmoid: bool = True
+  dtype: jnp.dtype = jnp.float32
 
   @property
   def multiple(self) -> int:
@@ -49,11 +51,12 @@ class Skip(nn.Module):
     if not len(self.channels_down) == len(self.channels_up) == len(self.channels_skip):
       raise ValueError("channels_down, channels_up and channels_skip need one entry per scale")
     x = self._scale(x, 0, train)
-    x = layers.Conv(self.out_channels, 1, padding=self.padding)(x)
+    x = layers.Conv(self.out_channels, 1, padding=self.padding, dtype=self.dtype)(x)
+    x = x.astype(jnp.float32)
     return nn.sigmoid(x) if self.sigmoid else x
 
   def _scale(self, x: Array, i: int, train: bool) -> Array:
-    block = lambda f, k, s=1: layers.ConvBlock(f, k, s, self.padding)
+    block = lambda f, k, s=1: layers.ConvBlock(f, k, s, self.padding, self.dtype)
     deeper = block(self.channels_down[i], self.filter_down, 2)(x, train)
     deeper = block(self.channels_down[i], self.filter_down)(deeper, train)
     if i + 1 < len(self.channels_down):
@@ -62,7 +65,7 @@ class Skip(nn.Module):
     if self.channels_skip[i]:
       skip = block(self.channels_skip[i], self.filter_skip)(x, train)
       deeper = _concat(skip, deeper)
-    x = layers.batch_norm(deeper, train)
+    x = layers.batch_norm(deeper, train, self.dtype)
     x = block(self.channels_up[i], self.filter_up)(x, train)
     if self.need_1x1_up:
       x = block(self.channels_up[i], 1)(x, train)
@@ -81,6 +84,7 @@ class UNet(nn.Module):
   upsample: str = "bilinear"
   padding: str = "reflect"
   sigmoid: bool = True
+  dtype: jnp.dtype = jnp.float32
 
   @property
   def multiple(self) -> int:
@@ -88,7 +92,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = True) -> Array:
-    block = lambda f, k=3, s=1: layers.ConvBlock(f, k, s, self.padding)
+    block = lambda f, k=3, s=1: layers.ConvBlock(f, k, s, self.padding, self.dtype)
     skips = []
     for level, f in enumerate(self.features):
       if level:
@@ -99,7 +103,8 @@ class UNet(nn.Module):
       x = layers.upsample2x(x, self.upsample)
       x = _concat(skip, block(f, 1)(x, train))
       x = block(f)(block(f)(x, train), train)
-    x = layers.Conv(self.out_channels, 1, padding=self.padding)(x)
+    x = layers.Conv(self.out_channels, 1, padding=self.padding, dtype=self.dtype)(x)
+    x = x.astype(jnp.float32)
     return nn.sigmoid(x) if self.sigmoid else x
 
 
@@ -107,18 +112,19 @@ NETS = ("skip", "hourglass", "unet")
 
 
 def make(name: str, width: int = 128, scales: int = 5, out_channels: int = 3,
-         skip_channels: int = 4, upsample: str = "bilinear") -> nn.Module:
+         skip_channels: int = 4, upsample: str = "bilinear",
+         dtype: jnp.dtype = jnp.float32) -> nn.Module:
   """A network by name: 'skip' | 'hourglass' | 'unet', `width` channels at every scale
-  (the U-Net doubles them per level, up to 8 x width)."""
+  (the U-Net doubles them per level, up to 8 x width); `dtype` the compute dtype."""
   if width < 1 or scales < 1:
     raise ValueError(f"width and scales must be positive, got width={width}, scales={scales}")
   if name == "skip" or name == "hourglass":
     skip = skip_channels if name == "skip" else 0
     return Skip(out_channels, (width,) * scales, (width,) * scales, (skip,) * scales,
-                upsample=upsample)
+                upsample=upsample, dtype=dtype)
   if name == "unet":
     return UNet(out_channels, tuple(width * 2 ** min(i, 3) for i in range(scales)),
-                upsample=upsample)
+                upsample=upsample, dtype=dtype)
   raise ValueError(f"unknown network {name!r}; expected one of {', '.join(NETS)}")
 
 

@@ -1,82 +1,238 @@
-r"""Speed of a DIP fit: one jitted step in a Python loop against the scanned fit.
+r"""Speed of DIP fits: dipjax's scanned fit against the PyTorch original, many fits at once.
 
-  python experiments/benchmark.py --quick       # skip net, 128x128, widths 32 and 128
+  python experiments/benchmark.py --quick --json_out=docs/results/benchmark_cpu.json \
+      --markdown_out=docs/results/benchmark_cpu.md
 
-For each size and width it reports compile time and ms per iteration of (a) `fit.train_step`
-jitted once and called from a Python loop, (b) `fit.fit`, the same step inside `lax.scan`
-(segments) inside `lax.scan` (stages), and their ratio b/a; and, when PyTorch is installed
-(`pip install -e '.[torch]'`), (c) the original DIP network and loop in PyTorch eager
-(experiments/torch_dip.py) in the same process, with dipjax's speed-up c/b. Results print as a
-markdown table and go to --json_out. On XLA:CPU a naive scanned fit is ~16x slower than (a);
-dipjax's conv layer keeps the ratio near 1. Also: the FLOP count per iteration (XLA's cost
-analysis) and achieved GFLOP/s against a 2048² matmul timed in the same run, and the aggregate
-speed of N fits in one `fit.fit_many` call against N fits one after the other (--fits,
---fits_at).
+Per configuration (skip net, 5 scales, 4 skip channels, 32-channel noise input, Adam, jitter,
+EMA, divergence roll-back, per-iteration traces):
+* ms/it of `fit.fit`'s compiled scan (one fit), its compile time and XLA's memory analysis;
+* with --step_loop, the same `fit.train_step` jitted once and called from a Python loop;
+* when PyTorch is installed (`pip install -e '.[torch]'`), the original DIP network and loop in
+  PyTorch eager (experiments/torch_dip.py), timed in rounds alternating with dipjax's, so slow
+  drifts of the machine hit both sides alike;
+* the analytic FLOP count of the network's convolutions (per layer in the JSON; training =
+  3 x forward: forward, input gradient, weight gradient, as direct convolutions) and the
+  achieved direct-convolution-equivalent GFLOP/s against a 2048² matmul timed in the same run.
+Many fits (--fits at --fits_at): N fits in one `fit.fit_many` call, lowered one after the other
+(batch=1) and vmapped (batch=N), aggregate speed against N single fits. Also the process's peak
+RSS (CPU) or the device's peak memory (GPU). Results print as markdown (--markdown_out) and JSON.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
+import resource
+import sys
 import time
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dipjax import fit
 from dipjax import inputs
+from dipjax import layers
 from dipjax import nets
 from dipjax import operators
 
-_QUICK = flags.DEFINE_bool("quick", False, "128x128, widths 32 and 128 only.")
-_SIZES = flags.DEFINE_list("sizes", ["128", "256"], "Image sizes (square).")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "The performance issue's configurations only: 128²/32, 128²/128, 256²/64 "
+    "(fp32), 128²/32 in bf16, many fits at 64²/32.")
+_SIZES = flags.DEFINE_list("sizes", ["64", "128", "256"], "Image sizes (square).")
 _WIDTHS = flags.DEFINE_list("widths", ["32", "64", "128"], "Skip-net widths.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Timed iterations per measurement.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Iterations per timed run.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (alternating with PyTorch); median.")
+_STEP_LOOP = flags.DEFINE_bool("step_loop", False, "Also time the jitted step in a Python loop.")
 _FITS = flags.DEFINE_list("fits", ["1", "2", "4", "8"],
                           "Many-fits counts N (the first must be 1, the reference).")
-_FITS_AT = flags.DEFINE_list("fits_at", ["64:32"], "size:width pairs of the many-fits table.")
-_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch original when torch is installed.")
+_FITS_AT = flags.DEFINE_list("fits_at", ["64:32", "128:32", "128:128"],
+                             "size:width pairs of the many-fits table.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch original when installed.")
+_LAYERS = flags.DEFINE_list(
+    "layers", ["16:128:128", "32:128:128", "64:36:32", "128:36:32", "128:64:64", "128:132:128",
+               "256:68:64"],
+    "size:C_in:C_out of the 3x3 stride-1 layers timed with each convolution lowering.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+_MARKDOWN_OUT = flags.DEFINE_string("markdown_out", None, "Write the markdown tables here.")
+
+_QUICK_CONFIGS = [(128, 32, "float32"), (128, 128, "float32"), (256, 64, "float32"),
+                  (128, 32, "bfloat16")]
+_IN_CHANNELS = 32
 
 
-def _median_seconds(run, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-def _setup(size: int, width: int, iters: int):
+def _setup(size: int, width: int, iters: int, dtype: str = "float32"):
   """The skip net, config and a denoising problem of one benchmark configuration."""
-  net = nets.make("skip", width=width, scales=5)
-  config = fit.FitConfig(segment=iters // 2)
+  net = nets.make("skip", width=width, scales=5, dtype=jnp.dtype(dtype))
+  config = fit.FitConfig(segment=iters)
   y = jax.random.uniform(jax.random.PRNGKey(0), (size, size, 3))
-  problem = fit.plain_problem(inputs.dip_noise(jax.random.PRNGKey(1), size, size), y,
-                              operators.identity(), iters, clean=y)
+  problem = fit.plain_problem(inputs.dip_noise(jax.random.PRNGKey(1), size, size, _IN_CHANNELS),
+                              y, operators.identity(), iters, clean=y)
   return net, config, problem
 
 
-def _time_scanned(states, problem, iters, net, config, repeats) -> tuple[float, float]:
-  """(compile seconds, seconds per call) of `fit_many`'s core for these stacked states."""
+def conv_layers(net: nn.Module, size: int, in_channels: int = _IN_CHANNELS) -> list[dict]:
+  """Every convolution of `net` on a (1, size, size, in_channels) input, with its direct
+  convolution's forward FLOP count (2 x MACs) and fp32 bytes (input, output, kernel)."""
+  rows = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if isinstance(module, layers.Conv) and context.method_name == "__call__":
+      (_, h, w, cin), (_, ho, wo, cout), k = args[0].shape, out.shape, module.kernel_size
+      rows.append(dict(layer="/".join(module.path), input=f"{h}x{w}x{cin}",
+                       output=f"{ho}x{wo}x{cout}", kernel=k, stride=module.stride,
+                       flop=2 * ho * wo * k * k * cin * cout,
+                       bytes=4 * (h * w * cin + ho * wo * cout + k * k * cin * cout)))
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, in_channels)))
+  return rows
+
+
+def _median_ms(times: list[float], iters: int) -> float:
+  return float(np.median(times)) / iters * 1e3
+
+
+def _compile_fits(n: int, batch: int, net, config, problem, iters: int):
+  """(compiled run, states, compile seconds, XLA temp+argument+output bytes) for n fits."""
+  states = fit.init_many(jax.random.split(jax.random.PRNGKey(3), n), net, problem, config)
   t0 = time.perf_counter()
-  scanned = fit.compile_many(states, problem, iters, net=net, config=config)
+  run = fit.compile_many(states, problem, iters, net=net, config=config, batch=batch)
   compile_s = time.perf_counter() - t0
+  mem = run.memory_analysis()
+  xla_bytes = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                        + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+  return run, states, compile_s, xla_bytes
 
-  def scan():
-    nonlocal states
-    states, trace = scanned(states, problem)
+
+class _Timer:
+  """Times repeated calls of a compiled fit, carrying (and donating) the states."""
+
+  def __init__(self, run, states, problem):
+    self.run, self.states, self.problem, self.times = run, states, problem, []
+    self()  # warm-up
+
+  def __call__(self):
+    t0 = time.perf_counter()
+    self.states, trace = self.run(self.states, self.problem)
     jax.block_until_ready(trace)
+    self.times.append(time.perf_counter() - t0)
 
-  scan()  # warm-up
-  return compile_s, _median_seconds(scan, repeats)
+  def measured(self) -> list[float]:
+    return self.times[1:]
+
+
+def bench_one(size: int, width: int, dtype: str, iters: int, repeats: int,
+              torch_dip) -> dict:
+  """One fit: scanned ms/it (alternating with PyTorch when given), compile time, FLOPs."""
+  net, config, problem = _setup(size, width, iters, dtype)
+  run, states, compile_s, xla_bytes = _compile_fits(1, 1, net, config, problem, iters)
+  jax_timer = _Timer(run, states, problem)
+  torch_step, torch_times = None, []
+  if torch_dip is not None and dtype == "float32":
+    torch_step, _ = torch_dip.make_step(size, width)
+    for _ in range(2):
+      torch_step()
+  for _ in range(repeats):
+    jax_timer()
+    if torch_step is not None:
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        torch_step()
+      torch_times.append(time.perf_counter() - t0)
+  per_layer = conv_layers(net, size)
+  train_flop = 3 * sum(r["flop"] for r in per_layer)
+  scan_ms = _median_ms(jax_timer.measured(), iters)
+  row = dict(size=size, width=width, dtype=dtype, scan_ms=scan_ms, it_per_s=1e3 / scan_ms,
+             compile_s=compile_s, xla_bytes=xla_bytes, train_gflop=train_flop / 1e9,
+             gflops=train_flop / scan_ms / 1e6, layers=per_layer,
+             scan_ms_runs=[t / iters * 1e3 for t in jax_timer.measured()])
+  if torch_times:
+    torch_ms = _median_ms(torch_times, iters)
+    row.update(torch_ms=torch_ms, speedup_vs_torch=torch_ms / scan_ms,
+               torch_ms_runs=[t / iters * 1e3 for t in torch_times])
+  if _STEP_LOOP.value:
+    row.update(_bench_step_loop(net, config, problem, iters, repeats))
+  return row
+
+
+def _bench_step_loop(net, config, problem, iters, repeats) -> dict:
+  """The same step jitted once and called from a Python loop (XLA:CPU's loop-trap reference)."""
+  state = fit.init_state(jax.random.PRNGKey(2), net, problem, config)
+  step = jax.jit(lambda s, p: fit.train_step(s, p, net=net, config=config), donate_argnums=0)
+  compiled = step.lower(state, problem).compile()
+  times = []
+  for r in range(repeats + 1):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      state, record = compiled(state, problem)
+    jax.block_until_ready(record)
+    times.append(time.perf_counter() - t0)
+  return dict(step_ms=_median_ms(times[1:], iters))
+
+
+def bench_many(size: int, width: int, fits: list[int], iters: int, repeats: int) -> list[dict]:
+  """Aggregate speed of N fits in one `fit_many` call, both lowerings, against N single fits."""
+  net, config, problem = _setup(size, width, iters)
+  timers = {}
+  for n in fits:
+    for batch in sorted({1, n}):
+      run, states, compile_s, xla_bytes = _compile_fits(n, batch, net, config, problem, iters)
+      timers[n, batch] = (_Timer(run, states, problem), compile_s, xla_bytes)
+  for _ in range(repeats):  # Rounds over all variants, so drifts hit them alike.
+    for timer, _, _ in timers.values():
+      timer()
+  single_ms = _median_ms(timers[1, 1][0].measured(), iters)
+  rows = []
+  for (n, batch), (timer, compile_s, xla_bytes) in timers.items():
+    ms = _median_ms(timer.measured(), iters)  # one iteration of all n fits
+    rows.append(dict(size=size, width=width, fits=n, batch=batch, ms_per_step_of_all=ms,
+                     compile_s=compile_s, xla_bytes=xla_bytes,
+                     aggregate_speedup=n * single_ms / ms,
+                     default=batch == fit.default_batch(n)))
+  return rows
+
+
+_LOWERINGS = {
+    "XLA conv": lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+    "im2col GEMM": lambda x, w: layers._gemm_conv(x, w, 1, x.shape[1] - 2, x.shape[2] - 2),
+    "Winograd F(2x2,3x3)": lambda x, w: layers.winograd_conv3x3(x, w, 2),
+    "Winograd F(4x4,3x3)": lambda x, w: layers.winograd_conv3x3(x, w, 4),
+}
+
+
+def bench_layer(size: int, cin: int, cout: int, iters: int, repeats: int) -> dict:
+  """ms of one 3x3 stride-1 conv's forward + both gradients inside a `lax.scan`, per lowering
+  (what a scanned fit runs; XLA's own conv gradient is the loop trap)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, size + 2, size + 2, cin))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, cin, cout)) * 0.01
+  row = dict(size=size, cin=cin, cout=cout, flop=3 * 2 * size * size * 9 * cin * cout)
+  for name, conv in _LOWERINGS.items():
+    def body(carry, _, conv=conv):
+      x, w = carry
+      y, vjp = jax.vjp(conv, x, w)
+      dx, dw = vjp(y)
+      return (x + 1e-6 * dx, w - 1e-6 * dw), None
+    scanned = jax.jit(lambda x, w, body=body: jax.lax.scan(body, (x, w), length=iters)[0])
+    jax.block_until_ready(scanned(x, w))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(scanned(x, w))
+      times.append(time.perf_counter() - t0)
+    row[name] = _median_ms(times, iters)
+  m = layers.winograd_tile(x.shape, w.shape, 1)
+  row["dipjax uses"] = f"Winograd F({m}x{m},3x3)" if m else "im2col GEMM"
+  return row
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -84,49 +240,33 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
   mm = jax.jit(jnp.dot)
   jax.block_until_ready(mm(a, a))
-  return 2 * n**3 / _median_seconds(lambda: jax.block_until_ready(mm(a, a)), repeats) / 1e9
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a, a))
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / float(np.median(times)) / 1e9
 
 
-def bench_one(size: int, width: int, iters: int, repeats: int) -> dict:
-  """Compile time, FLOP count and ms/it of the Python-loop step and of the scanned fit."""
-  net, config, problem = _setup(size, width, iters)
-  state = fit.init_state(jax.random.PRNGKey(2), net, problem, config)
-
-  step = jax.jit(functools.partial(fit.train_step, net=net, config=config), donate_argnums=0)
-  t0 = time.perf_counter()
-  compiled_step = step.lower(state, problem).compile()
-  step_compile = time.perf_counter() - t0
-  cost = compiled_step.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
-
-  def loop():
-    nonlocal state
-    for _ in range(iters):
-      state, record = compiled_step(state, problem)
-    jax.block_until_ready(record)
-
-  loop()  # warm-up
-  step_ms = _median_seconds(loop, repeats) / iters * 1e3
-  scan_compile, scan_s = _time_scanned(fit.stack([state]), problem, iters, net, config, repeats)
-  scan_ms = scan_s / iters * 1e3
-  return dict(size=size, width=width, step_ms=step_ms, scan_ms=scan_ms,
-              ratio=scan_ms / step_ms, step_compile_s=step_compile, scan_compile_s=scan_compile,
-              gflop_per_it=flops / 1e9, gflops=flops / scan_ms / 1e6)
+def memory_gbps(mbytes: int = 256, repeats: int = 5) -> float:
+  """Achieved GB/s of a streaming x + 1 over `mbytes` (read and write counted)."""
+  x = jnp.zeros((mbytes * 2**20 // 4,), jnp.float32)
+  inc = jax.jit(lambda x: x + 1, donate_argnums=0)
+  x = jax.block_until_ready(inc(x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    x = jax.block_until_ready(inc(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * x.nbytes / float(np.median(times)) / 1e9
 
 
-def bench_many(size: int, width: int, fits: list[int], iters: int, repeats: int) -> list[dict]:
-  """Aggregate speed of N fits in one `fit_many` call against N one after the other."""
-  net, config, problem = _setup(size, width, iters)
-  rows, single_ms = [], None
-  for n in fits:
-    keys = jax.random.split(jax.random.PRNGKey(3), n)
-    states = fit.init_many(keys, net, problem, config)
-    compile_s, seconds = _time_scanned(states, problem, iters, net, config, repeats)
-    ms = seconds / iters * 1e3  # one iteration of all n fits
-    single_ms = ms if n == 1 else single_ms
-    rows.append(dict(size=size, width=width, fits=n, ms_per_step_of_all=ms, compile_s=compile_s,
-                     aggregate_speedup=None if single_ms is None else n * single_ms / ms))
-  return rows
+def _peak_memory() -> str:
+  """The device's peak memory on accelerators, else this process's peak RSS."""
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    return f"device peak {stats['peak_bytes_in_use'] / 2**30:.2f} GiB"
+  return f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
 def _torch_dip():
@@ -141,7 +281,6 @@ def _torch_dip():
 
 
 def _host() -> str:
-  """CPU model and core count of this machine."""
   model = platform.machine()
   if os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
@@ -149,58 +288,121 @@ def _host() -> str:
   return f"{model}, {os.cpu_count()} cores"
 
 
+def _command_flags(args: list[str]) -> str:
+  """The command line's flags without the output paths."""
+  kept, skip = [], False
+  for a in args:
+    if skip:
+      skip = False
+    elif a.startswith(("--json_out", "--markdown_out")):
+      skip = "=" not in a
+    else:
+      kept.append(a)
+  return " ".join(kept)
+
+
+def _mib(b: int | None) -> str:
+  return "—" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def markdown(result: dict) -> str:
+  """The benchmark's markdown tables."""
+  rows, many = result["rows"], result["many_fits"]
+  torch = any("torch_ms" in r for r in rows)
+  loop = any("step_ms" in r for r in rows)
+  out = [f"`python experiments/benchmark.py {result['flags']}` — {result['date']}, "
+         f"{result['device']}, jax {result['jax']}"
+         + (f", torch {result['torch']}" if result.get("torch") else "")
+         + f"; {result['iters']} iterations per timed run, median of {result['repeats']} runs"
+         + (" alternating with PyTorch" if torch else "") + ".", "",
+         f"Measured peaks in the same run: fp32 2048² matmul {result['matmul_gflops']:.0f} "
+         f"GFLOP/s; streaming memory {result['memory_gbps']:.1f} GB/s. {result['peak_memory']}.",
+         "",
+         "| size | width | dtype | dipjax scanned fit | it/s | compile | XLA memory |"
+         + (" step in a Python loop |" if loop else "")
+         + (" PyTorch eager | dipjax speed-up |" if torch else "")
+         + " GFLOP / it (direct conv) | GFLOP/s | % of matmul peak |",
+         "|---|---|---|---|---|---|---|" + ("---|" if loop else "") + ("---|---|" if torch else "")
+         + "---|---|---|"]
+  for r in rows:
+    cells = [f"{r['size']}²", str(r["width"]), r["dtype"], f"{r['scan_ms']:.1f} ms/it",
+             f"{r['it_per_s']:.1f}", f"{r['compile_s']:.1f} s", _mib(r["xla_bytes"])]
+    if loop:
+      cells.append(f"{r['step_ms']:.1f} ms/it" if "step_ms" in r else "—")
+    if torch:
+      cells += ([f"{r['torch_ms']:.1f} ms/it", f"**{r['speedup_vs_torch']:.2f}×**"]
+                if "torch_ms" in r else ["—", "—"])
+    cells += [f"{r['train_gflop']:.2f}", f"{r['gflops']:.0f}",
+              f"{100 * r['gflops'] / result['matmul_gflops']:.0f}%"]
+    out.append("| " + " | ".join(cells) + " |")
+  if result["layers"]:
+    names = list(_LOWERINGS)
+    out += ["", "One 3x3 stride-1 convolution, forward + input and weight gradients inside a "
+            "`lax.scan` (3 iterations, median of 3), ms per iteration:", "",
+            "| output | C_in → C_out | GFLOP (direct) | " + " | ".join(names)
+            + " | dipjax uses |", "|---|---|---|" + "---|" * len(names) + "---|"]
+    for r in result["layers"]:
+      out.append(f"| {r['size']}² | {r['cin']} → {r['cout']} | {r['flop'] / 1e9:.2f} | "
+                 + " | ".join(f"{r[n]:.1f}" for n in names) + f" | {r['dipjax uses']} |")
+  if many:
+    out += ["", "| size | width | fits N | lowering | ms per step of all N | aggregate speed vs "
+            "N single fits | compile | XLA memory |", "|---|---|---|---|---|---|---|---|"]
+    for r in many:
+      lowering = ("single fit" if r["fits"] == 1 else
+                  "one after the other" if r["batch"] == 1 else f"vmapped ({r['batch']})")
+      lowering += " (default)" if r["default"] and r["fits"] > 1 else ""
+      out.append(f"| {r['size']}² | {r['width']} | {r['fits']} | {lowering} | "
+                 f"{r['ms_per_step_of_all']:.1f} | {r['aggregate_speedup']:.2f}× | "
+                 f"{r['compile_s']:.1f} s | {_mib(r['xla_bytes'])} |")
+  return "\n".join(out) + "\n"
+
+
 def main(argv):
   del argv
-  sizes = [128] if _QUICK.value else [int(s) for s in _SIZES.value]
-  widths = [32, 128] if _QUICK.value else [int(w) for w in _WIDTHS.value]
-  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({_host()})"
+  if _QUICK.value:
+    configs = _QUICK_CONFIGS
+    fits_at = ["64:32"]
+  else:
+    configs = [(int(s), int(w), d) for d in _DTYPES.value for s in _SIZES.value
+               for w in _WIDTHS.value]
+    fits_at = _FITS_AT.value
+  fits = [int(n) for n in _FITS.value]
+  if fits[0] != 1:
+    raise app.UsageError("--fits must start with 1 (the reference)")
   torch_dip = _torch_dip()
   rows = []
-  for size in sizes:
-    for width in widths:
-      r = bench_one(size, width, _ITERS.value, _REPEATS.value)
-      if torch_dip is not None:
-        t = torch_dip.time_fit(size, width, _ITERS.value)
-        r.update(torch_ms=t["ms_per_it"], torch_version=t["torch"], torch_threads=t["threads"],
-                 speedup_vs_torch=t["ms_per_it"] / r["scan_ms"])
-      rows.append(r)
-      print(f"{size}x{size} width {width}: step {r['step_ms']:.1f} ms/it, scan "
-            f"{r['scan_ms']:.1f} ms/it, ratio {r['ratio']:.2f}"
-            + (f", torch {r['torch_ms']:.1f} ms/it" if "torch_ms" in r else ""), flush=True)
-  print(f"\njax {jax.__version__}, {device}; skip net 5 scales, skip 4, 32-ch input, Adam, "
-        f"jitter, EMA; median of {_REPEATS.value} x {_ITERS.value} iterations\n")
-  torch_cols = torch_dip is not None
-  print("| size | width | (a) jitted step, Python loop | (b) scanned fit | b / a | "
-        "compile (a) | compile (b) |" + (" (c) PyTorch eager | c / b |" if torch_cols else ""))
-  print("|---|---|---|---|---|---|---|" + ("---|---|" if torch_cols else ""))
-  for r in rows:
-    print(f"| {r['size']}² | {r['width']} | {r['step_ms']:.0f} ms/it | {r['scan_ms']:.0f} ms/it | "
-          f"{r['ratio']:.2f} | {r['step_compile_s']:.1f} s | {r['scan_compile_s']:.1f} s |"
-          + (f" {r['torch_ms']:.0f} ms/it | {r['speedup_vs_torch']:.2f}× |" if torch_cols else ""))
-  fits = [int(n) for n in _FITS.value]
+  for size, width, dtype in configs:
+    r = bench_one(size, width, dtype, _ITERS.value, _REPEATS.value, torch_dip)
+    rows.append(r)
+    print(f"{size}² width {width} {dtype}: {r['scan_ms']:.1f} ms/it"
+          + (f", PyTorch {r['torch_ms']:.1f} ms/it ({r['speedup_vs_torch']:.2f}×)"
+             if "torch_ms" in r else ""), flush=True)
+  layer_rows = []
+  for spec in _LAYERS.value:
+    size, cin, cout = (int(v) for v in spec.split(":"))
+    layer_rows.append(bench_layer(size, cin, cout, iters=3, repeats=3))
+    print(f"layer {spec}: " + ", ".join(f"{k} {layer_rows[-1][k]:.1f} ms" for k in _LOWERINGS),
+          flush=True)
   many = []
-  for pair in _FITS_AT.value:
+  for pair in fits_at:
     size, width = (int(v) for v in pair.split(":"))
     many += bench_many(size, width, fits, _ITERS.value, _REPEATS.value)
-  peak = matmul_gflops()
-  print(f"\nfp32 2048² matmul: {peak:.0f} GFLOP/s. FLOP per iteration from XLA's cost analysis "
-        "of the jitted step.\n")
-  print("| size | width | GFLOP / it | scanned fit GFLOP/s | % of matmul peak |")
-  print("|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['size']}² | {r['width']} | {r['gflop_per_it']:.2f} | {r['gflops']:.1f} | "
-          f"{100 * r['gflops'] / peak:.0f}% |")
-  print("\n| size | width | fits N | ms per step of all N | "
-        "aggregate speed vs N one after the other | compile |")
-  print("|---|---|---|---|---|---|")
-  for r in many:
-    speedup = "—" if r["fits"] == 1 else f"{r['aggregate_speedup']:.2f}×"
-    print(f"| {r['size']}² | {r['width']} | {r['fits']} | {r['ms_per_step_of_all']:.1f} | "
-          f"{speedup} | {r['compile_s']:.1f} s |")
+  result = dict(
+      flags=_command_flags(sys.argv[1:]),
+      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+      device=f"{jax.devices()[0].device_kind} x{jax.device_count()} ({_host()})",
+      jax=jax.__version__, torch=None if torch_dip is None else torch_dip.torch.__version__,
+      iters=_ITERS.value, repeats=_REPEATS.value, matmul_gflops=matmul_gflops(),
+      memory_gbps=memory_gbps(), peak_memory=_peak_memory(), rows=rows, layers=layer_rows,
+      many_fits=many)
+  text = markdown(result)
+  print("\n" + text)
+  if _MARKDOWN_OUT.value:
+    with open(_MARKDOWN_OUT.value, "w") as f:
+      f.write(text)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
-      json.dump(dict(device=device, jax=jax.__version__, matmul_gflops=peak, rows=rows,
-                     many_fits=many), f, indent=2)
+      json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

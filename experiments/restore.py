@@ -68,6 +68,9 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Independent fits, averaged into resto
 _NET = flags.DEFINE_enum("net", "skip", list(nets.NETS), "Network.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Channels per scale.")
 _SCALES = flags.DEFINE_integer("scales", 5, "Number of scales (the image is padded to 2^scales).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype of the network (bfloat16: mixed precision, for "
+                           "accelerators; slower on CPU).")
 _INPUT = flags.DEFINE_enum("input", "noise", ["noise", "meshgrid", "ddpm"],
                            "Network input: DIP noise, meshgrid, or the DDPM-noised observation.")
 _INPUT_T = flags.DEFINE_integer(
@@ -240,7 +243,8 @@ def run(s: _Settings) -> None:
   out_dir = _OUT_DIR.value
   ckpt_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
   y, clean, op, padding = _degrade(s)
-  net = nets.make(s.net_name, s.width, s.scales, out_channels=y.shape[-1])
+  net = nets.make(s.net_name, s.width, s.scales, out_channels=y.shape[-1],
+                  dtype=jnp.dtype(_DTYPE.value))
   config = fit.FitConfig(learning_rate=_LR.value, exp_weight=_EXP_WEIGHT.value,
                          segment=s.segment)
   key = jax.random.PRNGKey(_SEED.value)

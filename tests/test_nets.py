@@ -42,3 +42,17 @@ def test_bad_network_name_and_width():
     nets.make("resnet")
   with pytest.raises(ValueError, match="positive"):
     nets.make("skip", width=0)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  """Mixed precision: same float32 parameters, bf16 activations (Winograd layer included)."""
+  x = jax.random.uniform(jax.random.PRNGKey(0), (1, 64, 64, 4))
+  f32, bf16 = (nets.make("skip", width=8, scales=2, dtype=d) for d in (jnp.float32, jnp.bfloat16))
+  variables = jax.jit(f32.init)(jax.random.PRNGKey(1), x)
+  apply = lambda net: jax.jit(lambda v: net.apply(v, x, mutable=["batch_stats"])[0])(variables)
+  y32, y16 = apply(f32), apply(bf16)
+  assert y16.dtype == jnp.float32
+  assert float(jnp.abs(y16 - y32).max()) < 0.05
+  grads = jax.grad(lambda p: jnp.sum(bf16.apply({**variables, "params": p}, x,
+                                                mutable=["batch_stats"])[0]))(variables["params"])
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
