@@ -54,17 +54,23 @@ def conv2d(x: Array, w: Array, stride: int = 1) -> Array:
   if x.ndim != 4 or x.shape[3] != cin:
     raise ValueError(f"conv2d: input {x.shape} does not match kernel {w.shape}")
   ho, wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
-  m = winograd_tile(x.shape, w.shape, stride)
+  m = winograd_tile(x.shape, w.shape, stride, x.dtype)
   return winograd_conv3x3(x, w, m) if m else _gemm_conv(x, w, stride, ho, wo)
 
 
-def winograd_tile(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int) -> int:
-  """The output tile m of the Winograd F(m x m, 3x3) that :func:`conv2d` uses, 0 for im2col."""
+def winograd_tile(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int,
+                  dtype=jnp.float32) -> int:
+  """The output tile m of the Winograd F(m x m, 3x3) that :func:`conv2d` uses, 0 for im2col.
+
+  F(4x4)'s transforms (coefficients up to 8) amplify rounding ~10x more than F(2x2)'s: fine in
+  float32 (~1e-5 relative), too much for bfloat16's 8-bit mantissa, which gets F(2x2) at most.
+  """
   kh, kw = w_shape[:2]
   ho, wo = x_shape[1] - 2, x_shape[2] - 2
   if (kh, kw, stride) != (3, 3, 1) or ho * wo < WINOGRAD_MIN_PIXELS:
     return 0
-  if ho % 4 == wo % 4 == 0 and ho * wo >= WINOGRAD_F4_MIN_PIXELS:
+  if ho % 4 == wo % 4 == 0 and ho * wo >= WINOGRAD_F4_MIN_PIXELS and \
+      jnp.dtype(dtype).itemsize >= 4:
     return 4
   return 2 if ho % 2 == wo % 2 == 0 else 0
 
