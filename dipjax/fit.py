@@ -283,15 +283,22 @@ def fits_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices), (FITS_AXIS,))
 
 
-def default_batch(num_fits: int, backend: str | None = None) -> int:
-  """How many fits to vmap together on one device.
+CPU_VMAP_MAX_PIXELS = 64 * 64
 
-  On CPU one fit already fills the cores and batching buys nothing (experiments/benchmark.py:
-  vmapped 0.9-1.0x of fits one after the other at 32^2-128^2), so fits run one after the other;
-  on accelerators all fits of a device are batched into each GEMM.
+
+def default_batch(num_fits: int, pixels: int, backend: str | None = None) -> int:
+  """How many fits of `pixels` (H * W) each to vmap together on one device.
+
+  On CPU one fit of a large image already fills the cores: vmapped fits gain only where images
+  are small (experiments/benchmark.py: 64^2, width 32: 1.13-1.17x vmapped vs 1.02-1.07x one
+  after the other; 128^2, width 32: 0.98x vmapped vs 1.17x), so fits of up to 64^2 pixels are
+  vmapped and larger ones run one after the other. On accelerators all fits of a device are
+  batched into each GEMM.
   """
   backend = jax.default_backend() if backend is None else backend
-  return 1 if backend == "cpu" else num_fits
+  if backend == "cpu" and pixels > CPU_VMAP_MAX_PIXELS:
+    return 1
+  return num_fits
 
 
 @functools.partial(jax.jit, static_argnames=("net", "config", "shared"))
@@ -310,7 +317,8 @@ def _many_args(states, iters, config, batch, mesh):
   shards = 1 if mesh is None else mesh.shape[FITS_AXIS]
   if m % shards:
     raise ValueError(f"{m} fits cannot be split evenly over {shards} devices; use a multiple")
-  batch = default_batch(m // shards) if batch is None else batch
+  pixels = states.out.shape[1] * states.out.shape[2]
+  batch = default_batch(m // shards, pixels) if batch is None else batch
   if batch < 1 or (m // shards) % batch:
     raise ValueError(f"batch={batch} must divide the {m // shards} fits per device")
   return _check_iters(iters, config), batch

@@ -197,7 +197,7 @@ def bench_many(size: int, width: int, fits: list[int], iters: int, repeats: int)
     rows.append(dict(size=size, width=width, fits=n, batch=batch, ms_per_step_of_all=ms,
                      compile_s=compile_s, xla_bytes=xla_bytes,
                      aggregate_speedup=n * single_ms / ms,
-                     default=batch == fit.default_batch(n)))
+                     default=batch == fit.default_batch(n, size * size)))
   return rows
 
 

@@ -46,7 +46,7 @@ def test_bad_network_name_and_width():
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
   """Mixed precision: same float32 parameters, bf16 activations (Winograd layer included)."""
-  x = jax.random.uniform(jax.random.PRNGKey(0), (1, 64, 64, 4))
+  x = jax.random.uniform(jax.random.PRNGKey(0), (1, 32, 32, 4))
   f32, bf16 = (nets.make("skip", width=8, scales=2, dtype=d) for d in (jnp.float32, jnp.bfloat16))
   variables = jax.jit(f32.init)(jax.random.PRNGKey(1), x)
   apply = lambda net: jax.jit(lambda v: net.apply(v, x, mutable=["batch_stats"])[0])(variables)
