@@ -13,6 +13,7 @@ psnr.png, and checkpoints/ with --checkpoint_every.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -239,7 +240,21 @@ def _write_trace_csv(path: str, trace: dict[str, np.ndarray], segment: int) -> N
         w.writerow([m, i + 1] + [f"{trace[k][m, i]:.5g}" for k in names] + ssim)
 
 
+def _cache_events() -> collections.Counter:
+  """Counts JAX's persistent compilation-cache 'hits' and 'misses' from now on."""
+  counts = collections.Counter()
+
+  def listener(event: str, **kwargs) -> None:
+    del kwargs
+    if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+      counts[event.rsplit("_", 1)[-1]] += 1
+
+  jax.monitoring.register_event_listener(listener)
+  return counts
+
+
 def run(s: _Settings) -> None:
+  cache = _cache_events()
   out_dir = _OUT_DIR.value
   ckpt_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
   y, clean, op, padding = _degrade(s)
@@ -267,9 +282,10 @@ def run(s: _Settings) -> None:
   t0 = time.perf_counter()
   run_chunk = fit.compile_many(states, problem, s.log_every, net=net, config=config)
   compile_s = time.perf_counter() - t0
-  logging.info("compiled in %.1f s (%s, %dx%d, %d seed(s), %s width %d)", compile_s,
-               jax.default_backend(), y.shape[1] * s.factor, y.shape[0] * s.factor,
-               _SEEDS.value, s.net_name, s.width)
+  logging.info("compiled in %.1f s (%s, %dx%d, %d seed(s), %s width %d; persistent cache: "
+               "%d hits, %d misses)", compile_s, jax.default_backend(), y.shape[1] * s.factor,
+               y.shape[0] * s.factor, _SEEDS.value, s.net_name, s.width, cache["hits"],
+               cache["misses"])
   t_fit = time.perf_counter()
   for done in range(start + s.log_every, s.iters + 1, s.log_every):
     states, chunk = run_chunk(states, problem)
