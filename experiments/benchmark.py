@@ -26,6 +26,7 @@ import platform
 import resource
 import sys
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -101,6 +102,18 @@ def _median_ms(times: list[float], iters: int) -> float:
   return float(np.median(times)) / iters * 1e3
 
 
+def _seconds(call: Callable[[], object], repeats: int) -> list[float]:
+  """Wall seconds of `repeats` calls of `call` (which blocks until its work is done), after one
+  warm-up call."""
+  call()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
 def _compile_fits(n: int, batch: int, net, config, problem, iters: int):
   """(compiled run, states, compile seconds, XLA temp+argument+output bytes) for n fits."""
   states = fit.init_many(jax.random.split(jax.random.PRNGKey(3), n), net, problem, config)
@@ -169,14 +182,14 @@ def _bench_step_loop(net, config, problem, iters, repeats) -> dict:
   state = fit.init_state(jax.random.PRNGKey(2), net, problem, config)
   step = jax.jit(lambda s, p: fit.train_step(s, p, net=net, config=config), donate_argnums=0)
   compiled = step.lower(state, problem).compile()
-  times = []
-  for r in range(repeats + 1):
-    t0 = time.perf_counter()
+
+  def loop():
+    nonlocal state
     for _ in range(iters):
       state, record = compiled(state, problem)
     jax.block_until_ready(record)
-    times.append(time.perf_counter() - t0)
-  return dict(step_ms=_median_ms(times[1:], iters))
+
+  return dict(step_ms=_median_ms(_seconds(loop, repeats), iters))
 
 
 def bench_many(size: int, width: int, fits: list[int], iters: int, repeats: int) -> list[dict]:
@@ -223,13 +236,8 @@ def bench_layer(size: int, cin: int, cout: int, iters: int, repeats: int) -> dic
       dx, dw = vjp(y)
       return (x + 1e-6 * dx, w - 1e-6 * dw), None
     scanned = jax.jit(lambda x, w, body=body: jax.lax.scan(body, (x, w), length=iters)[0])
-    jax.block_until_ready(scanned(x, w))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(scanned(x, w))
-      times.append(time.perf_counter() - t0)
-    row[name] = _median_ms(times, iters)
+    row[name] = _median_ms(_seconds(lambda: jax.block_until_ready(scanned(x, w)), repeats),
+                           iters)
   m = layers.winograd_tile(x.shape, w.shape, 1)
   row["dipjax uses"] = f"Winograd F({m}x{m},3x3)" if m else "im2col GEMM"
   return row
@@ -239,12 +247,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   """Achieved fp32 GFLOP/s of an n x n matmul: this machine's practical peak."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
   mm = jax.jit(jnp.dot)
-  jax.block_until_ready(mm(a, a))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a, a))
-    times.append(time.perf_counter() - t0)
+  times = _seconds(lambda: jax.block_until_ready(mm(a, a)), repeats)
   return 2 * n**3 / float(np.median(times)) / 1e9
 
 
@@ -252,12 +255,12 @@ def memory_gbps(mbytes: int = 256, repeats: int = 5) -> float:
   """Achieved GB/s of a streaming x + 1 over `mbytes` (read and write counted)."""
   x = jnp.zeros((mbytes * 2**20 // 4,), jnp.float32)
   inc = jax.jit(lambda x: x + 1, donate_argnums=0)
-  x = jax.block_until_ready(inc(x))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+
+  def stream():
+    nonlocal x
     x = jax.block_until_ready(inc(x))
-    times.append(time.perf_counter() - t0)
+
+  times = _seconds(stream, repeats)
   return 2 * x.nbytes / float(np.median(times)) / 1e9
 
 
