@@ -251,6 +251,9 @@ def fit(state: TrainState, problem: Problem, iters: int, *, net: nn.Module,
   return _fit_jit(state, problem, _check_iters(iters, config), net, config)
 
 
+FITS_AXIS = "fits"
+
+
 def _fit_local(states, problems, num_segments, net, config, shared, batch):
   """The model axis on one device: groups of `batch` fits vmapped, groups one after the other.
 
@@ -272,9 +275,6 @@ def _fit_many_jit(states, problems, num_segments, net, config, shared, batch, me
   fits = jax.sharding.PartitionSpec(FITS_AXIS)
   return jax.shard_map(run, mesh=mesh, in_specs=(fits, jax.sharding.PartitionSpec() if shared
                                                  else fits), out_specs=fits)(states, problems)
-
-
-FITS_AXIS = "fits"
 
 
 def fits_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -313,7 +313,7 @@ def init_many(keys: Array, net: nn.Module, problems: Problem, config: FitConfig,
 
 
 def _many_args(states, iters, config, batch, mesh):
-  m = jax.tree.leaves(states.step)[0].shape[0]
+  m = states.step.shape[0]
   shards = 1 if mesh is None else mesh.shape[FITS_AXIS]
   if m % shards:
     raise ValueError(f"{m} fits cannot be split evenly over {shards} devices; use a multiple")

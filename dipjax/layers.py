@@ -13,9 +13,10 @@ measured reasons (docs/PERFORMANCE.md).
 2. Many fits: ``vmap`` over per-model weights turns a convolution into a grouped convolution
    (16x slower than the same maths as batched GEMMs on this CPU); a matrix product simply gains
    a batch dimension.
-3. Speed: a 3x3, stride-1 convolution on a large image runs as Winograd F(2x2, 3x3): 16 GEMMs on
-   transformed 4x4 tiles, 2.25x fewer multiplications than direct convolution, with its own VJP
-   whose gradients are GEMMs in the same transformed domain.
+3. Speed: a 3x3, stride-1 convolution on a large image runs as Winograd F(m x m, 3x3), m = 2 or 4
+   (:func:`winograd_tile`): (m + 2)^2 GEMMs on transformed tiles, 2.25x (m = 2) or 4x (m = 4)
+   fewer multiplications than direct convolution, with its own VJP whose gradients are GEMMs in
+   the same transformed domain.
 Everything else (strides, 1x1 and other kernels, small images) is im2col: one GEMM of the
 patches with the flattened kernel, differentiated by JAX (the patches' gradient is col2im).
 """
