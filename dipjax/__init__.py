@@ -8,11 +8,13 @@ from dipjax import fit
 from dipjax import inputs
 from dipjax import io
 from dipjax import layers
+from dipjax import losses
 from dipjax import metrics
 from dipjax import nets
 from dipjax import operators
 from dipjax import plots
 from dipjax import schedules
+from dipjax import stopping
 from dipjax import targets
 
 __version__ = "0.1.0"

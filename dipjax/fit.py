@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dipjax import losses
 from dipjax import metrics
+from dipjax import stopping
 from dipjax import targets as targets_lib
 from dipjax.inputs import NetInput
 from dipjax.operators import Operator
@@ -41,11 +43,41 @@ class FitConfig:
     segment: iterations per scanned segment; SSIM is traced once per segment.
     rollback_db: a fit whose PSNR against the observation drops by more than this in one
       iteration, or whose loss is not finite, is rolled back to its last good state (DIP: 5 dB).
+    window: ES-WMV window W, the number of recent raw outputs whose variance is traced as
+      ``wmv`` (published: 100; each fit then holds W output images); 0 does not trace it.
+    emv_alpha: ES-EMV smoothing weight of the traced ``emv``.
+    criteria: stopping criteria monitored online; the fit keeps the EMA output at each one's
+      current stop (``TrainState.kept``, in this order; :func:`stops`). Kinds must be unique.
+    halt: one of `criteria`; once it fires the remaining iterations are skipped (records NaN).
+    loss: training loss by name (:data:`losses.LOSSES`; DIP: 'mse'); 'perceptual' needs
+      ``Problem.loss_params``.
   """
   learning_rate: float = 0.01
   exp_weight: float = 0.99
   segment: int = 100
   rollback_db: float = 5.0
+  window: int = 0
+  emv_alpha: float = 0.1
+  criteria: tuple[stopping.Criterion, ...] = ()
+  halt: stopping.Criterion | None = None
+  loss: str = "mse"
+
+  def __post_init__(self):
+    losses.get(self.loss)  # a clear error for an unknown name
+    kinds = [c.kind for c in self.criteria]
+    if len(set(kinds)) != len(kinds):
+      raise ValueError(f"criteria kinds must be unique, got {kinds}")
+    if self.halt is not None and self.halt not in self.criteria:
+      raise ValueError(f"halt={self.halt} must be one of criteria={self.criteria}")
+    if self.window < 0:
+      raise ValueError(f"window must be >= 0, got {self.window}")
+    if "es_wmv" in kinds and self.window == 0:
+      raise ValueError("the es_wmv criterion needs FitConfig(window=...) > 0 (published: 100)")
+    if not 0.0 < self.emv_alpha < 1.0:
+      raise ValueError(f"emv_alpha must be in (0, 1), got {self.emv_alpha}")
+
+
+EMV_BURN_IN = 100  # iterations before ES-EMV's variance is scored (it starts at 0)
 
 
 @flax.struct.dataclass
@@ -59,6 +91,14 @@ class Problem:
     observation: (h, w, C) the degraded image y.
     operator: the forward operator A, image (H, W, C) -> measurement (h, w, C).
     clean: (H, W, C) ground truth, or None.
+    sigma: () noise std of the observation in [0, 1] units, known or estimated
+      (:func:`stopping.estimate_sigma`), for criteria that use it; None if unknown.
+    stage_noise: (K, h, w, C) the known noise each stage target adds to its noise-free part
+      (for x_k = sqrt(abar) y + sqrt(1 - abar) eps: sqrt(1 - abar) eps; zeros for y itself),
+      to trace how much of it the output has fitted (``noise_fit``); None if unknown.
+    loss_params: the weights the loss needs (VGG19's for 'perceptual',
+      :func:`losses.load_vgg19`), or None. Stacked problems copy them per fit: prefer one
+      shared problem with them.
   """
   inputs: NetInput
   targets: Array
@@ -66,13 +106,16 @@ class Problem:
   observation: Array
   operator: Operator
   clean: Array | None = None
+  sigma: Array | None = None
+  stage_noise: Array | None = None
+  loss_params: PyTree = None
 
 
 def plain_problem(inputs: NetInput, observation: Array, operator: Operator, iters: int,
-                  clean: Array | None = None) -> Problem:
+                  clean: Array | None = None, sigma: float | None = None) -> Problem:
   """Classic DIP: one stage whose target is the observation, for `iters` iterations."""
   return Problem(inputs, observation[None], jnp.array([iters], jnp.int32), observation,
-                 operator, clean)
+                 operator, clean, None if sigma is None else jnp.asarray(sigma, jnp.float32))
 
 
 @flax.struct.dataclass
@@ -93,6 +136,11 @@ class TrainState:
     key: PRNG key for the input noise.
     good: the last state whose output was healthy (what a divergence rolls back to).
     good_psnr: PSNR(A out, y) of that state, dB.
+    window: (W, H, W, C) the last W raw outputs (ring buffer; W = config.window; None if 0);
+      window_sum: their sum (H, W, C), kept as a running sum.
+    emv_mean, emv: ES-EMV's moving mean (H, W, C) and variance ().
+    monitors: the online state of config.criteria, stacked (len(criteria),); None if none.
+    kept: (len(criteria), H, W, C) the EMA output at each criterion's current stop (or None).
   """
   step: Array
   params: PyTree
@@ -103,6 +151,12 @@ class TrainState:
   key: Array
   good: Snapshot
   good_psnr: Array
+  window: Array | None
+  window_sum: Array | None
+  emv_mean: Array
+  emv: Array
+  monitors: stopping.Monitor | None
+  kept: Array | None
 
 
 @flax.struct.dataclass
@@ -111,6 +165,10 @@ class Trace:
 
   `target` is the current stage's target, `obs` the observation y (both compared in measurement
   space, A out), `clean` the ground truth (NaN when none is given); `_ema` for the EMA output.
+  `wmv` and `emv` are ES-WMV's windowed and ES-EMV's exponential moving variance of the raw
+  outputs (NaN before they are defined, or with FitConfig.window = 0 for `wmv`); `noise_fit`
+  the fraction <A out - (x_k - n_k), n_k> / |n_k|^2 of the stage's known noise n_k the output
+  has fitted (0: none, 1: all; NaN without known noise).
   """
   loss: Array
   psnr_target: Array
@@ -123,6 +181,20 @@ class Trace:
   rolled_back: Array
   ssim_clean: Array
   ssim_clean_ema: Array
+  wmv: Array
+  emv: Array
+  noise_fit: Array
+  noise_fit_ema: Array
+
+
+def trace_records(trace: Trace) -> dict[str, Array]:
+  """The per-iteration arrays of a trace (..., n) by name, with 'step' (the 0-based
+  iteration), as :func:`stopping.score` and :func:`stopping.detect` take them."""
+  records = {f.name: getattr(trace, f.name) for f in dataclasses.fields(Trace)
+             if not f.name.startswith("ssim")}
+  n = trace.loss.shape[-1]
+  records["step"] = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), trace.loss.shape)
+  return records
 
 
 def optimizer(config: FitConfig) -> optax.GradientTransformation:
@@ -139,11 +211,18 @@ def _init_state(key: Array, net: nn.Module, problem: Problem, config: FitConfig)
   if problem.clean is not None:
     out_shape = problem.clean.shape
   blank = jnp.zeros(out_shape, jnp.float32)
+  num = len(config.criteria)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=opt_state, out=blank, ema=blank, key=k_run,
       good=Snapshot(params, batch_stats, opt_state),
-      good_psnr=jnp.full((), -jnp.inf, jnp.float32))
+      good_psnr=jnp.full((), -jnp.inf, jnp.float32),
+      window=jnp.zeros((config.window,) + out_shape, jnp.float32) if config.window else None,
+      window_sum=blank if config.window else None, emv_mean=blank,
+      emv=jnp.zeros((), jnp.float32),
+      monitors=jax.tree.map(lambda x: jnp.broadcast_to(x, (num,) + x.shape),
+                            stopping.init_monitor()) if num else None,
+      kept=jnp.zeros((num,) + out_shape, jnp.float32) if num else None)
 
 
 @functools.partial(jax.jit, static_argnames=("net", "config"))
@@ -162,6 +241,48 @@ def _select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
+def _noise_fit(measured: Array, target: Array, noise: Array) -> Array:
+  """Fraction of the known noise `noise` of `target` that `measured` reproduces."""
+  energy = jnp.sum(noise**2)
+  fitted = jnp.sum((measured - (target - noise)) * noise) / jnp.where(energy > 0, energy, 1.0)
+  return jnp.where(energy > 0, fitted, jnp.nan)
+
+
+def _variances(state: TrainState, out: Array, config: FitConfig) -> tuple[Array, ...]:
+  """ES-WMV's window and variance, ES-EMV's mean and variance after this iteration's output.
+
+  Returns (window, window_sum, wmv, emv_mean, emv, emv score).
+  """
+  window, total, wmv = state.window, state.window_sum, jnp.full((), jnp.nan)
+  if config.window:
+    slot = state.step % config.window
+    total = total + out - jax.lax.dynamic_index_in_dim(window, slot, 0, keepdims=False)
+    window = jax.lax.dynamic_update_index_in_dim(window, out, slot, 0)
+    wmv = jnp.where(state.step >= config.window - 1, stopping.window_variance(window, total),
+                    jnp.nan)
+  first = state.step == 0
+  emv_mean, emv = stopping.emv_update(state.emv_mean, state.emv, out, config.emv_alpha)
+  emv_mean, emv = jnp.where(first, out, emv_mean), jnp.where(first, 0.0, emv)
+  return (window, total, wmv, emv_mean, emv,
+          jnp.where(state.step >= EMV_BURN_IN, emv, jnp.nan))
+
+
+def _monitor(state: TrainState, record: dict[str, Array], ema: Array, sigma: Array | None,
+             config: FitConfig) -> tuple[stopping.Monitor, Array]:
+  """Updates every criterion's monitor with this iteration's record; keeps `ema` at new stops."""
+  if not config.criteria:
+    return state.monitors, state.kept
+  sigma = jnp.nan if sigma is None else sigma
+  monitors, kept = [], []
+  for i, criterion in enumerate(config.criteria):
+    monitor = jax.tree.map(lambda x, i=i: x[i], state.monitors)
+    s = stopping.score(criterion, record, sigma)
+    monitor, better = stopping.update(criterion, monitor, s, state.step)
+    monitors.append(monitor)
+    kept.append(jnp.where(better, ema, state.kept[i]))
+  return stack(monitors), jnp.stack(kept)
+
+
 def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
                config: FitConfig) -> tuple[TrainState, dict[str, Array]]:
   """One Adam step on the current stage's target; returns the new state and scalar metrics."""
@@ -176,7 +297,8 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
                              train=True, mutable=["batch_stats"])
     out = out[0]
     measured = op(out)
-    return jnp.mean((measured - target) ** 2), (out, measured, updates["batch_stats"])
+    loss = losses.get(config.loss)(measured, target, problem.loss_params)
+    return loss, (out, measured, updates["batch_stats"])
 
   (loss, (out, measured, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
@@ -188,14 +310,16 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
   measured_ema = op(ema)
   psnr_obs = metrics.psnr(measured, problem.observation)
   healthy = jnp.isfinite(loss) & (psnr_obs >= state.good_psnr - config.rollback_db)
-
-  new = TrainState(
-      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-      out=out, ema=ema, key=key, good=Snapshot(state.params, state.batch_stats, state.opt_state),
-      good_psnr=jnp.minimum(psnr_obs, 100.0))  # finite even for an exact fit (PSNR = inf)
-  back = state.replace(step=state.step + 1, key=key, params=state.good.params,
-                       batch_stats=state.good.batch_stats, opt_state=state.good.opt_state)
-  state = _select(healthy, new, back)
+  # A rolled-back iteration enters ES-WMV's window as the restored output (no full-window
+  # select below).
+  window, window_sum, wmv, emv_mean, emv, emv_score = _variances(
+      state, jnp.where(healthy, out, state.out), config)
+  if problem.stage_noise is None:
+    noise_fit = noise_fit_ema = jnp.full((), jnp.nan)
+  else:
+    noise = problem.stage_noise[stage]
+    noise_fit = _noise_fit(measured, target, noise)
+    noise_fit_ema = _noise_fit(measured_ema, target, noise)
 
   record = dict(
       loss=loss,
@@ -206,17 +330,47 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       psnr_clean=_against_clean(metrics.psnr, out, problem.clean),
       psnr_clean_ema=_against_clean(metrics.psnr, ema, problem.clean),
       stage=stage,
-      rolled_back=~healthy)
-  return state, record
+      rolled_back=~healthy,
+      wmv=wmv,
+      emv=emv_score,
+      noise_fit=noise_fit,
+      noise_fit_ema=noise_fit_ema)
+  monitors, kept = _monitor(state, dict(record, step=state.step), ema, problem.sigma, config)
+
+  new = TrainState(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+      out=out, ema=ema, key=key, good=Snapshot(state.params, state.batch_stats, state.opt_state),
+      good_psnr=jnp.minimum(psnr_obs, 100.0),  # finite even for an exact fit (PSNR = inf)
+      window=window, window_sum=window_sum, emv_mean=emv_mean, emv=emv, monitors=monitors,
+      kept=kept)
+  back = state.replace(step=state.step + 1, key=key, params=state.good.params,
+                       batch_stats=state.good.batch_stats, opt_state=state.good.opt_state,
+                       window=window, window_sum=window_sum)
+  return _select(healthy, new, back), record
+
+
+def _halted(state: TrainState, config: FitConfig) -> Array:
+  return state.monitors.fired[config.criteria.index(config.halt)]
 
 
 def _segment(state: TrainState, problem: Problem, net: nn.Module,
              config: FitConfig) -> tuple[TrainState, dict[str, Array]]:
   step = functools.partial(train_step, problem=problem, net=net, config=config)
+  if config.halt is not None:
+    run = step
+    blank = jax.tree.map(_undefined, jax.eval_shape(run, state)[1])
+    skip = lambda s: (s.replace(step=s.step + 1), blank)
+    step = lambda s: jax.lax.cond(_halted(s, config), skip, run, s)
   state, record = jax.lax.scan(lambda s, _: step(s), state, length=config.segment)
   record["ssim_clean"] = _against_clean(metrics.ssim, state.out, problem.clean)
   record["ssim_clean_ema"] = _against_clean(metrics.ssim, state.ema, problem.clean)
   return state, record
+
+
+def _undefined(shape: jax.ShapeDtypeStruct) -> Array:
+  """What a skipped (halted) iteration records: NaN, -1 for integers, False for flags."""
+  fill = {jnp.dtype(bool): False, jnp.dtype(jnp.int32): -1}.get(jnp.dtype(shape.dtype), jnp.nan)
+  return jnp.full(shape.shape, fill, shape.dtype)
 
 
 def _fit(state: TrainState, problem: Problem, num_segments: int, net: nn.Module,
@@ -228,7 +382,9 @@ def _fit(state: TrainState, problem: Problem, num_segments: int, net: nn.Module,
                       ssim_clean_ema=rec["ssim_clean_ema"])
 
 
-def _check_iters(iters: int, config: FitConfig) -> int:
+def _check_iters(iters: int, config: FitConfig, problem: Problem) -> int:
+  if losses.needs_params(config.loss) and problem.loss_params is None:
+    raise ValueError(f"the {config.loss!r} loss needs Problem.loss_params (its weights)")
   if iters < 1 or iters % config.segment:
     raise ValueError(f"iterations ({iters}) must be a positive multiple of the segment length "
                      f"({config.segment})")
@@ -248,7 +404,7 @@ def fit(state: TrainState, problem: Problem, iters: int, *, net: nn.Module,
   `state` is consumed (its buffers are donated); continue from the returned one. Resuming from
   a restored state gives bit-for-bit the same result as an uninterrupted fit.
   """
-  return _fit_jit(state, problem, _check_iters(iters, config), net, config)
+  return _fit_jit(state, problem, _check_iters(iters, config, problem), net, config)
 
 
 FITS_AXIS = "fits"
@@ -312,7 +468,7 @@ def init_many(keys: Array, net: nn.Module, problems: Problem, config: FitConfig,
   return jax.vmap(init, in_axes=(0, None if shared else 0))(keys, problems)
 
 
-def _many_args(states, iters, config, batch, mesh):
+def _many_args(states, problems, iters, config, batch, mesh):
   m = states.step.shape[0]
   shards = 1 if mesh is None else mesh.shape[FITS_AXIS]
   if m % shards:
@@ -321,7 +477,7 @@ def _many_args(states, iters, config, batch, mesh):
   batch = default_batch(m // shards, pixels) if batch is None else batch
   if batch < 1 or (m // shards) % batch:
     raise ValueError(f"batch={batch} must divide the {m // shards} fits per device")
-  return _check_iters(iters, config), batch
+  return _check_iters(iters, config, problems), batch
 
 
 def fit_many(states: TrainState, problems: Problem, iters: int, *, net: nn.Module,
@@ -340,7 +496,7 @@ def fit_many(states: TrainState, problems: Problem, iters: int, *, net: nn.Modul
   Returns the states, the traces and the ensemble mean of the M EMA outputs, (H, W, C). Each
   fit equals its separate `fit`.
   """
-  num_segments, batch = _many_args(states, iters, config, batch, mesh)
+  num_segments, batch = _many_args(states, problems, iters, config, batch, mesh)
   states, traces = _fit_many_jit(states, problems, num_segments, net, config, shared, batch, mesh)
   return states, traces, jnp.mean(states.ema, axis=0)
 
@@ -353,9 +509,16 @@ def compile_many(states: TrainState, problems: Problem, iters: int, *, net: nn.M
 
   Returns ``run(states, problems) -> (states, traces)``; `states` is donated.
   """
-  num_segments, batch = _many_args(states, iters, config, batch, mesh)
+  num_segments, batch = _many_args(states, problems, iters, config, batch, mesh)
   return _fit_many_jit.lower(states, problems, num_segments, net, config, shared, batch,
                              mesh).compile()
+
+
+def stops(state: TrainState, config: FitConfig) -> dict[str, tuple[Array, Array]]:
+  """Each monitored criterion's (stop iteration, EMA output there) by name, from a fitted
+  state (single fit: () and (H, W, C); many fits: a leading model axis)."""
+  return {c.name: (state.monitors.best_step[..., i], state.kept[..., i, :, :, :])
+          for i, c in enumerate(config.criteria)}
 
 
 def stack(trees: list[PyTree]) -> PyTree:

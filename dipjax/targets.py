@@ -133,3 +133,19 @@ def staged_targets(key: Array, y: Array, schedule: schedules.Schedule, timesteps
     return schedules.q_sample(schedule, jnp.broadcast_to(y, eps.shape), timesteps, eps)
   sigma = schedules.noise_level(schedule, timesteps).reshape((k,) + (1,) * y.ndim)
   return y + sigma * eps
+
+
+def stage_references(y: Array, schedule: schedules.Schedule, timesteps: Array, *,
+                     scaled: bool = True) -> Array:
+  """The noise-free part of each stage target: sqrt(abar_t) y (scaled) or y, (K,) + y.shape.
+
+  ``staged_targets(...) - stage_references(...)`` is the known noise each stage adds
+  (``fit.Problem.stage_noise``).
+  """
+  y = jnp.asarray(y, jnp.float32)
+  timesteps = jnp.asarray(timesteps)
+  k = timesteps.shape[0]
+  if not scaled:
+    return jnp.broadcast_to(y, (k,) + y.shape)
+  return schedules.q_sample(schedule, jnp.broadcast_to(y, (k,) + y.shape), timesteps,
+                            jnp.zeros((k,) + y.shape, jnp.float32))

@@ -34,11 +34,13 @@ from dipjax import checkpoint
 from dipjax import fit
 from dipjax import inputs
 from dipjax import io
+from dipjax import losses
 from dipjax import metrics
 from dipjax import nets
 from dipjax import operators
 from dipjax import plots
 from dipjax import schedules
+from dipjax import stopping
 from dipjax import targets
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -80,6 +82,16 @@ _INPUT_T = flags.DEFINE_integer(
 _INPUT_FRESH = flags.DEFINE_bool("input_fresh", True, "--input ddpm: redraw its noise each step.")
 _INPUT_EXTRA = flags.DEFINE_integer("input_extra", 0, "--input ddpm: extra DIP noise channels.")
 _REG_NOISE = flags.DEFINE_float("reg_noise_std", 1 / 30, "Input jitter std (DIP's reg_noise_std).")
+_STOP = flags.DEFINE_list(
+    "stop", [], f"Stopping criteria to monitor ({', '.join(stopping.KINDS)}; published "
+    "settings). restored.png is the EMA output at the first one's stop (per seed); metrics.json "
+    "reports every one's stop. Empty: the last iteration.")
+_HALT = flags.DEFINE_bool("halt", False, "End the fit when the first --stop criterion fires.")
+_WINDOW = flags.DEFINE_integer("window", 100, "ES-WMV window, used with --stop es_wmv.")
+_LOSS = flags.DEFINE_enum("loss", "mse", list(losses.LOSSES),
+                          "Training loss (perceptual: VGG19 features, needs --vgg19).")
+_VGG19 = flags.DEFINE_string("vgg19", None, "VGG19 weights for --loss perceptual: the .npz "
+                             "experiments/convert_vgg19.py writes from torchvision's file.")
 _LR = flags.DEFINE_float("lr", 0.01, "Adam learning rate.")
 _EXP_WEIGHT = flags.DEFINE_float("exp_weight", 0.99, "Output EMA weight (0: no EMA).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic degradation and of the fits.")
@@ -138,10 +150,15 @@ class _Settings:
         (_CROP.value < 0, "--crop must be >= 0"),
         (_INPUT.value == "ddpm" and _INPUT_T.value is None and self.sigma == 0,
          "--input ddpm needs --input_t when the noise level is unknown (--sigma 0 or --noisy)"),
+        (_HALT.value and not _STOP.value, "--halt needs a --stop criterion"),
+        (losses.needs_params(_LOSS.value) and not _VGG19.value,
+         f"--loss {_LOSS.value} needs --vgg19 (no weights ship with dipjax)"),
+        (_WINDOW.value < 1, f"--window must be positive, got {_WINDOW.value}"),
     ]
     for failed, message in checks:
       if failed:
         raise ValueError(message)
+    self.criteria = tuple(stopping.get(name) for name in _STOP.value)
     self.log_every = _LOG_EVERY.value
     self.segment = math.gcd(self.log_every, 100)
     self.factor = _FACTOR.value if _TASK.value == "sr" else 1
@@ -210,15 +227,29 @@ def _problem(key, s: _Settings, y, clean, op) -> fit.Problem:
     net_input = inputs.ddpm_noised(k_input, jnp.asarray(y_full), schedule, t,
                                    fresh=_INPUT_FRESH.value, extra_channels=_INPUT_EXTRA.value,
                                    reg_noise_std=s.reg_noise_std)
+  sigma = jnp.asarray(_noise_sigma(s, y), jnp.float32)
+  loss_params = losses.load_vgg19(_VGG19.value) if losses.needs_params(_LOSS.value) else None
   y = jnp.asarray(y)
   clean = None if clean is None else jnp.asarray(clean)
   if _METHOD.value != "staged":
-    return fit.plain_problem(net_input, y, op, s.iters, clean)
-  ts = targets.stage_timesteps(_STAGES.value, _T_MAX.value)
+    problem = fit.plain_problem(net_input, y, op, s.iters, clean, sigma)
+    return problem.replace(loss_params=loss_params)
+  ts = jnp.asarray(targets.stage_timesteps(_STAGES.value, _T_MAX.value))
   ends = targets.stage_ends(targets.stage_lengths(s.iters, _STAGES.value))
-  stage_targets = targets.staged_targets(k_targets, y, schedule, jnp.asarray(ts),
+  stage_targets = targets.staged_targets(k_targets, y, schedule, ts,
                                          fresh_noise=_FRESH_EPS.value, scaled=_SCALED.value)
-  return fit.Problem(net_input, stage_targets, jnp.asarray(ends), y, op, clean)
+  noise = stage_targets - targets.stage_references(y, schedule, ts, scaled=_SCALED.value)
+  return fit.Problem(net_input, stage_targets, jnp.asarray(ends), y, op, clean, sigma, noise,
+                     loss_params)
+
+
+def _noise_sigma(s: _Settings, y: np.ndarray) -> float:
+  """The observation's noise std in [0, 1] units: the one added, else estimated from y."""
+  if s.sigma or not _NOISY.value:
+    return s.sigma / 255
+  sigma = stopping.estimate_sigma(y)
+  logging.info("noise level estimated from the observation: sigma = %.2f (0-255)", 255 * sigma)
+  return sigma
 
 
 def _scaled(padding: io.Padding, factor: int) -> io.Padding:
@@ -260,8 +291,10 @@ def run(s: _Settings) -> None:
   y, clean, op, padding = _degrade(s)
   net = nets.make(s.net_name, s.width, s.scales, out_channels=y.shape[-1],
                   dtype=jnp.dtype(_DTYPE.value))
-  config = fit.FitConfig(learning_rate=_LR.value, exp_weight=_EXP_WEIGHT.value,
-                         segment=s.segment)
+  config = fit.FitConfig(
+      learning_rate=_LR.value, exp_weight=_EXP_WEIGHT.value, segment=s.segment,
+      window=_WINDOW.value if "es_wmv" in _STOP.value else 0, criteria=s.criteria,
+      halt=s.criteria[0] if _HALT.value else None, loss=_LOSS.value)
   key = jax.random.PRNGKey(_SEED.value)
   k_problem, k_fits = jax.random.split(key)
   problem = _problem(k_problem, s, y, clean, op)
@@ -304,34 +337,50 @@ def run(s: _Settings) -> None:
                  np.mean(trace["loss"][:, done - 1]))
     if _CHECKPOINT_EVERY.value and done % _CHECKPOINT_EVERY.value == 0:
       checkpoint.save(ckpt_dir, done, {"state": states, "trace": trace})
+    if config.halt is not None and bool(np.all(np.asarray(states.monitors.fired[:, 0]))):
+      logging.info("%s fired for every seed: halted at iteration %d", config.halt.name, done)
+      break
   fit_s = time.perf_counter() - t_fit
+  ran = int(states.step[0]) - start
+  _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, compile_s, fit_s, ran)
 
-  _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s, fit_s, start)
 
-
-def _write_outputs(s, out_dir, states, trace, y, clean, padding, ends, compile_s, fit_s, start):
+def _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, compile_s, fit_s,
+                   ran):
   os.makedirs(out_dir, exist_ok=True)
-  ema = np.asarray(states.ema)
-  outs = [io.unpad(x, _scaled(padding, s.factor)) for x in ema]
-  restored = np.mean(outs, axis=0)
+  unpad = lambda x: io.unpad(x, _scaled(padding, s.factor))
+  stops = {name: (np.asarray(step), [unpad(x) for x in np.asarray(kept)])
+           for name, (step, kept) in fit.stops(states, config).items()}
+  final_ema = [unpad(x) for x in np.asarray(states.ema)]
+  restored = np.mean(stops[s.criteria[0].name][1] if s.criteria else final_ema, axis=0)
   io.save_image(os.path.join(out_dir, "restored.png"), restored)
   io.save_image(os.path.join(out_dir, "degraded.png"), io.unpad(y, padding))
   np.save(os.path.join(out_dir, "degraded.npy"), io.unpad(y, padding))  # exact, for baselines
   result = dict(
       image=os.path.abspath(_IMAGE.value), task=_TASK.value, method=_METHOD.value,
       sigma=s.sigma, net=s.net_name, width=s.width, scales=s.scales, iterations=s.iters,
-      seeds=_SEEDS.value, stage_ends=[int(e) for e in ends], device=jax.default_backend(),
+      seeds=_SEEDS.value, stage_ends=[int(e) for e in ends], loss=_LOSS.value,
+      device=jax.default_backend(),
       compile_seconds=round(compile_s, 2), fit_seconds=round(fit_s, 2),
-      iterations_per_second=round((s.iters - start) / fit_s, 3) if fit_s > 0 else None,
-      rolled_back=int(np.nansum(trace["rolled_back"])))
+      iterations_per_second=round(ran / fit_s, 3) if fit_s > 0 else None,
+      rolled_back=int(np.nansum(trace["rolled_back"])),
+      restored_at=s.criteria[0].name if s.criteria else "last iteration")
   if clean is not None:
     truth = io.unpad(clean, _scaled(padding, s.factor))
     score = lambda x: dict(psnr=float(metrics.psnr(x, truth)), ssim=float(metrics.ssim(x, truth)))
-    final_out = [io.unpad(x, _scaled(padding, s.factor)) for x in np.asarray(states.out)]
-    result["per_seed"] = [dict(output=score(o), ema=score(e)) for o, e in zip(final_out, outs)]
+    final_out = [unpad(x) for x in np.asarray(states.out)]
+    result["per_seed"] = [dict(output=score(o), ema=score(e))
+                          for o, e in zip(final_out, final_ema)]
     result["restored"] = score(restored)
     if _TASK.value == "denoise" or s.factor == 1:
       result["degraded"] = score(io.unpad(y, padding))
+  result["stops"] = {
+      name: dict(iteration=[int(i) + 1 for i in steps],
+                 **({"per_seed": [score(x) for x in kept], "mean_of_seeds": score(
+                     np.mean(kept, axis=0))} if clean is not None else {}))
+      for name, (steps, kept) in stops.items()}
+  for name, (steps, _) in stops.items():
+    logging.info("%s stops at iteration %s", name, ", ".join(str(int(i) + 1) for i in steps))
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   _write_trace_csv(os.path.join(out_dir, "trace.csv"), trace, s.segment)

@@ -1,0 +1,250 @@
+"""When to stop a DIP fit: criteria over its per-iteration records, online or after the fact.
+
+Every criterion here is "argmin with patience" over a per-iteration score s_t (lower is better,
+NaN where it is not defined yet): the detected stop is the iteration of the lowest score seen
+so far, and the criterion fires once `patience` defined iterations pass without a new minimum
+(`patience=None`: it never fires and the stop is the argmin over the whole run). One function,
+:func:`update`, runs both online inside the fit's scan (``fit.FitConfig(criteria=...)`` keeps
+the EMA output at each criterion's current stop and ``halt=`` ends the fit when one fires) and
+after the fact over a trace (:func:`detect`), so the two give the same stop by construction.
+
+Criteria (``Criterion.kind``):
+  fixed        the last iteration (a fixed budget).
+  oracle       argmax PSNR of the EMA output against the ground truth: the upper bound every
+               other criterion is scored by (needs the clean image).
+  es_wmv       ES-WMV (Wang et al., "Early Stopping for Deep Image Prior", TMLR 2023): the
+               variance of the last W raw outputs, mean over the window of the per-pixel
+               squared distance to the window mean; detection at its minimum, patience P
+               (W=100, P=1000 as published; W is ``fit.FitConfig.window``).
+  es_emv       ES-EMV from the same paper: exponential moving variance of the raw outputs,
+               mean_t = clip(mean + a d, 0, 1), v_t = (1 - a)(v + a |d|^2), d = out - mean
+               (a = ``fit.FitConfig.emv_alpha`` = 0.1; |d|^2 averaged over pixels, which only
+               rescales v); the first ``fit.EMV_BURN_IN`` iterations are not scored.
+  plateau      loss plateau: the training loss has not improved by a relative `min_delta`
+               within `patience` iterations.
+  discrepancy  Morozov's discrepancy principle: the first iteration where the EMA output's
+               mean squared residual to the observation drops to tau * sigma^2.
+
+Scores are computed from a mapping of per-iteration records (a fit's step record, or the
+arrays of a :class:`dipjax.fit.Trace` plus ``step``), elementwise, so one :func:`score`
+serves both uses. sigma, the noise std of the observation in [0, 1] units, is known or
+estimated with :func:`estimate_sigma`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+KINDS = ("fixed", "oracle", "es_wmv", "es_emv", "plateau", "discrepancy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+  """A stopping rule (hashable: it is part of the static fit configuration).
+
+  Attributes:
+    kind: one of KINDS.
+    patience: defined iterations without a new minimum before it fires; None never fires.
+    min_delta: relative improvement a new minimum needs (plateau).
+    tau: discrepancy level as a multiple of sigma^2.
+  """
+  kind: str
+  patience: int | None = None
+  min_delta: float = 0.0
+  tau: float = 1.0
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"Unknown criterion {self.kind!r}; valid kinds are {list(KINDS)}.")
+    if self.patience is not None and self.patience < 0:
+      raise ValueError(f"patience must be >= 0 or None, got {self.patience}.")
+    if not 0.0 <= self.min_delta < 1.0:
+      raise ValueError(f"min_delta must be in [0, 1), got {self.min_delta}.")
+    if self.tau <= 0:
+      raise ValueError(f"tau must be positive, got {self.tau}.")
+
+  @property
+  def name(self) -> str:
+    return self.kind
+
+
+def fixed() -> Criterion:
+  return Criterion("fixed")
+
+
+def oracle() -> Criterion:
+  return Criterion("oracle")
+
+
+def es_wmv(patience: int = 1000) -> Criterion:
+  return Criterion("es_wmv", patience=patience)
+
+
+def es_emv(patience: int = 1000) -> Criterion:
+  return Criterion("es_emv", patience=patience)
+
+
+def plateau(patience: int = 500, min_delta: float = 1e-3) -> Criterion:
+  return Criterion("plateau", patience=patience, min_delta=min_delta)
+
+
+def discrepancy(tau: float = 1.0) -> Criterion:
+  return Criterion("discrepancy", patience=0, tau=tau)
+
+
+def get(name: str) -> Criterion:
+  """The criterion of that kind with its published / default settings."""
+  makers = dict(fixed=fixed, oracle=oracle, es_wmv=es_wmv, es_emv=es_emv, plateau=plateau,
+                discrepancy=discrepancy)
+  if name not in makers:
+    raise ValueError(f"Unknown criterion {name!r}; valid names are {list(makers)}.")
+  return makers[name]()
+
+
+def _mse_from_psnr(psnr: Array) -> Array:
+  return 10.0 ** (-psnr / 10.0)
+
+
+def score(criterion: Criterion, records: Mapping[str, Array], sigma: Array | float) -> Array:
+  """The criterion's per-iteration score (lower is better, NaN = undefined), elementwise.
+
+  Args:
+    records: per-iteration values of the fit's trace fields ('step', 'loss', 'psnr_obs_ema',
+      'psnr_clean_ema', 'wmv', 'emv'; where present, 'rolled_back' set or 'loss' NaN make an
+      iteration undefined), scalars or arrays of one shape.
+    sigma: noise std of the observation in [0, 1] units (used by 'discrepancy'; NaN if
+      unknown).
+  """
+  kind = criterion.kind
+  if kind == "fixed":
+    s = -jnp.asarray(records["step"], jnp.float32)
+  elif kind == "oracle":
+    s = -records["psnr_clean_ema"]
+  elif kind == "es_wmv":
+    s = records["wmv"]
+  elif kind == "es_emv":
+    s = records["emv"]
+  elif kind == "plateau":
+    s = records["loss"]
+  else:
+    residual = _mse_from_psnr(records["psnr_obs_ema"])
+    crossed = residual <= criterion.tau * jnp.asarray(sigma, jnp.float32) ** 2
+    s = jnp.where(crossed, 0.0, jnp.nan)
+  if "rolled_back" in records:  # a rolled-back iteration's output was discarded
+    s = jnp.where(records["rolled_back"], jnp.nan, s)
+  if "loss" in records:  # NaN: an iteration a halted fit skipped
+    s = jnp.where(jnp.isnan(records["loss"]), jnp.nan, s)
+  return s
+
+
+def window_variance(window: Array, total: Array | None = None) -> Array:
+  """ES-WMV's variance of W images (W, H, W', C): the mean over the window of each image's
+  mean squared distance to the window's mean image.
+
+  total: the window's sum over W, (H, W', C), if known (a fit keeps it as a running sum: an
+  error d in it changes the result by only mean(d / W)^2).
+  """
+  total = jnp.sum(window, axis=0) if total is None else total
+  return jnp.mean((window - total / window.shape[0]) ** 2)
+
+
+def emv_update(mean: Array, var: Array, out: Array, alpha: float) -> tuple[Array, Array]:
+  """One ES-EMV step: (mean, var) after output `out` (the first step sets mean = out, var = 0
+  and is not taken through here)."""
+  delta = out - mean
+  return (jnp.clip(mean + alpha * delta, 0.0, 1.0),
+          (1.0 - alpha) * (var + alpha * jnp.mean(delta**2)))
+
+
+@flax.struct.dataclass
+class Monitor:
+  """Online state of one criterion: lowest score so far, its step, steps since, fired."""
+  best: Array
+  best_step: Array
+  wait: Array
+  fired: Array
+
+
+def init_monitor() -> Monitor:
+  return Monitor(best=jnp.full((), jnp.inf, jnp.float32), best_step=jnp.full((), -1, jnp.int32),
+                 wait=jnp.zeros((), jnp.int32), fired=jnp.zeros((), bool))
+
+
+def update(criterion: Criterion, monitor: Monitor, s: Array, step: Array
+           ) -> tuple[Monitor, Array]:
+  """One iteration's score `s` at `step` -> (new monitor, whether it is the new stop).
+
+  A fired monitor no longer changes. A new minimum needs s < best - min_delta * |best|.
+  """
+  defined = jnp.isfinite(s) & ~monitor.fired
+  bar = jnp.where(jnp.isfinite(monitor.best),
+                  monitor.best - criterion.min_delta * jnp.abs(monitor.best), jnp.inf)
+  better = defined & (s < bar)
+  wait = jnp.where(better, 0, jnp.where(defined, monitor.wait + 1, monitor.wait))
+  fired = monitor.fired
+  if criterion.patience is not None:
+    fired = fired | (defined & (wait >= criterion.patience))
+  new = Monitor(best=jnp.where(better, s, monitor.best).astype(jnp.float32),
+                best_step=jnp.where(better, step, monitor.best_step).astype(jnp.int32),
+                wait=wait.astype(jnp.int32), fired=fired)
+  return new, better
+
+
+@flax.struct.dataclass
+class Detection:
+  """A criterion's result on one trace: the stop and the iteration at which it fired (-1:
+  never; the stop is then the best over the whole run)."""
+  stop: Array
+  fired_at: Array
+
+
+def detect(criterion: Criterion, records: Mapping[str, Array], sigma: Array | float = jnp.nan
+           ) -> Detection:
+  """Runs the criterion over a whole trace after the fact (jittable, vmappable over fits).
+
+  Args:
+    records: the trace's per-iteration arrays, each (n,) (e.g. ``fit.trace_records(trace)``).
+  """
+  scores = score(criterion, records, sigma)
+  steps = jnp.arange(scores.shape[0], dtype=jnp.int32)
+
+  def body(carry, xs):
+    monitor, fired_at = carry
+    monitor, _ = update(criterion, monitor, *xs)
+    fired_at = jnp.where((fired_at < 0) & monitor.fired, xs[1], fired_at)
+    return (monitor, fired_at), None
+
+  (monitor, fired_at), _ = jax.lax.scan(body, (init_monitor(), jnp.full((), -1, jnp.int32)),
+                                        (scores, steps))
+  return Detection(stop=monitor.best_step, fired_at=fired_at)
+
+
+def estimate_sigma(y: Array | np.ndarray) -> float:
+  """Noise std of an image with additive white Gaussian noise, from the image alone.
+
+  Donoho's MAD estimator on the finest diagonal Haar wavelet coefficients,
+  sigma = median|HH| / 0.6745, per channel, averaged over channels. Image structure biases it
+  slightly upwards (edges leak into HH); on natural images at sigma >= 15/255 it is typically
+  within a few percent.
+
+  Args:
+    y: (H, W, C) image in [0, 1] units, H and W >= 2.
+
+  Returns:
+    sigma in the image's units.
+  """
+  y = np.asarray(y, np.float64)
+  if y.ndim != 3 or y.shape[0] < 2 or y.shape[1] < 2:
+    raise ValueError(f"estimate_sigma needs an image (H, W, C) with H, W >= 2, got {y.shape}")
+  h, w = y.shape[0] // 2 * 2, y.shape[1] // 2 * 2
+  y = y[:h, :w]
+  hh = (y[0::2, 0::2] - y[0::2, 1::2] - y[1::2, 0::2] + y[1::2, 1::2]) / 2.0
+  return float(np.mean(np.median(np.abs(hh), axis=(0, 1)) / 0.6744897501960817))

@@ -1,0 +1,455 @@
+r"""Markdown tables and figures from the rows of experiments/grid.py.
+
+  python experiments/summary.py --results=runs/grid/results.jsonl --out_md=runs/grid/summary.md
+
+Tables: the main one (PSNR / SSIM per method and stopping criterion, per image set and sigma),
+the criteria (gap to the oracle peak, iteration error, iterations saved), the K-seed ensembles
+against single seeds, and an ablation table for each axis (stages, schedule, t_max, fresh_eps,
+net, width) along which rows vary with the rest fixed. Each table names the command lines and
+devices its rows came from. Figures (from the rows' .npz files, where present): PSNR curves with
+every criterion's stop, per-stage PSNR of a staged fit, and clean | noisy | DIP | staged |
+ensemble | BM3D for one image.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+from typing import Callable, Iterable
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from dipjax import plots
+
+METHOD_NAMES = dict(dip="DIP", staged="staged", ddpm_input="DDPM input",
+                    ddpm_input_staged="DDPM input + staged", bm3d="(C)BM3D")
+CRITERION_NAMES = dict(fixed="fixed budget", oracle="oracle", es_wmv="ES-WMV", es_emv="ES-EMV",
+                       plateau="loss plateau", discrepancy="discrepancy")
+STAGED = ("staged", "ddpm_input_staged")
+AXES = ("stages", "schedule", "t_max", "fresh_eps", "net", "width")
+PLACE = ("image", "set", "sigma")  # where a row is; the rest of its config is its variant
+
+_RESULTS = flags.DEFINE_list("results", ["runs/grid/results.jsonl"], "grid.py results files.")
+_OUT_MD = flags.DEFINE_string("out_md", None, "Markdown output (default: summary.md beside the "
+                              "first results file).")
+_FIG_DIR = flags.DEFINE_string("fig_dir", None, "Figures (default: figures/ beside --out_md).")
+_TITLE = flags.DEFINE_string("title", "DIP ablation grid", "Title of the markdown page.")
+_CRITERION = flags.DEFINE_string("criterion", "es_wmv", "The stop whose outputs the image "
+                                 "figure shows (falls back to fixed).")
+
+
+def load_rows(paths: Iterable[str]) -> list[dict]:
+  """The rows of grid.py results files, first copy of each key; a partial last line (a grid
+  still writing) is left out. Each row's 'arrays' becomes a path usable from here."""
+  rows, seen = [], set()
+  for path in paths:
+    if not os.path.isfile(path):
+      raise ValueError(f"no such results file: {path}")
+    with open(path) as f:
+      text = f.read()
+    for number, line in enumerate(text[:text.rfind("\n") + 1].splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number} is not a JSON row ({e})") from None
+      if not isinstance(row, dict) or not {"key", "config", "noisy"} <= row.keys():
+        raise ValueError(f"{path}:{number} is not a grid.py row")
+      if row["key"] in seen:
+        continue
+      seen.add(row["key"])
+      if row.get("arrays"):
+        row["arrays"] = os.path.join(os.path.dirname(os.path.abspath(path)), row["arrays"])
+      rows.append(row)
+  if not rows:
+    raise ValueError(f"no rows in {', '.join(paths)}")
+  return rows
+
+
+# ----------------------------------------------------------------------------- row accessors
+
+
+def _column(row: dict) -> tuple[str, float]:
+  return row["config"]["set"], row["config"]["sigma"]
+
+
+def _variant(row: dict) -> str:
+  """The row's config without its place (image, set, sigma), as canonical JSON."""
+  return json.dumps({k: v for k, v in row["config"].items() if k not in PLACE}, sort_keys=True)
+
+
+def _is_fit(row: dict) -> bool:
+  return row["config"]["method"] != "bm3d"
+
+
+def _single(row: dict, criterion: str) -> tuple[float, float]:
+  """Mean over the seeds of PSNR and SSIM at the criterion's stop."""
+  c = row["criteria"][criterion]
+  return float(np.mean(c["psnr"])), float(np.mean(c["ssim"]))
+
+
+def _ensemble(row: dict, criterion: str) -> tuple[float, float]:
+  e = row["criteria"][criterion]["ensemble"]
+  return e["psnr"], e["ssim"]
+
+
+def _bm3d(row: dict, criterion: str) -> tuple[float, float]:
+  del criterion
+  return row["output"]["psnr"], row["output"]["ssim"]
+
+
+def _criterion_name(name: str) -> str:
+  return CRITERION_NAMES.get(name, name)
+
+
+def _variant_labels(rows: list[dict]) -> dict[str, str]:
+  """A short label per variant: the method's name, plus the settings in which variants of the
+  same method differ."""
+  by_method = collections.defaultdict(dict)
+  for row in rows:
+    by_method[row["config"]["method"]][_variant(row)] = row["config"]
+  labels = {}
+  for method, variants in by_method.items():
+    keys = sorted({k for c in variants.values() for k in c if k not in PLACE})
+    differ = [k for k in keys if len({json.dumps(c.get(k)) for c in variants.values()}) > 1]
+    for variant, config in variants.items():
+      extra = ", ".join(f"{k}={config.get(k)}" for k in differ)
+      labels[variant] = METHOD_NAMES.get(method, method) + (f" ({extra})" if extra else "")
+  return labels
+
+
+def _ordered_variants(rows: list[dict]) -> list[tuple[str, dict]]:
+  """(variant, a config of it) in method order, then label order."""
+  labels = _variant_labels(rows)
+  first = {}
+  for row in rows:
+    first.setdefault(_variant(row), row["config"])
+  order = list(METHOD_NAMES)
+  return sorted(first.items(), key=lambda vc: (order.index(vc[1]["method"])
+                                               if vc[1]["method"] in order else len(order),
+                                               labels[vc[0]]))
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def _provenance(rows: list[dict]) -> str:
+  """The command lines and devices that produced `rows`."""
+  commands = list(dict.fromkeys(row.get("argv") or "(no command line stored)" for row in rows))
+  devices = list(dict.fromkeys(f"{row['device']['backend']} ({row['device']['kind']})"
+                               for row in rows if row.get("device")))
+  return (f"Rows from {len(rows)} config(s) on {', '.join(devices) or 'an unknown device'}, "
+          "made by:\n\n```\n" + "\n".join(commands) + "\n```")
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, float]]:
+  return sorted({_column(r) for r in rows})
+
+
+def _column_label(column: tuple[str, float], n: int) -> str:
+  return f"{column[0]} σ={column[1]:g} (n={n})"
+
+
+def _images(rows: list[dict]) -> dict[tuple[str, float], set[str]]:
+  out = collections.defaultdict(set)
+  for row in rows:
+    out[_column(row)].add(row["config"]["image"])
+  return out
+
+
+def _mean_cell(values: list[tuple[float, float]], n_images: int, n_column: int) -> str:
+  if not values:
+    return "—"
+  psnr, ssim = np.mean(values, axis=0)
+  return f"{psnr:.2f} / {ssim:.4f}" + (f" ({n_images}/{n_column})" if n_images < n_column else "")
+
+
+def main_table(rows: list[dict]) -> str:
+  """Mean PSNR / SSIM per method variant and stop (rows) and image set and sigma (columns)."""
+  columns, images = _columns(rows), _images(rows)
+  labels = _variant_labels(rows)
+  header = ["method", "stop"] + [_column_label(c, len(images[c])) for c in columns]
+  noisy = {}
+  for row in rows:
+    noisy.setdefault(_column(row), {})[(row["config"]["image"], row["config"]["noise_seed"])] = (
+        row["noisy"]["psnr"], row["noisy"]["ssim"])
+  body = [["noisy input", "—"] + [_mean_cell(list(noisy[c].values()), len(noisy[c]),
+                                              len(images[c])) for c in columns]]
+
+  def cells(members: list[dict], value: Callable[[dict, str], tuple[float, float]],
+            criterion: str) -> list[str]:
+    out = []
+    for c in columns:
+      here = [r for r in members if _column(r) == c]
+      out.append(_mean_cell([value(r, criterion) for r in here],
+                            len({r["config"]["image"] for r in here}), len(images[c])))
+    return out
+
+  ensembles, baselines = [], []
+  for variant, config in _ordered_variants(rows):
+    members = [r for r in rows if _variant(r) == variant]
+    if config["method"] == "bm3d":
+      baselines.append([labels[variant], "—"] + cells(members, _bm3d, ""))
+      continue
+    for criterion in config["criteria"]:
+      body.append([labels[variant], _criterion_name(criterion)]
+                  + cells(members, _single, criterion))
+      if config["seeds"] > 1:
+        ensembles.append([f"{labels[variant]}, {config['seeds']}-seed ensemble",
+                          _criterion_name(criterion)] + cells(members, _ensemble, criterion))
+  return _table(header, body + ensembles + baselines)
+
+
+def criteria_table(rows: list[dict]) -> str:
+  """Per fit variant and criterion, per sigma: gap to the oracle peak (dB), |t_stop - t_peak|
+  and iterations saved, means over images; and the share of fits where it fired."""
+  fits = [r for r in rows if _is_fit(r)]
+  sigmas = sorted({r["config"]["sigma"] for r in fits})
+  labels = _variant_labels(fits)
+  header = ["method", "stop"]
+  for s in sigmas:
+    header += [f"gap (dB) σ={s:g}", f"\\|Δt\\| σ={s:g}", f"saved σ={s:g}"]
+  header.append("fired")
+  body = []
+  for variant, config in _ordered_variants(fits):
+    members = [r for r in fits if _variant(r) == variant]
+    for criterion in config["criteria"]:
+      line = [labels[variant], _criterion_name(criterion)]
+      for s in sigmas:
+        here = [r["criteria"][criterion] for r in members if r["config"]["sigma"] == s]
+        line += ([f"{np.mean([c[k] for c in here]):{f}}" for k, f in
+                  (("gap_db", ".2f"), ("iter_error", ".0f"), ("iters_saved", ".0f"))]
+                 if here else ["—"] * 3)
+      fired = [f >= 0 for r in members for f in r["criteria"][criterion]["fired_at"]]
+      no_stop = sum(r["criteria"][criterion]["no_stop"] for r in members)
+      line.append(f"{100 * np.mean(fired):.0f}%" + (f" ({no_stop} no stop)" if no_stop else ""))
+      body.append(line)
+  return _table(header, body)
+
+
+def ensemble_table(rows: list[dict]) -> str | None:
+  """Per fit variant with K > 1 seeds and criterion: the ensemble's PSNR and its gain over the
+  mean single seed, per image set and sigma. None when every variant has one seed."""
+  fits = [r for r in rows if _is_fit(r) and r["config"]["seeds"] > 1]
+  if not fits:
+    return None
+  columns, images, labels = _columns(fits), _images(fits), _variant_labels(fits)
+  header = ["ensemble", "stop"] + [_column_label(c, len(images[c])) for c in columns] + [
+      "mean gain PSNR (dB)", "mean gain SSIM"]
+  body = []
+  for variant, config in _ordered_variants(fits):
+    members = [r for r in fits if _variant(r) == variant]
+    for criterion in config["criteria"]:
+      gains = lambda rs: [np.subtract(_ensemble(r, criterion), _single(r, criterion)) for r in rs]
+      line = [f"{labels[variant]}, {config['seeds']} seeds", _criterion_name(criterion)]
+      for c in columns:
+        here = [r for r in members if _column(r) == c]
+        line.append(f"{np.mean([_ensemble(r, criterion)[0] for r in here]):.2f} "
+                    f"({np.mean(gains(here), axis=0)[0]:+.2f})" if here else "—")
+      total = np.mean(gains(members), axis=0)
+      body.append(line + [f"{total[0]:+.2f}", f"{total[1]:+.4f}"])
+  return _table(header, body)
+
+
+def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+  """For each axis and each group of fit rows that differ only in it (and in their place):
+  (heading, table, the rows used). Cells: mean single-seed PSNR at each stop over the images
+  every value of the axis has."""
+  fits = [r for r in rows if _is_fit(r)]
+  out = []
+  for axis in AXES:
+    groups = collections.defaultdict(list)
+    for row in fits:
+      if axis in row["config"]:
+        rest = {k: v for k, v in row["config"].items() if k not in PLACE + (axis,)}
+        groups[json.dumps(rest, sort_keys=True)].append(row)
+    for rest, members in groups.items():
+      values = sorted({r["config"][axis] for r in members})
+      if len(values) < 2:
+        continue
+      criteria = json.loads(rest)["criteria"]
+      body, used = [], []
+      for column in _columns(members):
+        here = [r for r in members if _column(r) == column]
+        common = set.intersection(*({r["config"]["image"] for r in here
+                                     if r["config"][axis] == v} for v in values))
+        for v in values:
+          chosen = [r for r in here if r["config"][axis] == v and r["config"]["image"] in common]
+          used += chosen
+          body.append([f"{column[0]} σ={column[1]:g}", str(v), str(len(common))] + [
+              f"{np.mean([_single(r, c)[0] for r in chosen]):.2f}" if chosen else "—"
+              for c in criteria])
+      fixed = ", ".join(f"{k}={v}" for k, v in json.loads(rest).items() if k != "criteria")
+      heading = f"### Ablation: {axis}\n\nFixed: {fixed}. Mean PSNR (dB) of single fits."
+      header = ["set σ", axis, "images"] + [_criterion_name(c) for c in criteria]
+      out.append((heading, _table(header, body), used))
+  return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _has_arrays(row: dict) -> bool:
+  return bool(row.get("arrays")) and os.path.isfile(row["arrays"])
+
+
+def _arrays(row: dict) -> dict[str, np.ndarray]:
+  with np.load(row["arrays"]) as f:
+    return dict(f)
+
+
+def _pick(criteria: list[str], wanted: str) -> str:
+  for name in (wanted, "fixed"):
+    if name in criteria:
+      return name
+  return criteria[0]
+
+
+def _slug(kind: str, sigma: float, image: str, method: str = "") -> str:
+  return "_".join(p for p in (kind, method, f"s{sigma:g}", os.path.splitext(image)[0]) if p)
+
+
+def figures(rows: list[dict], fig_dir: str, criterion: str) -> list[tuple[str, str]]:
+  """PNG figures for one showcase image (the one with the most methods) and sigma: curves of
+  each fit method with every stop, per-stage PSNR of a staged fit, and an image row.
+  Returns (caption, path) pairs; rows without their .npz are passed over."""
+  rows = [r for r in rows if _has_arrays(r)]
+  if not rows:
+    return []
+  places = collections.defaultdict(list)
+  for row in rows:
+    places[(row["config"]["set"], row["config"]["sigma"], row["config"]["image"])].append(row)
+  place = max(sorted(places), key=lambda p: len({r["config"]["method"] for r in places[p]}))
+  here = places[place]
+  name = f"{place[2]} (σ={place[1]:g})"
+  os.makedirs(fig_dir, exist_ok=True)
+  out = []
+  by_method = {}
+  for row in here:
+    by_method.setdefault(row["config"]["method"], row)
+  for method, row in by_method.items():
+    if method == "bm3d":
+      continue
+    a = _arrays(row)
+    stops = {_criterion_name(c): int(a[f"stop_{c}"][0]) for c in row["config"]["criteria"]}
+    curves = {"EMA vs clean": a["curve_psnr_clean_ema"][0],
+              "output vs clean": a["curve_psnr_clean"][0],
+              "EMA vs noisy": a["curve_psnr_obs_ema"][0]}
+    ends = row.get("stage_ends")
+    path = os.path.join(fig_dir, _slug("curves", *place[1:], method) + ".png")
+    plots.stop_curves(path, curves, stops, np.asarray(ends) if ends and len(ends) > 1 else None,
+                      title=f"{METHOD_NAMES.get(method, method)}, {name}, seed 0")
+    out.append((f"PSNR curves, {METHOD_NAMES.get(method, method)}, {name}, seed 0, with each "
+                "criterion's stop", path))
+  staged = next((r for m, r in by_method.items() if m in STAGED
+                 and len(r.get("stage_ends", [])) > 1), None)
+  if staged is not None:
+    a = _arrays(staged)
+    method = METHOD_NAMES[staged["config"]["method"]]
+    path = os.path.join(fig_dir, _slug("stages", *place[1:], staged["config"]["method"]) + ".png")
+    plots.stage_psnr(path, {"EMA vs clean": a["curve_psnr_clean_ema"][0],
+                            "EMA vs stage target": a["curve_psnr_target_ema"][0]},
+                     a["curve_stage"][0], title=f"{method}, {name}, seed 0")
+    out.append((f"Per-stage PSNR, {method}, {name}, seed 0", path))
+  out.append(_image_row(here, by_method, fig_dir, place, name, criterion))
+  return out
+
+
+def _image_row(here: list[dict], by_method: dict[str, dict], fig_dir: str, place: tuple,
+               name: str, criterion: str) -> tuple[str, str]:
+  a = _arrays(here[0])
+  panels = [("clean", a["clean"]), (f"noisy {here[0]['noisy']['psnr']:.2f} dB", a["noisy"])]
+  shown = set()
+  dip = by_method.get("dip")
+  staged = next((by_method[m] for m in STAGED if m in by_method), None)
+  for label, row in (("DIP", dip), ("staged", staged)):
+    if row is not None:
+      c = _pick(row["config"]["criteria"], criterion)
+      shown.add(c)
+      panels.append((f"{label}, {_criterion_name(c)}\n{row['criteria'][c]['psnr'][0]:.2f} dB",
+                     _arrays(row)[f"kept0_{c}"]))
+  ensemble = next((r for r in (staged, dip) if r is not None and r["config"]["seeds"] > 1), None)
+  if ensemble is not None:
+    c = _pick(ensemble["config"]["criteria"], criterion)
+    shown.add(c)
+    panels.append((f"{METHOD_NAMES[ensemble['config']['method']]} "
+                   f"{ensemble['config']['seeds']}-seed ensemble\n"
+                   f"{ensemble['criteria'][c]['ensemble']['psnr']:.2f} dB",
+                   _arrays(ensemble)[f"ensemble_{c}"]))
+  if "bm3d" in by_method:
+    panels.append((f"(C)BM3D\n{by_method['bm3d']['output']['psnr']:.2f} dB",
+                   _arrays(by_method["bm3d"])["output"]))
+  path = os.path.join(fig_dir, _slug("images", *place[1:]) + ".png")
+  plots.image_row(path, panels, title=name)
+  stops = ", ".join(_criterion_name(c) for c in sorted(shown)) or "—"
+  return (f"{name}: clean, noisy and the outputs (seed 0, and the ensemble) at the {stops} "
+          "stop", path)
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def summarize(paths: list[str], out_md: str, fig_dir: str, title: str,
+              criterion: str = "es_wmv") -> str:
+  """Writes the markdown page (and its figures) for the rows of `paths`; returns the page."""
+  rows = load_rows(paths)
+  fits = [r for r in rows if _is_fit(r)]
+  parts = [f"# {title}",
+           f"{len(rows)} rows from {', '.join(paths)}. PSNR (dB) / SSIM of the kept EMA output "
+           "at each criterion's stop, mean over the seeds of a config (ensemble rows: the mean "
+           "of the seeds' outputs, each at its own stop), then over the images of a column; "
+           "(k/n): a cell with only k of the column's n images."]
+  parts += ["## Main table", _provenance(rows), main_table(rows)]
+  if fits:
+    parts += ["## Stopping criteria",
+              "gap: oracle peak PSNR minus PSNR at the stop (dB); |Δt|: |t_stop − t_peak| "
+              "(iterations); saved: iterations left when the criterion fired (0 if it never "
+              "did); fired: share of fits where it fired.",
+              _provenance(fits), criteria_table(fits)]
+  ensembles = ensemble_table(rows)
+  if ensembles:
+    parts += ["## Ensembles", "Ensemble PSNR (its gain over the mean single seed, dB).",
+              _provenance([r for r in fits if r["config"]["seeds"] > 1]), ensembles]
+  ablations = ablation_tables(rows)
+  if ablations:
+    parts.append("## Ablations")
+    for heading, table, used in ablations:
+      parts += [heading, _provenance(used), table]
+  figs = figures(rows, fig_dir, criterion)
+  if figs:
+    base = os.path.dirname(os.path.abspath(out_md))
+    parts.append("## Figures")
+    parts += [f"![{caption}]({os.path.relpath(os.path.abspath(path), base)})\n\n*{caption}*"
+              for caption, path in figs]
+  page = "\n\n".join(parts) + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
+  with open(out_md, "w") as f:
+    f.write(page)
+  return page
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  out_md = _OUT_MD.value or os.path.join(os.path.dirname(_RESULTS.value[0]), "summary.md")
+  fig_dir = _FIG_DIR.value or os.path.join(os.path.dirname(os.path.abspath(out_md)), "figures")
+  try:
+    summarize(_RESULTS.value, out_md, fig_dir, _TITLE.value, _CRITERION.value)
+  except ValueError as e:
+    print(f"summary.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"wrote {out_md}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,235 @@
+"""experiments/grid.py and summary.py: resume without duplicate rows, the grid's size and
+estimate, the rows, the summary tables from a hand-written fixture, and clear errors.
+
+One tiny grid (a 16x16 image, staged with 3 values of t_max, width 4, 2 scales, 20 iterations,
+2 seeds) runs in-process; it compiles one init and one fit for the module.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dipjax import io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
+                                                                   name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+grid = _load("grid")
+summary = _load("summary")
+
+TINY = dict(crop=0, widths=(4,), scales=2, seeds=2, iters=20, window=5,
+            criteria=("fixed", "oracle", "es_wmv", "discrepancy"))
+
+
+def _write_images(folder, n, size=16):
+  folder.mkdir(parents=True, exist_ok=True)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  for i in range(n):
+    image = np.stack([0.2 + 0.6 * (xx > 0.3 + 0.1 * i), 0.3 + 0.4 * yy, 0.5 + 0.3 * xx * yy], -1)
+    io.save_image(folder / f"im{i}.png", image)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+  """A 3-config grid killed after its first config and mid-write of a row, then resumed."""
+  tmp = tmp_path_factory.mktemp("grid")
+  spec = grid.GridSpec(images=grid.expand_images([str(_write_images(tmp / "Tiny", 1))]),
+                       methods=("staged",), stages=(2,), t_max=(5, 10, 15), **TINY)
+  out = str(tmp / "results.jsonl")
+  compiler = grid.Compiler()
+  first = grid.run_grid(spec, out, argv="first", limit=1, compiler=compiler)
+  with open(out) as f:
+    first_line = f.read()
+  with open(out, "a") as f:
+    f.write('{"key": "killed mid-wr')  # a row cut short by a kill
+  rest = grid.run_grid(spec, out, argv="second", compiler=compiler)
+  return spec, out, first, rest, first_line
+
+
+def test_resume_after_interruption_has_no_duplicate_rows(resumed):
+  spec, out, first, rest, first_line = resumed
+  with open(out) as f:
+    text = f.read()
+  rows = [json.loads(line) for line in text.splitlines()]
+  assert text.startswith(first_line) and text.endswith("\n") and len(rows) == 3
+  assert [r["key"] for r in rows] == [j.key for j in grid.jobs(spec)]
+  assert len(first) == 1 and len(rest) == 2  # the finished config was not recomputed
+  assert first[0]["key"] not in {r["key"] for r in rest}
+  assert [r["argv"] for r in rows] == ["first", "second", "second"]
+  assert grid.run_grid(spec, out, compiler=grid.Compiler()) == []  # nothing left to do
+
+
+def test_rows_hold_stops_scores_and_arrays(resumed):
+  spec, out, _, _, _ = resumed
+  rows = grid.read_rows(out)
+  assert [r["config"]["t_max"] for r in rows] == [5, 10, 15]
+  for row in rows:
+    assert row["stage_ends"] == [10, 20] and row["device"]["backend"] == "cpu"
+    assert row["ms_per_it"] > 0 and row["noisy"]["psnr"] == rows[0]["noisy"]["psnr"]
+    assert list(row["criteria"]) == list(spec.criteria)
+    fixed, oracle = row["criteria"]["fixed"], row["criteria"]["oracle"]
+    assert fixed["stop"] == [19, 19] and fixed["iters_saved"] == 0
+    assert oracle["stop"] == row["oracle_peak"]["step"]
+    assert oracle["gap_db"] == pytest.approx(0, abs=1e-3) and oracle["iter_error"] == 0
+    assert fixed["gap_db"] >= -1e-3 and len(fixed["psnr"]) == len(fixed["ssim"]) == 2
+    assert row["criteria"]["es_wmv"]["no_stop"] == 0
+    arrays = np.load(os.path.join(os.path.dirname(out), row["arrays"]))
+    assert arrays["curve_psnr_clean_ema"].shape == (2, 20)
+    assert arrays["kept0_oracle"].shape == arrays["clean"].shape == (16, 16, 3)
+    np.testing.assert_array_equal(arrays["stop_es_wmv"], row["criteria"]["es_wmv"]["stop"])
+    assert arrays["curve_stage"][0, [0, 9, 10, 19]].tolist() == [0, 0, 1, 1]
+
+
+def test_dry_run_prints_the_size_and_estimates_from_rows(resumed, capsys):
+  spec, out, _, _, _ = resumed
+  assert grid.run_grid(spec, out, dry_run=True) == []
+  printed = capsys.readouterr().out
+  assert "grid: 3 configs (3 fit configs = 6 fits of 20 iterations, 0 BM3D)" in printed
+  assert "3 already in" in printed and "0 to run" in printed
+  # A bigger grid: rows give the speed of their group, the new group is calibrated.
+  wide = dataclasses.replace(spec, methods=("dip", "staged", "bm3d"),
+                             schedules=("linear", "cosine"), widths=(4, 8))
+  jobs = grid.jobs(wide)
+  assert len(jobs) == 2 + 2 * 2 * 3 + 1  # dip: widths; staged: widths x schedules x t_max; bm3d
+  rows = grid.read_rows(out)
+  pending = [j for j in jobs if j.key not in {r["key"] for r in rows}]
+  measured = []
+  seconds, notes = grid.estimate(pending, {p: (256, 3) for p in wide.images}, rows,
+                                 lambda job: measured.append(job) or (10.0, 5.0))
+  assert len(measured) == 4  # plain widths 4 and 8, staged width 8, BM3D
+  staged_ms = np.median([r["ms_per_it"] for r in rows if r["config"]["method"] == "staged"])
+  cosine = next(s for s, j in zip(seconds, pending) if j.config.get("schedule") == "cosine"
+                and j.config["width"] == 4)
+  assert cosine >= staged_ms / 1000 * 20 * 2
+  assert any("median of 3 done row(s)" in n for n in notes)
+  assert sum("calibrated" in n for n in notes) == 4
+
+
+def test_ddpm_input_and_staged_problems(tmp_path):
+  clean = io.load_image(_write_images(tmp_path, 1) / "im0.png")
+  noisy = grid.noisy_image(clean, "im0.png", 25, 0)
+  np.testing.assert_array_equal(noisy, grid.noisy_image(clean, "im0.png", 25, 0))
+  assert not np.array_equal(noisy, grid.noisy_image(clean, "im0.png", 50, 0))
+  spec = grid.GridSpec(images=(str(tmp_path / "im0.png"),), methods=grid.METHODS[:4],
+                       stages=(3,), t_max=(30,), fresh_eps=(True,), **TINY)
+  built = {j.config["method"]: grid.setup(j.config, clean, noisy) for j in grid.jobs(spec)}
+  assert built["ddpm_input"].problem.inputs.base.shape == (16, 16, 3)
+  assert built["ddpm_input"].info["input_t"] == built["ddpm_input_staged"].info["input_t"] > 0
+  assert built["dip"].problem.inputs.base.shape == (16, 16, 32)
+  staged = built["staged"].problem
+  assert staged.targets.shape == (3, 16, 16, 3) and staged.stage_noise.shape == (3, 16, 16, 3)
+  np.testing.assert_array_equal(staged.stage_noise[-1], 0)
+  assert not np.allclose(staged.stage_noise[0] / np.std(staged.stage_noise[0]),
+                         staged.stage_noise[1] / np.std(staged.stage_noise[1]))  # fresh eps
+
+
+def test_bm3d_sees_the_same_noisy_input(tmp_path):
+  pytest.importorskip("bm3d")
+  path = str(_write_images(tmp_path, 1, size=32) / "im0.png")
+  job = grid.jobs(grid.GridSpec(images=(path,), methods=("bm3d",), **TINY))[0]
+  assert set(job.config) == {"image", "set", "crop", "sigma", "method", "noise_seed"}
+  clean = grid.load_clean(path, 0)
+  row, arrays = grid.run_config(job, clean, grid.Compiler())
+  noisy = grid.noisy_image(clean, "im0.png", 25, 0)
+  np.testing.assert_array_equal(arrays["noisy"], np.round(noisy * 255).astype(np.uint8))
+  assert row["output"]["psnr"] > row["noisy"]["psnr"]
+
+
+def _fit_row(image, method, psnr, ssim, ensemble, **extra):
+  """A hand-written grid row: criteria fixed and es_wmv, 2 seeds."""
+  config = dict(image=image, set="SetA", crop=128, sigma=25.0, method=method, noise_seed=0,
+                net="skip", width=32, scales=5, seeds=2, seed_base=0, iters=1000,
+                lr=0.01, reg_noise_std=0.0333, exp_weight=0.99, criteria=["fixed", "es_wmv"],
+                **extra)
+  crit = lambda p, s, e, stop, fired, gap: dict(
+      stop=stop, fired_at=fired, psnr=p, ssim=s, ensemble=dict(psnr=e, ssim=0.9),
+      gap_db=gap, iter_error=abs(stop[0] - 400), iters_saved=100.0, no_stop=0)
+  return dict(key=f"{image}-{method}-{json.dumps(extra)}", config=config, argv="python grid.py x",
+              device=dict(backend="cpu", kind="cpu"), noisy=dict(psnr=20.0, ssim=0.3),
+              criteria=dict(fixed=crit(psnr, ssim, ensemble, [999, 999], [-1, -1], 1.5),
+                            es_wmv=crit([p + 1 for p in psnr], ssim, ensemble + 1, [500, 500],
+                                        [899, -1], 0.5)))
+
+
+def test_summary_tables_from_a_fixture(tmp_path):
+  rows = [_fit_row("a.png", "dip", [28.0, 29.0], [0.8, 0.8], 29.0),
+          _fit_row("b.png", "dip", [30.0, 31.0], [0.8, 0.8], 31.0),
+          *(_fit_row(im, "staged", [p, p], [0.7, 0.7], p, schedule="linear", stages=k, t_max=100,
+                     fresh_eps=False)
+            for im, k, p in (("a.png", 2, 27.0), ("b.png", 2, 29.0), ("a.png", 4, 26.0))),
+          dict(key="bm3d-a", config=dict(image="a.png", set="SetA", crop=128, sigma=25.0,
+                                         method="bm3d", noise_seed=0),
+               argv="python grid.py --methods=bm3d", device=dict(backend="numpy", kind="x86"),
+               noisy=dict(psnr=20.0, ssim=0.3), output=dict(psnr=31.0, ssim=0.85))]
+  results = tmp_path / "results.jsonl"
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"key": "partial')
+  page = summary.summarize([str(results)], str(tmp_path / "s.md"), str(tmp_path / "fig"), "T")
+  lines = page.splitlines()
+  row_of = lambda *cells: next(l for l in lines if l.startswith("| " + " | ".join(cells) + " |"))
+  assert "SetA σ=25 (n=2)" in page and "noisy input | — | 20.00 / 0.3000 |" in page
+  assert row_of("DIP", "fixed budget").endswith("| 29.50 / 0.8000 |")  # (28.5 + 30.5) / 2
+  assert row_of("DIP", "ES-WMV").endswith("| 30.50 / 0.8000 |")
+  assert row_of("DIP, 2-seed ensemble", "fixed budget").endswith("| 30.00 / 0.9000 |")
+  assert row_of("staged (stages=4)", "fixed budget").endswith("| 26.00 / 0.7000 (1/2) |")
+  assert row_of("(C)BM3D", "—").endswith("| 31.00 / 0.8500 (1/2) |")
+  # Criteria: gap, |dt| and saved are means over images; ES-WMV fired in 1 of 2 seeds.
+  assert row_of("DIP", "ES-WMV", "0.50", "100", "100", "50%")
+  # Ensemble gain over one seed: DIP fixed (29 - 28.5 + 31 - 30.5) / 2 = +0.50.
+  assert row_of("DIP, 2 seeds", "fixed budget", "30.00 (+0.50)", "+0.50", "+0.1000")
+  # Ablation over stages, on the one image both stage counts have (a.png).
+  assert "### Ablation: stages" in page
+  assert row_of("SetA σ=25", "2", "1", "27.00", "28.00")
+  assert row_of("SetA σ=25", "4", "1", "26.00", "27.00")
+  assert page.count("python grid.py x") >= 4 and "numpy (x86)" in page
+  assert "## Figures" not in page  # the fixture has no arrays
+
+
+def test_summary_figures_from_grid_rows(resumed, tmp_path):
+  _, out, _, _, _ = resumed
+  md = tmp_path / "summary.md"
+  page = summary.summarize([out], str(md), str(tmp_path / "figures"), "tiny")
+  links = [l[l.index("](") + 2:-1] for l in page.splitlines() if l.startswith("![")]
+  assert len(links) == 3  # PSNR curves, per-stage PSNR, the image row
+  for link in links:
+    assert not os.path.isabs(link) and (tmp_path / link).stat().st_size > 0
+  assert "### Ablation: t_max" in page and "## Ensembles" in page
+
+
+def test_bad_grids_are_clear_errors(tmp_path):
+  image = str(_write_images(tmp_path / "imgs", 1) / "im0.png")
+  with pytest.raises(ValueError, match="--methods: unknown 'dpi'; valid methods are dip"):
+    grid.GridSpec(images=(image,), methods=("dip", "dpi"))
+  with pytest.raises(ValueError, match="no .png/.jpg"):
+    grid.expand_images([str(tmp_path / "imgs"), str(tmp_path)])
+  with pytest.raises(ValueError, match="no such file or folder"):
+    grid.expand_images([str(tmp_path / "missing")])
+  with pytest.raises(ValueError, match="--t_max"):
+    grid.GridSpec(images=(image,), stages=(4,), t_max=(2,))
+  with pytest.raises(ValueError, match="Unknown criterion"):
+    grid.GridSpec(images=(image,), criteria=("early",))
+  with pytest.raises(ValueError, match="larger than"):
+    grid.load_clean(image, 128)
+  (tmp_path / "empty").mkdir()
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "grid.py"),
+                         f"--images={tmp_path / 'empty'}", "--cache_dir="],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"grid.py: error: --images: no .png/.jpg/.jpeg/.tif/.tiff images in folder "
+      f"{tmp_path / 'empty'}")
