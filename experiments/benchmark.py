@@ -373,39 +373,46 @@ def main(argv):
   if fits[0] != 1:
     raise app.UsageError("--fits must start with 1 (the reference)")
   torch_dip = _torch_dip()
-  rows = []
-  for size, width, dtype in configs:
-    r = bench_one(size, width, dtype, _ITERS.value, _REPEATS.value, torch_dip)
-    rows.append(r)
-    print(f"{size}² width {width} {dtype}: {r['scan_ms']:.1f} ms/it"
-          + (f", PyTorch {r['torch_ms']:.1f} ms/it ({r['speedup_vs_torch']:.2f}×)"
-             if "torch_ms" in r else ""), flush=True)
-  layer_rows = []
-  for spec in _LAYERS.value:
-    size, cin, cout = (int(v) for v in spec.split(":"))
-    layer_rows.append(bench_layer(size, cin, cout, iters=3, repeats=3))
-    print(f"layer {spec}: " + ", ".join(f"{k} {layer_rows[-1][k]:.1f} ms" for k in _LOWERINGS),
-          flush=True)
-  many = []
-  for pair in fits_at:
-    size, width = (int(v) for v in pair.split(":"))
-    many += bench_many(size, width, fits, _ITERS.value, _REPEATS.value)
   result = dict(
       flags=_command_flags(sys.argv[1:]),
       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       device=f"{jax.devices()[0].device_kind} x{jax.device_count()} ({_host()})",
       jax=jax.__version__, torch=None if torch_dip is None else torch_dip.torch.__version__,
       iters=_ITERS.value, repeats=_REPEATS.value, matmul_gflops=matmul_gflops(),
-      memory_gbps=memory_gbps(), peak_memory=_peak_memory(), rows=rows, layers=layer_rows,
-      many_fits=many)
-  text = markdown(result)
-  print("\n" + text)
-  if _MARKDOWN_OUT.value:
-    with open(_MARKDOWN_OUT.value, "w") as f:
-      f.write(text)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
+      memory_gbps=memory_gbps(), peak_memory="", rows=[], layers=[], many_fits=[])
+
+  def done(section: str, new: list[dict], line: str) -> None:
+    """Records finished measurements and rewrites the outputs (a cut-off run keeps them).
+
+    XLA:CPU keeps every compiled executable's code mapped until the caches are cleared; a
+    full run compiles ~70 of them, past the kernel's limit on memory mappings."""
+    result[section] += new
+    result["peak_memory"] = _peak_memory()
+    jax.clear_caches()
+    print(line, flush=True)
+    text = markdown(result)
+    if _MARKDOWN_OUT.value:
+      with open(_MARKDOWN_OUT.value, "w") as f:
+        f.write(text)
+    if _JSON_OUT.value:
+      with open(_JSON_OUT.value, "w") as f:
+        json.dump(result, f, indent=1)
+
+  for size, width, dtype in configs:
+    r = bench_one(size, width, dtype, _ITERS.value, _REPEATS.value, torch_dip)
+    done("rows", [r], f"{size}² width {width} {dtype}: {r['scan_ms']:.1f} ms/it"
+         + (f", PyTorch {r['torch_ms']:.1f} ms/it ({r['speedup_vs_torch']:.2f}×)"
+            if "torch_ms" in r else ""))
+  for spec in _LAYERS.value:
+    size, cin, cout = (int(v) for v in spec.split(":"))
+    r = bench_layer(size, cin, cout, iters=3, repeats=3)
+    done("layers", [r], f"layer {spec}: " + ", ".join(f"{k} {r[k]:.1f} ms" for k in _LOWERINGS))
+  for pair in fits_at:
+    size, width = (int(v) for v in pair.split(":"))
+    rows = bench_many(size, width, fits, _ITERS.value, _REPEATS.value)
+    done("many_fits", rows, f"many fits {pair}: " + ", ".join(
+        f"N={r['fits']} batch {r['batch']} {r['aggregate_speedup']:.2f}×" for r in rows))
+  print("\n" + markdown(result))
 
 
 if __name__ == "__main__":
