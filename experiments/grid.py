@@ -354,10 +354,16 @@ def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
 
 
 class Compiler:
-  """The compiled chunk of fits (``fit.compile_many``) per static signature, built once."""
+  """The compiled chunk of fits (``fit.compile_many``) per static signature, built once.
 
-  def __init__(self):
-    self._compiled = {}
+  Keeps the `keep` most recently used: XLA:CPU maps each executable's code into memory until
+  JAX's caches are cleared, and a long grid with many shapes would pass the kernel's limit on
+  memory mappings (vm.max_map_count) otherwise.
+  """
+
+  def __init__(self, keep: int = 8):
+    self._compiled = collections.OrderedDict()
+    self._keep = keep
 
   def get(self, s: Setup, states: fit.TrainState) -> tuple[Callable, bool]:
     """(run(states, problem) -> (states, trace) for s.chunk iterations, whether it was compiled
@@ -366,7 +372,11 @@ class Compiler:
     signature = (s.net, s.config, s.chunk, tree,
                  tuple((x.shape, str(x.dtype)) for x in leaves))
     if signature in self._compiled:
+      self._compiled.move_to_end(signature)
       return self._compiled[signature], False
+    if len(self._compiled) >= self._keep:
+      self._compiled.popitem(last=False)
+      jax.clear_caches()
     self._compiled[signature] = fit.compile_many(states, s.problem, s.chunk, net=s.net,
                                                  config=s.config)
     return self._compiled[signature], True
