@@ -446,10 +446,10 @@ def default_batch(num_fits: int, pixels: int, backend: str | None = None) -> int
   """How many fits of `pixels` (H * W) each to vmap together on one device.
 
   On CPU one fit of a large image already fills the cores: vmapped fits gain only where images
-  are small (experiments/benchmark.py: 64^2, width 32: 1.13-1.17x vmapped vs 1.02-1.07x one
-  after the other; 128^2, width 32: 0.98x vmapped vs 1.17x), so fits of up to 64^2 pixels are
-  vmapped and larger ones run one after the other. On accelerators all fits of a device are
-  batched into each GEMM.
+  are small (experiments/benchmark.py, N = 2-8 fits: 64^2, width 32: 1.12-1.14x vmapped vs
+  0.99-1.02x one after the other; 128^2, width 32: 0.95-1.09x vmapped vs 1.16-1.19x), so fits of
+  up to 64^2 pixels are vmapped and larger ones run one after the other. On accelerators all
+  fits of a device are batched into each GEMM.
   """
   backend = jax.default_backend() if backend is None else backend
   if backend == "cpu" and pixels > CPU_VMAP_MAX_PIXELS:
