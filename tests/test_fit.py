@@ -154,3 +154,12 @@ def test_iterations_must_fill_segments(problem):
   state = fit.init_state(jax.random.PRNGKey(6), NET, problem, CONFIG)
   with pytest.raises(ValueError, match="multiple of the segment"):
     fit.fit(state, problem, SEG + 1, net=NET, config=CONFIG)
+
+
+def test_losses_are_checked(problem):
+  with pytest.raises(ValueError, match="unknown loss"):
+    fit.FitConfig(loss="nope")
+  config = fit.FitConfig(segment=SEG, loss="perceptual")
+  state = fit.init_state(jax.random.PRNGKey(6), NET, problem, CONFIG)
+  with pytest.raises(ValueError, match="loss_params"):
+    fit.fit(state, problem, SEG, net=NET, config=config)

@@ -32,12 +32,18 @@ def _restore(args, cache_dir, check=True):
 
 def test_denoise_writes_outputs_and_resume_is_exact(tmp_path, cache):
   full = tmp_path / "full"
-  _restore([*TINY, f"--out_dir={full}", "--checkpoint_every=50"], cache)
+  stop = ["--stop=oracle,discrepancy"]
+  _restore([*TINY, *stop, f"--out_dir={full}", "--checkpoint_every=50"], cache)
   for name in ("restored.png", "degraded.png", "metrics.json", "trace.csv", "psnr.png"):
     assert (full / name).exists(), name
   result = json.loads((full / "metrics.json").read_text())
   assert result["iterations"] == 100 and result["compile_seconds"] > 0
   assert result["restored"]["psnr"] > 0 and 0 < result["restored"]["ssim"] <= 1
+  # restored.png is the EMA output at the oracle's stop: the best PSNR of the run.
+  assert result["restored_at"] == "oracle"
+  assert result["restored"] == result["stops"]["oracle"]["mean_of_seeds"]
+  assert result["restored"]["psnr"] >= max(e["ema"]["psnr"] for e in result["per_seed"])
+  assert 1 <= result["stops"]["oracle"]["iteration"][0] <= 100
   rows = (full / "trace.csv").read_text().splitlines()
   assert len(rows) == 1 + 100 and rows[0].startswith("seed,iteration,loss")
 
@@ -45,11 +51,13 @@ def test_denoise_writes_outputs_and_resume_is_exact(tmp_path, cache):
   cut = tmp_path / "cut"
   os.makedirs(cut / "checkpoints")
   shutil.copytree(full / "checkpoints" / "50", cut / "checkpoints" / "50")
-  proc = _restore([*TINY, f"--out_dir={cut}", "--checkpoint_every=50", "--resume"], cache)
+  proc = _restore([*TINY, *stop, f"--out_dir={cut}", "--checkpoint_every=50", "--resume"],
+                  cache)
   assert "resumed from iteration 50" in proc.stderr
   np.testing.assert_array_equal(io.load_image(cut / "restored.png"),
                                 io.load_image(full / "restored.png"))
-  assert json.loads((cut / "metrics.json").read_text())["restored"] == result["restored"]
+  resumed = json.loads((cut / "metrics.json").read_text())
+  assert resumed["restored"] == result["restored"] and resumed["stops"] == result["stops"]
 
 
 def test_inpainting_staged_with_ddpm_input(tmp_path, cache):
@@ -94,6 +102,9 @@ def bad_files(tmp_path_factory):
     (["--task=sr", "--factor=4", "--crop=30", "--scales=1"], "not divisible"),
     (["--method=staged", "--stages=300", "--iters=200"], "cannot exceed --iters"),
     (["--iters=150", "--log_every=100"], "multiple of --log_every"),
+    (["--stop=early"], "Unknown criterion"),
+    (["--halt"], "--halt needs a --stop"),
+    (["--loss=perceptual"], "needs --vgg19"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, bad_files, tmp_path, cache):
   out = tmp_path / "out"
