@@ -7,31 +7,6 @@ import os
 import numpy as np
 
 
-def psnr_curves(path: str | os.PathLike, curves: dict[str, np.ndarray],
-                stage_ends: np.ndarray | None = None, title: str = "") -> None:
-  """Saves a PNG of PSNR (dB) against iteration, one line per entry of `curves` ((n,) each),
-  with dotted vertical lines at the stage boundaries `stage_ends` (all but the last)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-  for label, y in curves.items():
-    ax.plot(np.arange(1, len(y) + 1), y, label=label, linewidth=1)
-  if stage_ends is not None:
-    for i, end in enumerate(stage_ends[:-1]):
-      ax.axvline(end, color="grey", linestyle=":", linewidth=1,
-                 label="stage boundary" if i == 0 else None)
-  ax.set_xlabel("iteration")
-  ax.set_ylabel("PSNR (dB)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-
-
 def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
@@ -39,18 +14,19 @@ def _pyplot():
   return plt
 
 
-def stop_curves(path: str | os.PathLike, curves: dict[str, np.ndarray],
-                stops: dict[str, int], stage_ends: np.ndarray | None = None,
-                title: str = "") -> None:
-  """Saves a PNG of PSNR (dB) against iteration ((n,) curves, NaN gaps allowed) with a dashed
-  vertical line at each stopping criterion's stop (0-based iteration, drawn at iteration + 1)
-  and dotted ones at the stage boundaries `stage_ends` (all but the last)."""
+def psnr_curves(path: str | os.PathLike, curves: dict[str, np.ndarray],
+                stage_ends: np.ndarray | None = None, title: str = "",
+                stops: dict[str, int] | None = None) -> None:
+  """Saves a PNG of PSNR (dB) against iteration, one line per entry of `curves` ((n,) each, NaN
+  gaps allowed), with a dashed vertical line at each stopping criterion's stop in `stops`
+  (0-based iteration, drawn at iteration + 1) and dotted ones at the stage boundaries
+  `stage_ends` (all but the last)."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
   for label, y in curves.items():
     ax.plot(np.arange(1, len(y) + 1), y, label=label, linewidth=1)
   colours = plt.get_cmap("tab10")
-  for i, (name, stop) in enumerate(stops.items()):
+  for i, (name, stop) in enumerate((stops or {}).items()):
     ax.axvline(stop + 1, color=colours((i + len(curves)) % 10), linestyle="--", linewidth=1,
                label=f"{name} stop ({stop + 1})")
   if stage_ends is not None:
@@ -61,7 +37,7 @@ def stop_curves(path: str | os.PathLike, curves: dict[str, np.ndarray],
   ax.set_ylabel("PSNR (dB)")
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7 if stops else 8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

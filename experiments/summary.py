@@ -347,8 +347,8 @@ def figures(rows: list[dict], fig_dir: str, criterion: str) -> list[tuple[str, s
               "EMA vs noisy": a["curve_psnr_obs_ema"][0]}
     ends = row.get("stage_ends")
     path = os.path.join(fig_dir, _slug("curves", *place[1:], method) + ".png")
-    plots.stop_curves(path, curves, stops, np.asarray(ends) if ends and len(ends) > 1 else None,
-                      title=f"{METHOD_NAMES.get(method, method)}, {name}, seed 0")
+    plots.psnr_curves(path, curves, np.asarray(ends) if ends and len(ends) > 1 else None,
+                      title=f"{METHOD_NAMES.get(method, method)}, {name}, seed 0", stops=stops)
     out.append((f"PSNR curves, {METHOD_NAMES.get(method, method)}, {name}, seed 0, with each "
                 "criterion's stop", path))
   staged = next((r for m, r in by_method.items() if m in STAGED
