@@ -24,6 +24,7 @@ import optax
 
 from dipjax import losses
 from dipjax import metrics
+from dipjax import schedules
 from dipjax import stopping
 from dipjax import targets as targets_lib
 from dipjax.inputs import NetInput
@@ -93,9 +94,15 @@ class Problem:
     clean: (H, W, C) ground truth, or None.
     sigma: () noise std of the observation in [0, 1] units, known or estimated
       (:func:`stopping.estimate_sigma`), for criteria that use it; None if unknown.
-    stage_noise: (K, h, w, C) the known noise each stage target adds to its noise-free part
-      (for x_k = sqrt(abar) y + sqrt(1 - abar) eps: sqrt(1 - abar) eps; zeros for y itself),
-      to trace how much of it the output has fitted (``noise_fit``); None if unknown.
+    stage_noise: (K, h, w, C) the known noise m_k each stage target adds to its noise-free
+      part a_k y (for x_k = sqrt(abar) (y + p) + sqrt(1 - abar) eps: sqrt(abar) p +
+      sqrt(1 - abar) eps; zeros for y itself), to trace how much of it the output has fitted
+      (``noise_fit_ema``); None if unknown.
+    probe: (h, w, C) a known noise image p added to y before staging, in a fixed ratio to the
+      observation's noise (:func:`staged_problem`), so that the fit can estimate its own error
+      (``mse_est_ema``, the 'staged' criterion); None without one.
+    stage_scale: (K,) a_k, the factor of y in each stage target (sqrt(abar_t), or 1); None
+      means all 1.
     loss_params: the weights the loss needs (VGG19's for 'perceptual',
       :func:`losses.load_vgg19`), or None. Stacked problems copy them per fit: prefer one
       shared problem with them.
@@ -108,6 +115,8 @@ class Problem:
   clean: Array | None = None
   sigma: Array | None = None
   stage_noise: Array | None = None
+  probe: Array | None = None
+  stage_scale: Array | None = None
   loss_params: PyTree = None
 
 
@@ -116,6 +125,55 @@ def plain_problem(inputs: NetInput, observation: Array, operator: Operator, iter
   """Classic DIP: one stage whose target is the observation, for `iters` iterations."""
   return Problem(inputs, observation[None], jnp.array([iters], jnp.int32), observation,
                  operator, clean, None if sigma is None else jnp.asarray(sigma, jnp.float32))
+
+
+def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: Operator,
+                   iters: int, *, schedule: schedules.Schedule, num_stages: int, t_max: int,
+                   sigma: float, probe_ratio: float = 0.0, fresh_noise: bool = False,
+                   scaled: bool = True, final_share: float | None = None,
+                   clean: Array | None = None) -> Problem:
+  """DDPM-staged DIP: K targets x_k = a_k (y + p) + b_k eps_k from t_max down to t = 0.
+
+  a_k, b_k are sqrt(abar_t), sqrt(1 - abar_t) (scaled) or 1, noise_level(t)
+  (:func:`targets.staged_targets`). p = probe_ratio * sigma * N(0, 1) is the probe: known
+  noise in a fixed ratio to the observation's own (unknown) noise, present in every stage, so
+  the network fits both at the same rate and the fitted fraction of p tells how much of the
+  unknown noise the output has absorbed (``mse_est_ema``; :mod:`dipjax.stopping` 'staged').
+  probe_ratio = 0: no probe, the last target is y itself.
+
+  Args:
+    key: PRNG key for the probe and the stage noise.
+    inputs, observation (h, w, C), operator, clean: as for :func:`plain_problem`.
+    iters: total iterations, shared over the stages (:func:`targets.stage_lengths`).
+    schedule, num_stages, t_max, fresh_noise, scaled: the stage targets
+      (:func:`targets.stage_timesteps`, :func:`targets.staged_targets`).
+    sigma: the observation's noise std in [0, 1] units, known or estimated.
+    final_share: fraction of `iters` given to the last stage (the rest split equally);
+      None splits all equally.
+  """
+  if probe_ratio < 0:
+    raise ValueError(f"probe_ratio must be >= 0, got {probe_ratio}")
+  weights = None
+  if final_share is not None:
+    if not 0.0 < final_share < 1.0 or num_stages < 2:
+      raise ValueError(f"final_share must lie in (0, 1) with at least 2 stages, got "
+                       f"{final_share} with {num_stages}")
+    rest = (1.0 - final_share) / (num_stages - 1)
+    weights = np.array([rest] * (num_stages - 1) + [final_share])
+  ends = targets_lib.stage_ends(targets_lib.stage_lengths(iters, num_stages, weights))
+  k_probe, k_stages = jax.random.split(key)
+  y = jnp.asarray(observation, jnp.float32)
+  probe = None
+  if probe_ratio:
+    probe = probe_ratio * sigma * jax.random.normal(k_probe, y.shape, jnp.float32)
+  ts = jnp.asarray(targets_lib.stage_timesteps(num_stages, t_max))
+  stage_targets = targets_lib.staged_targets(k_stages, y if probe is None else y + probe,
+                                             schedule, ts, fresh_noise=fresh_noise,
+                                             scaled=scaled)
+  scale = targets_lib.stage_scales(schedule, ts, scaled=scaled)
+  noise = stage_targets - scale[:, None, None, None] * y
+  return Problem(inputs, stage_targets, jnp.asarray(ends), y, operator, clean,
+                 jnp.asarray(sigma, jnp.float32), noise, probe, scale)
 
 
 @flax.struct.dataclass
@@ -166,9 +224,12 @@ class Trace:
   `target` is the current stage's target, `obs` the observation y (both compared in measurement
   space, A out), `clean` the ground truth (NaN when none is given); `_ema` for the EMA output.
   `wmv` and `emv` are ES-WMV's windowed and ES-EMV's exponential moving variance of the raw
-  outputs (NaN before they are defined, or with FitConfig.window = 0 for `wmv`); `noise_fit`
-  the fraction <A out - (x_k - n_k), n_k> / |n_k|^2 of the stage's known noise n_k the output
-  has fitted (0: none, 1: all; NaN without known noise).
+  outputs (NaN before they are defined, or with FitConfig.window = 0 for `wmv`);
+  `noise_fit_ema` the fraction <A ema - a_k y, m_k> / |m_k|^2 of the stage's known noise m_k the
+  EMA output has fitted (0: none, 1: all; NaN without known noise); `mse_est_ema` the MSE of
+  A ema against the stage's noise-free target a_k A x, estimated without the ground truth from
+  the probe (:func:`sure_mse`; NaN without a probe or sigma); `final_stage` whether the
+  iteration belongs to the last stage.
   """
   loss: Array
   psnr_target: Array
@@ -183,8 +244,9 @@ class Trace:
   ssim_clean_ema: Array
   wmv: Array
   emv: Array
-  noise_fit: Array
   noise_fit_ema: Array
+  mse_est_ema: Array
+  final_stage: Array
 
 
 def trace_records(trace: Trace) -> dict[str, Array]:
@@ -241,11 +303,39 @@ def _select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def _noise_fit(measured: Array, target: Array, noise: Array) -> Array:
-  """Fraction of the known noise `noise` of `target` that `measured` reproduces."""
+def _noise_fit(measured: Array, reference: Array, noise: Array) -> Array:
+  """Fraction of the known noise `noise` (added to `reference`) that `measured` reproduces."""
   energy = jnp.sum(noise**2)
-  fitted = jnp.sum((measured - (target - noise)) * noise) / jnp.where(energy > 0, energy, 1.0)
+  fitted = jnp.sum((measured - reference) * noise) / jnp.where(energy > 0, energy, 1.0)
   return jnp.where(energy > 0, fitted, jnp.nan)
+
+
+def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: Array,
+             sigma: Array) -> Array:
+  """Mean squared error of `measured` against the stage's noise-free target a x, without x.
+
+  The stage target is x_k = a (x + sigma n) + m: the observation y = x + sigma n with unknown
+  noise n, and known noise m that contains the probe a p (p = c sigma eps, fixed for the whole
+  fit). With f = `measured` and w = a sigma n + m, expanding |f - a x|^2 = |(f - x_k) + w|^2
+  the cross terms of n with m cancel exactly and
+
+    mean (f - a x)^2 = mean (f - x_k)^2 + 2 mean (f - a y) m - mean m^2
+                       - a^2 sigma^2 + 2 mean (f - a x) a sigma n.
+
+  Only the last term is unknown: how much of the unknown noise the output has fitted. The
+  network cannot tell the probe from it (both white, in every target in a fixed ratio), so it
+  fits both at the same rate lambda = mean (f - a y) a p / mean (a p)^2, measured on the probe,
+  and the term is 2 lambda a^2 sigma^2 (SURE, Stein's unbiased risk estimate, with the
+  divergence read off the probe instead of by perturbing the fit). The sampling error of lambda
+  (the chance correlation of n with p, of order 1 / (c sqrt(N))) is fixed for a fit, so it
+  shifts the estimate by an almost constant offset and leaves its minimum where it is; the
+  estimate can therefore be slightly negative. Shapes: images (h, w, C); scale, sigma scalars.
+  """
+  reference = target - noise  # a y
+  v = (scale * sigma) ** 2
+  lam = _noise_fit(measured, reference, scale * probe)
+  return (jnp.mean((measured - target) ** 2) + 2.0 * jnp.mean((measured - reference) * noise)
+          - jnp.mean(noise**2) - v + 2.0 * lam * v)
 
 
 def _variances(state: TrainState, out: Array, config: FitConfig) -> tuple[Array, ...]:
@@ -314,12 +404,14 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
   # select below).
   window, window_sum, wmv, emv_mean, emv, emv_score = _variances(
       state, jnp.where(healthy, out, state.out), config)
-  if problem.stage_noise is None:
-    noise_fit = noise_fit_ema = jnp.full((), jnp.nan)
-  else:
+  nan = jnp.full((), jnp.nan)
+  noise_fit_ema = mse_est_ema = nan
+  if problem.stage_noise is not None:
     noise = problem.stage_noise[stage]
-    noise_fit = _noise_fit(measured, target, noise)
-    noise_fit_ema = _noise_fit(measured_ema, target, noise)
+    noise_fit_ema = _noise_fit(measured_ema, target - noise, noise)
+    if problem.probe is not None and problem.sigma is not None:
+      scale = 1.0 if problem.stage_scale is None else problem.stage_scale[stage]
+      mse_est_ema = sure_mse(measured_ema, target, noise, problem.probe, scale, problem.sigma)
 
   record = dict(
       loss=loss,
@@ -333,8 +425,9 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       rolled_back=~healthy,
       wmv=wmv,
       emv=emv_score,
-      noise_fit=noise_fit,
-      noise_fit_ema=noise_fit_ema)
+      noise_fit_ema=noise_fit_ema,
+      mse_est_ema=mse_est_ema,
+      final_stage=stage == problem.ends.shape[0] - 1)
   monitors, kept = _monitor(state, dict(record, step=state.step), ema, problem.sigma, config)
 
   new = TrainState(

@@ -24,6 +24,14 @@ Criteria (``Criterion.kind``):
                within `patience` iterations.
   discrepancy  Morozov's discrepancy principle: the first iteration where the EMA output's
                mean squared residual to the observation drops to tau * sigma^2.
+  staged       the staged-supervision criterion: argmin over the last stage of the EMA
+               output's squared error estimated without the ground truth (``mse_est_ema``,
+               :func:`dipjax.fit.sure_mse`). Every stage target carries a known probe noise in a
+               fixed ratio to the observation's noise; how much of the probe the output has
+               fitted measures how much of the unknown noise it has fitted, which turns the
+               error against the known-noise stage target into an unbiased estimate of the
+               error against the clean image (SURE). Needs a fit with a probe
+               (``fit.staged_problem(probe_ratio > 0)``) and sigma (known or estimated).
 
 Scores are computed from a mapping of per-iteration records (a fit's step record, or the
 arrays of a :class:`dipjax.fit.Trace` plus ``step``), elementwise, so one :func:`score`
@@ -43,7 +51,7 @@ import numpy as np
 
 Array = jax.Array
 
-KINDS = ("fixed", "oracle", "es_wmv", "es_emv", "plateau", "discrepancy")
+KINDS = ("fixed", "oracle", "es_wmv", "es_emv", "plateau", "discrepancy", "staged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +108,14 @@ def discrepancy(tau: float = 1.0) -> Criterion:
   return Criterion("discrepancy", patience=0, tau=tau)
 
 
+def staged(patience: int | None = None) -> Criterion:
+  return Criterion("staged", patience=patience)
+
+
 def get(name: str) -> Criterion:
   """The criterion of that kind with its published / default settings."""
   makers = dict(fixed=fixed, oracle=oracle, es_wmv=es_wmv, es_emv=es_emv, plateau=plateau,
-                discrepancy=discrepancy)
+                discrepancy=discrepancy, staged=staged)
   if name not in makers:
     raise ValueError(f"Unknown criterion {name!r}; valid names are {list(makers)}.")
   return makers[name]()
@@ -118,7 +130,7 @@ def score(criterion: Criterion, records: Mapping[str, Array], sigma: Array | flo
 
   Args:
     records: per-iteration values of the fit's trace fields ('step', 'loss', 'psnr_obs_ema',
-      'psnr_clean_ema', 'wmv', 'emv'; where present, 'rolled_back' set or 'loss' NaN make an
+      'psnr_clean_ema', 'wmv', 'emv', 'mse_est_ema' with 'final_stage'; where present, 'rolled_back' set or 'loss' NaN make an
       iteration undefined), scalars or arrays of one shape.
     sigma: noise std of the observation in [0, 1] units (used by 'discrepancy'; NaN if
       unknown).
@@ -134,6 +146,8 @@ def score(criterion: Criterion, records: Mapping[str, Array], sigma: Array | flo
     s = records["emv"]
   elif kind == "plateau":
     s = records["loss"]
+  elif kind == "staged":
+    s = jnp.where(records["final_stage"], records["mse_est_ema"], jnp.nan)
   else:
     residual = _mse_from_psnr(records["psnr_obs_ema"])
     crossed = residual <= criterion.tau * jnp.asarray(sigma, jnp.float32) ** 2

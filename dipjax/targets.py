@@ -135,17 +135,13 @@ def staged_targets(key: Array, y: Array, schedule: schedules.Schedule, timesteps
   return y + sigma * eps
 
 
-def stage_references(y: Array, schedule: schedules.Schedule, timesteps: Array, *,
-                     scaled: bool = True) -> Array:
-  """The noise-free part of each stage target: sqrt(abar_t) y (scaled) or y, (K,) + y.shape.
+def stage_scales(schedule: schedules.Schedule, timesteps: Array, *, scaled: bool = True
+                 ) -> Array:
+  """(K,) float32 a_k, the factor of y in each stage target: sqrt(abar_t) (scaled) or 1.
 
-  ``staged_targets(...) - stage_references(...)`` is the known noise each stage adds
-  (``fit.Problem.stage_noise``).
+  ``staged_targets(...) - a_k y`` is the known noise each stage adds (``fit.Problem.stage_noise``).
   """
-  y = jnp.asarray(y, jnp.float32)
   timesteps = jnp.asarray(timesteps)
-  k = timesteps.shape[0]
   if not scaled:
-    return jnp.broadcast_to(y, (k,) + y.shape)
-  return schedules.q_sample(schedule, jnp.broadcast_to(y, (k,) + y.shape), timesteps,
-                            jnp.zeros((k,) + y.shape, jnp.float32))
+    return jnp.ones(timesteps.shape, jnp.float32)
+  return jnp.sqrt(schedule.alphas_cumprod[timesteps]).astype(jnp.float32)

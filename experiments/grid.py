@@ -1,11 +1,12 @@
-r"""Ablation grid: images x sigma x method x schedule x stages x net x width, K seeds per config.
+r"""Ablation grid: images x sigma x method x staging x net x width x loss, K seeds per config.
 
   python experiments/grid.py --images=../shared/data/CSet9 --sigmas=25 \
       --methods=dip,staged,bm3d --seeds=3 --out=runs/grid/results.jsonl
   python experiments/summary.py --results=runs/grid/results.jsonl --out_md=runs/grid/summary.md
 
 A config is one image, one sigma, one method and the settings that apply to it (schedule,
-stages, t_max and fresh_eps only to the staged methods; nothing of the fit to bm3d); its K seeds
+stages, t_max, fresh_eps, probe and final_share only to the staged methods; nothing of the fit
+to bm3d); its K seeds
 are fitted together by ``fit.fit_many``. Each finished config is appended to --out as one JSON
 line keyed by the sha1 of its canonical config, with its curves and images in
 ``<out stem>_arrays/<key>.npz``; a killed grid resumes where it stopped and never repeats a
@@ -17,6 +18,7 @@ estimated time (from the speed of rows already in --out, else a short calibratio
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -25,7 +27,6 @@ import hashlib
 import importlib.util
 import itertools
 import json
-import logging as std_logging
 import math
 import os
 import platform
@@ -39,9 +40,11 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+import cli
 from dipjax import fit
 from dipjax import inputs
 from dipjax import io
@@ -50,7 +53,6 @@ from dipjax import nets
 from dipjax import operators
 from dipjax import schedules
 from dipjax import stopping
-from dipjax import targets
 
 METHODS = ("dip", "staged", "ddpm_input", "ddpm_input_staged", "bm3d")
 STAGED = ("staged", "ddpm_input_staged")
@@ -58,7 +60,7 @@ DDPM_INPUT = ("ddpm_input", "ddpm_input_staged")
 DDPM_INPUT_SCHEDULE = "linear"  # ddpm_input's schedule: its input depends on sigma, not on it
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CURVES = ("psnr_clean_ema", "psnr_clean", "psnr_obs_ema", "psnr_target_ema", "stage", "wmv",
-          "emv", "noise_fit_ema")
+          "emv", "noise_fit_ema", "mse_est_ema")
 PROBLEM_STREAM = 1  # fold_in data of the problem key (input z, stage noise), apart from the fits
 CHUNK_ITERS = 100  # iterations per compiled call: gcd(iters, CHUNK_ITERS); calibration: one
 
@@ -72,6 +74,12 @@ _STAGES = flags.DEFINE_list("stages", ["4"], "Stage counts (staged methods).")
 _T_MAX = flags.DEFINE_list("t_max", ["100"], "Noisiest stage timesteps (staged methods).")
 _FRESH_EPS = flags.DEFINE_list("fresh_eps", ["false"], "A new noise image per stage (staged "
                                "methods): true, false or both.")
+_PROBES = flags.DEFINE_list("probes", ["0.3"], "Probe noise ratios (staged methods): targets "
+                            "are staged from y + probe * sigma * eps; 0 disables the 'staged' "
+                            "criterion.")
+_FINAL_SHARES = flags.DEFINE_list("final_shares", ["equal"], "Fraction of --iters for the last "
+                                  "stage (staged methods); 'equal': all stages equally long.")
+_LOSSES = flags.DEFINE_list("losses", ["mse"], "Training losses (mse, l1, mse_ssim).")
 _NETS = flags.DEFINE_list("nets", ["skip"], f"Networks, of {', '.join(nets.NETS)}.")
 _WIDTHS = flags.DEFINE_list("widths", ["32"], "Channels per scale.")
 _SCALES = flags.DEFINE_integer("scales", 5, "Network scales (images padded to 2^scales).")
@@ -88,8 +96,13 @@ _WINDOW = flags.DEFINE_integer("window", 100, "ES-WMV window (with criterion es_
 _NOISE_SEED = flags.DEFINE_integer("noise_seed", 0, "Seed of the noise added to every image.")
 _OUT = flags.DEFINE_string("out", "runs/grid/results.jsonl", "Results (JSON lines, appended).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the grid's size and estimate, then exit.")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/dipjax/jax"),
-                                 "Persistent XLA compilation cache ('' to disable).")
+_SHARD = flags.DEFINE_bool("shard", False, "Shard each config's seeds over all devices (of all "
+                           "processes with --coordinator); --seeds a multiple of their count.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "Multi-process grid: host:port of process 0. Every process runs the "
+    "same command with its own --process_id (implies --shard); process 0 writes --out.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process grid: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process grid: this process, from 0.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +116,9 @@ class GridSpec:
   stages: tuple[int, ...] = (4,)
   t_max: tuple[int, ...] = (100,)
   fresh_eps: tuple[bool, ...] = (False,)
+  probes: tuple[float, ...] = (0.3,)
+  final_shares: tuple[float | None, ...] = (None,)
+  losses: tuple[str, ...] = ("mse",)
   nets: tuple[str, ...] = ("skip",)
   widths: tuple[int, ...] = (32,)
   scales: int = 5
@@ -119,13 +135,17 @@ class GridSpec:
   def __post_init__(self):
     axes = dict(images=self.images, sigmas=self.sigmas, methods=self.methods,
                 schedules=self.schedules, stages=self.stages, t_max=self.t_max,
-                fresh_eps=self.fresh_eps, nets=self.nets, widths=self.widths)
+                fresh_eps=self.fresh_eps, probes=self.probes, final_shares=self.final_shares,
+                losses=self.losses, nets=self.nets, widths=self.widths)
     for name, values in axes.items():
       if not values:
         raise ValueError(f"--{name} is empty")
     checks = [
         (_unknown(self.methods, METHODS), f"--methods: unknown {_unknown(self.methods, METHODS)}"
          f"; valid methods are {', '.join(METHODS)}"),
+        (_unknown(self.losses, ("mse", "l1", "mse_ssim")), f"--losses: unknown "
+         f"{_unknown(self.losses, ('mse', 'l1', 'mse_ssim'))}; valid losses are mse, l1, "
+         "mse_ssim"),
         (_unknown(self.nets, nets.NETS), f"--nets: unknown {_unknown(self.nets, nets.NETS)}; "
          f"valid networks are {', '.join(nets.NETS)}"),
         (self.crop < 0, f"--crop must be >= 0, got {self.crop}"),
@@ -147,6 +167,9 @@ class GridSpec:
           (max(self.stages) > self.iters, f"--stages ({max(self.stages)}) cannot exceed "
            f"--iters ({self.iters})"),
           (min(self.stages) < 1, f"--stages must be positive, got {self.stages}"),
+          (min(self.probes) < 0, f"--probes must be >= 0, got {self.probes}"),
+          (any(f is not None and not 0 < f < 1 for f in self.final_shares),
+           f"--final_shares must lie in (0, 1) or be 'equal', got {self.final_shares}"),
           (min(self.t_max) < max(self.stages) - 1, f"--t_max ({min(self.t_max)}) must be at "
            f"least --stages - 1 ({max(self.stages) - 1})"),
       ]
@@ -184,6 +207,10 @@ def _bool(text: str) -> bool:
   return lowered in ("true", "1")
 
 
+def _share(text: str) -> float | None:
+  return None if text.strip().lower() == "equal" else float(text)
+
+
 def expand_images(paths: Iterable[str]) -> tuple[str, ...]:
   """Files as given, folders as their sorted image files; ValueError for a missing path or a
   folder without images."""
@@ -210,7 +237,10 @@ def spec_from_flags() -> GridSpec:
       sigmas=_parse_list("sigmas", _SIGMAS.value, float), methods=tuple(_METHODS.value),
       schedules=tuple(_SCHEDULES.value), stages=_parse_list("stages", _STAGES.value, int),
       t_max=_parse_list("t_max", _T_MAX.value, int),
-      fresh_eps=_parse_list("fresh_eps", _FRESH_EPS.value, _bool), nets=tuple(_NETS.value),
+      fresh_eps=_parse_list("fresh_eps", _FRESH_EPS.value, _bool),
+      probes=_parse_list("probes", _PROBES.value, float),
+      final_shares=_parse_list("final_shares", _FINAL_SHARES.value, _share),
+      losses=tuple(_LOSSES.value), nets=tuple(_NETS.value),
       widths=_parse_list("widths", _WIDTHS.value, int), scales=_SCALES.value,
       seeds=_SEEDS.value, seed_base=_SEED_BASE.value, iters=_ITERS.value, lr=_LR.value,
       reg_noise_std=_REG_NOISE.value, exp_weight=_EXP_WEIGHT.value,
@@ -244,15 +274,24 @@ def _method_configs(spec: GridSpec, path: str, sigma: float, method: str) -> lis
     return [base]
   fits = dict(scales=spec.scales, seeds=spec.seeds, seed_base=spec.seed_base, iters=spec.iters,
               lr=float(spec.lr), reg_noise_std=float(spec.reg_noise_std),
-              exp_weight=float(spec.exp_weight), criteria=list(spec.criteria))
+              exp_weight=float(spec.exp_weight))
   if "es_wmv" in spec.criteria:
     fits["window"] = spec.window
   staged = [{}]
   if method in STAGED:
-    staged = [dict(schedule=s, stages=k, t_max=t, fresh_eps=f) for s, k, t, f in
-              itertools.product(spec.schedules, spec.stages, spec.t_max, spec.fresh_eps)]
-  return [dict(base, **fits, net=n, width=w, **s)
-          for n, w in itertools.product(spec.nets, spec.widths) for s in staged]
+    staged = [dict(schedule=s, stages=k, t_max=t, fresh_eps=f, probe=float(p), final_share=q)
+              for s, k, t, f, p, q in itertools.product(
+                  spec.schedules, spec.stages, spec.t_max, spec.fresh_eps, spec.probes,
+                  spec.final_shares)
+              if q is None or k > 1]
+  configs = []
+  for n, w, loss, s in itertools.product(spec.nets, spec.widths, spec.losses, staged):
+    # 'staged' needs a probe; the default loss is left out of the key (rows from before losses
+    # were an axis keep their keys).
+    criteria = [c for c in spec.criteria if c != "staged" or s.get("probe")]
+    configs.append(dict(base, **fits, criteria=criteria, net=n, width=w, **s,
+                        **({} if loss == "mse" else dict(loss=loss))))
+  return configs
 
 
 def jobs(spec: GridSpec) -> list[Job]:
@@ -303,7 +342,8 @@ def _uint8(x: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """Everything one config's fits need: the network, the fit settings, the problem."""
+  """Everything one config's fits need: the network, the fit settings, the problem (one for
+  all seeds if `shared`, else stacked per seed), the seeds' keys."""
   net: Any
   config: fit.FitConfig
   problem: fit.Problem
@@ -311,6 +351,7 @@ class Setup:
   padding: io.Padding
   chunk: int
   info: dict
+  shared: bool = True
 
 
 def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
@@ -332,25 +373,25 @@ def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
   else:
     net_input = inputs.dip_noise(k_input, height, width, reg_noise_std=config["reg_noise_std"])
   y, truth = jnp.asarray(y), jnp.asarray(truth)
-  if method in STAGED:
-    schedule = schedules.get(config["schedule"])
-    ts = jnp.asarray(targets.stage_timesteps(config["stages"], config["t_max"]))
-    ends = targets.stage_ends(targets.stage_lengths(config["iters"], config["stages"]))
-    stage_targets = targets.staged_targets(k_targets, y, schedule, ts,
-                                           fresh_noise=config["fresh_eps"])
-    noise = stage_targets - targets.stage_references(y, schedule, ts)
-    problem = fit.Problem(net_input, stage_targets, jnp.asarray(ends), y, operators.identity(),
-                          truth, jnp.asarray(sigma, jnp.float32), noise)
-    info["stage_ends"] = [int(e) for e in ends]
-  else:
+  shared = method not in STAGED
+  if shared:
     problem = fit.plain_problem(net_input, y, operators.identity(), config["iters"], truth, sigma)
+  else:  # each seed its own probe and stage noise, so that they average out in the ensemble
+    problem = fit.stack([fit.staged_problem(
+        jax.random.fold_in(k_targets, i), net_input, y, operators.identity(), config["iters"],
+        schedule=schedules.get(config["schedule"]), num_stages=config["stages"],
+        t_max=config["t_max"], sigma=sigma, probe_ratio=config["probe"],
+        fresh_noise=config["fresh_eps"], final_share=config["final_share"], clean=truth)
+        for i in range(config["seeds"])])
+    info["stage_ends"] = [int(e) for e in problem.ends[0]]
   chunk = math.gcd(config["iters"], CHUNK_ITERS)
   criteria = tuple(stopping.get(c) for c in config["criteria"])
   fit_config = fit.FitConfig(learning_rate=config["lr"], exp_weight=config["exp_weight"],
-                             segment=chunk, window=config.get("window", 0), criteria=criteria)
+                             segment=chunk, window=config.get("window", 0), criteria=criteria,
+                             loss=config.get("loss", "mse"))
   net = nets.make(config["net"], config["width"], config["scales"], out_channels=channels)
   keys = jax.random.split(key, config["seeds"])
-  return Setup(net, fit_config, problem, keys, padding, chunk, info)
+  return Setup(net, fit_config, problem, keys, padding, chunk, info, shared)
 
 
 class Compiler:
@@ -358,18 +399,20 @@ class Compiler:
 
   Keeps the `keep` most recently used: XLA:CPU maps each executable's code into memory until
   JAX's caches are cleared, and a long grid with many shapes would pass the kernel's limit on
-  memory mappings (vm.max_map_count) otherwise.
+  memory mappings (vm.max_map_count) otherwise. With a `mesh` (``fit.fits_mesh()``) each
+  config's seeds are sharded over its devices, those of every process in a multi-process run.
   """
 
-  def __init__(self, keep: int = 8):
+  def __init__(self, keep: int = 8, mesh: jax.sharding.Mesh | None = None):
     self._compiled = collections.OrderedDict()
     self._keep = keep
+    self.mesh = mesh
 
   def get(self, s: Setup, states: fit.TrainState) -> tuple[Callable, bool]:
     """(run(states, problem) -> (states, trace) for s.chunk iterations, whether it was compiled
     now)."""
     leaves, tree = jax.tree.flatten((states, s.problem))
-    signature = (s.net, s.config, s.chunk, tree,
+    signature = (s.net, s.config, s.chunk, s.shared, tree,
                  tuple((x.shape, str(x.dtype)) for x in leaves))
     if signature in self._compiled:
       self._compiled.move_to_end(signature)
@@ -378,7 +421,8 @@ class Compiler:
       self._compiled.popitem(last=False)
       jax.clear_caches()
     self._compiled[signature] = fit.compile_many(states, s.problem, s.chunk, net=s.net,
-                                                 config=s.config)
+                                                 config=s.config, shared=s.shared,
+                                                 mesh=self.mesh)
     return self._compiled[signature], True
 
 
@@ -386,17 +430,29 @@ def init_states(s: Setup) -> fit.TrainState:
   """Fresh states for the config's seeds. They depend on the problem only through the input and
   image shapes, so they are drawn for the plain problem of those shapes: one compiled init
   (slow to compile: net.init) serves plain and staged configs alike."""
-  p = s.problem
+  p = s.problem if s.shared else jax.tree.map(lambda x: x[0], s.problem)
   plain = fit.plain_problem(p.inputs, p.observation, p.operator, 1, p.clean, p.sigma)
   return fit.init_many(s.keys, s.net, plain, s.config)
 
 
-def _ready(s: Setup, compiler: Compiler) -> tuple[fit.TrainState, Callable, float]:
-  """Fresh states, the compiled chunk, and the seconds spent compiling them (0 when reused)."""
+def _to_host(tree: Any) -> Any:
+  """A pytree of arrays as numpy: gathered from every process in a multi-process run (where
+  arrays span processes), so each process holds the whole result."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def _ready(s: Setup, compiler: Compiler) -> tuple[fit.TrainState, fit.Problem, Callable, float]:
+  """Fresh states and the problem as the compiled chunk takes them, the chunk, and the seconds
+  spent compiling (0 when reused). In a multi-process run both are host arrays, equal in every
+  process, which the chunk shards over the global mesh."""
   t0 = time.perf_counter()
-  states = init_states(s)
+  states, problem = init_states(s), s.problem
+  if jax.process_count() > 1:
+    states, problem = jax.device_get((states, problem))
   run, fresh = compiler.get(s, states)
-  return states, run, time.perf_counter() - t0 if fresh else 0.0
+  return states, problem, run, time.perf_counter() - t0 if fresh else 0.0
 
 
 def run_fits(s: Setup, compiler: Compiler, iters: int, progress: Callable[[int, dict], None]
@@ -406,15 +462,15 @@ def run_fits(s: Setup, compiler: Compiler, iters: int, progress: Callable[[int, 
   Returns (states, trace arrays (M, n) by field (SSIM per chunk), seconds compiling (0 when
   reused), fit s).
   """
-  states, run, compile_s = _ready(s, compiler)
+  states, problem, run, compile_s = _ready(s, compiler)
   chunks = collections.defaultdict(list)
   t0 = time.perf_counter()
   for done in range(s.chunk, iters + 1, s.chunk):
-    states, trace = run(states, s.problem)
-    for name, value in vars(trace).items():
-      chunks[name].append(np.asarray(value))
+    states, trace = run(states, problem)
+    for name, value in vars(_to_host(trace)).items():
+      chunks[name].append(value)
     progress(done, chunks)
-  jax.block_until_ready(states)
+  states = _to_host(states)
   fit_s = time.perf_counter() - t0
   return states, {k: np.concatenate(v, axis=1) for k, v in chunks.items()}, compile_s, fit_s
 
@@ -643,9 +699,9 @@ def calibrate(job: Job, clean: np.ndarray, compiler: Compiler) -> tuple[float, f
     bm3d_denoise(noisy, config["sigma"] / 255)
     return time.perf_counter() - t0, 0.0
   s = setup(config, clean, noisy)
-  states, run, compile_s = _ready(s, compiler)
+  states, problem, run, compile_s = _ready(s, compiler)
   t0 = time.perf_counter()
-  jax.block_until_ready(run(states, s.problem))
+  jax.block_until_ready(run(states, problem))
   return 1000 * (time.perf_counter() - t0) / (s.chunk * config["seeds"]), compile_s
 
 
@@ -759,23 +815,32 @@ def run_grid(spec: GridSpec, out: str, *, argv: str = "", dry_run: bool = False,
     pending = [j for j in all_jobs if j.key not in done]
     _announce(all_jobs, pending, *estimate(pending, sizes, rows, measure), out)
     return []
+  if compiler.mesh is not None and spec.seeds % compiler.mesh.size:
+    raise ValueError(f"--shard: --seeds ({spec.seeds}) must be a multiple of the "
+                     f"{compiler.mesh.size} devices")
+  # In a multi-process run every process fits its share of each config; process 0 writes.
+  writer = jax.process_index() == 0
   new = []
-  with Results(out) as results:
-    done = {row["key"] for row in results.rows}
+  with Results(out) if writer else contextlib.nullcontext() as results:
+    rows = results.rows if writer else read_rows(out)
+    done = {row["key"] for row in rows}
     pending = [j for j in all_jobs if j.key not in done]
-    seconds, notes = estimate(pending, sizes, results.rows, measure)
+    seconds, notes = estimate(pending, sizes, rows, measure)
     _announce(all_jobs, pending, seconds, notes, out)
     base = os.path.dirname(os.path.abspath(out))
     t_start = time.perf_counter()
     for i, job in enumerate(pending[:limit]):
       c = job.config
+      if not writer and c["method"] == "bm3d":
+        continue
       logging.info("config %d/%d: %s/%s sigma=%g %s", i + 1, len(pending), c["set"], c["image"],
                    c["sigma"], _describe(c))
       row, arrays = run_config(job, cleans[job.path], compiler)
       npz = os.path.join(arrays_dir(os.path.abspath(out)), job.key + ".npz")
-      _save_arrays(npz, arrays)
       row.update(arrays=os.path.relpath(npz, base), argv=argv)
-      results.append(row)
+      if writer:
+        _save_arrays(npz, arrays)
+        results.append(row)
       new.append(row)
       logging.info("config %d/%d done in %.0f s: noisy %.2f dB, %s; %s elapsed, ETA %s",
                    i + 1, len(pending), row["wall_s"], row["noisy"]["psnr"], _summary_line(row),
@@ -784,29 +849,22 @@ def run_grid(spec: GridSpec, out: str, *, argv: str = "", dry_run: bool = False,
 
 
 def _describe(config: dict) -> str:
-  shown = ("net", "width", "seeds", "iters", "schedule", "stages", "t_max", "fresh_eps")
+  shown = ("net", "width", "loss", "seeds", "iters", "schedule", "stages", "t_max", "fresh_eps",
+           "probe", "final_share")
   return config["method"] + "(" + ", ".join(f"{k}={config[k]}" for k in shown
                                             if k in config) + ")"
 
 
-def _own_info_only(record) -> bool:
-  """Keeps this script's progress lines and every warning; drops libraries' INFO chatter."""
-  return record.levelno >= std_logging.WARNING or record.pathname == os.path.abspath(__file__)
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_own_info_only)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CACHE_DIR.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  try:
+  cli.start(argv, __file__)
+  with cli.errors("grid.py"):
+    if _COORDINATOR.value:
+      cli.join(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _NUM_PROCESSES.value != 1:
+      raise ValueError("--num_processes > 1 needs --coordinator")
+    mesh = fit.fits_mesh() if _SHARD.value or _COORDINATOR.value else None
     run_grid(spec_from_flags(), _OUT.value, argv="python " + shlex.join(sys.argv),
-             dry_run=_DRY_RUN.value)
-  except (ValueError, FileNotFoundError) as e:  # io.ImageError is a ValueError
-    print(f"grid.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
+             dry_run=_DRY_RUN.value, compiler=Compiler(mesh=mesh))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import collections
 import csv
 import dataclasses
 import json
-import logging as std_logging
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dipjax import checkpoint
+import cli
 from dipjax import fit
 from dipjax import inputs
 from dipjax import io
@@ -41,7 +41,6 @@ from dipjax import operators
 from dipjax import plots
 from dipjax import schedules
 from dipjax import stopping
-from dipjax import targets
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
@@ -64,6 +63,11 @@ _SCHEDULE = flags.DEFINE_enum("schedule", "linear", ["linear", "cosine"], "Noise
 _STAGES = flags.DEFINE_integer("stages", 4, "Number of stages for --method staged.")
 _T_MAX = flags.DEFINE_integer("t_max", 100, "Timestep of the noisiest stage target.")
 _FRESH_EPS = flags.DEFINE_bool("fresh_eps", False, "Draw a new noise image for every stage.")
+_PROBE = flags.DEFINE_float(
+    "probe", 0.3, "--method staged: the targets are staged from y + probe * sigma * eps, a known "
+    "noise the fit uses to estimate its own PSNR (the 'staged' criterion); 0: none.")
+_FINAL_SHARE = flags.DEFINE_float("final_share", None, "--method staged: fraction of --iters "
+                                  "for the last stage (default: equal stages).")
 _SCALED = flags.DEFINE_bool("scaled_targets", True,
                             "Targets sqrt(abar) y + sqrt(1-abar) eps (else y + sigma_t eps).")
 _ITERS = flags.DEFINE_integer("iters", 500, "Total iterations (a multiple of --log_every).")
@@ -105,9 +109,6 @@ _PRESET = flags.DEFINE_enum(
     "paper: the DIP paper's network (paper_f16: 128 channels x 5 scales) and its notebooks' "
     "budgets (denoise 3000 it, sr 2000 it with reg_noise_std 0.03), overriding --net/--width/"
     "--scales/--iters/--reg_noise_std.")
-_CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", os.path.expanduser("~/.cache/dipjax/jax"),
-    "Persistent XLA compilation cache ('' to disable).")
 
 
 class _Settings:
@@ -142,6 +143,12 @@ class _Settings:
         (_METHOD.value == "staged" and _STAGES.value < 1, "--stages must be >= 1"),
         (_METHOD.value == "staged" and _STAGES.value > self.iters,
          f"--stages ({_STAGES.value}) cannot exceed --iters ({self.iters})"),
+        (_METHOD.value == "staged" and _PROBE.value < 0, "--probe must be >= 0"),
+        (_METHOD.value == "staged" and _FINAL_SHARE.value is not None and
+         (not 0 < _FINAL_SHARE.value < 1 or _STAGES.value < 2),
+         "--final_share must lie in (0, 1) and needs --stages >= 2"),
+        ("staged" in _STOP.value and (_METHOD.value != "staged" or not _PROBE.value),
+         "--stop staged needs --method staged with --probe > 0"),
         (_SEEDS.value < 1, f"--seeds must be >= 1, got {_SEEDS.value}"),
         (self.width < 1 or self.scales < 1, "--width and --scales must be positive"),
         (not 0 <= _EXP_WEIGHT.value < 1, "--exp_weight must lie in [0, 1)"),
@@ -211,7 +218,8 @@ def _degrade(s: _Settings):
 
 
 def _problem(key, s: _Settings, y, clean, op) -> fit.Problem:
-  """The fit problem: plain DIP, or the staged targets."""
+  """The fit problem: plain DIP (one for all seeds), or the staged targets (stacked per seed:
+  each seed its own probe and stage noise, which then average out over the seeds)."""
   height, width = y.shape[0] * s.factor, y.shape[1] * s.factor
   k_input, k_targets = jax.random.split(key)
   schedule = schedules.get(_SCHEDULE.value)
@@ -234,13 +242,11 @@ def _problem(key, s: _Settings, y, clean, op) -> fit.Problem:
   if _METHOD.value != "staged":
     problem = fit.plain_problem(net_input, y, op, s.iters, clean, sigma)
     return problem.replace(loss_params=loss_params)
-  ts = jnp.asarray(targets.stage_timesteps(_STAGES.value, _T_MAX.value))
-  ends = targets.stage_ends(targets.stage_lengths(s.iters, _STAGES.value))
-  stage_targets = targets.staged_targets(k_targets, y, schedule, ts,
-                                         fresh_noise=_FRESH_EPS.value, scaled=_SCALED.value)
-  noise = stage_targets - targets.stage_references(y, schedule, ts, scaled=_SCALED.value)
-  return fit.Problem(net_input, stage_targets, jnp.asarray(ends), y, op, clean, sigma, noise,
-                     loss_params)
+  return fit.stack([fit.staged_problem(
+      jax.random.fold_in(k_targets, i), net_input, y, op, s.iters, schedule=schedule,
+      num_stages=_STAGES.value, t_max=_T_MAX.value, sigma=sigma, probe_ratio=_PROBE.value,
+      fresh_noise=_FRESH_EPS.value, scaled=_SCALED.value, final_share=_FINAL_SHARE.value,
+      clean=clean).replace(loss_params=loss_params) for i in range(_SEEDS.value)])
 
 
 def _noise_sigma(s: _Settings, y: np.ndarray) -> float:
@@ -298,8 +304,10 @@ def run(s: _Settings) -> None:
   key = jax.random.PRNGKey(_SEED.value)
   k_problem, k_fits = jax.random.split(key)
   problem = _problem(k_problem, s, y, clean, op)
-  ends = np.asarray(problem.ends)
-  states = fit.init_many(jax.random.split(k_fits, _SEEDS.value), net, problem, config)
+  shared = _METHOD.value != "staged"
+  ends = np.asarray(problem.ends if shared else problem.ends[0])
+  states = fit.init_many(jax.random.split(k_fits, _SEEDS.value), net, problem, config,
+                         shared=shared)
   n_seg = s.iters // s.segment
   trace = {f.name: np.full((_SEEDS.value, n_seg if f.name.startswith("ssim") else s.iters),
                            np.nan, np.float32) for f in dataclasses.fields(fit.Trace)}
@@ -313,7 +321,8 @@ def run(s: _Settings) -> None:
   start = int(states.step[0])
 
   t0 = time.perf_counter()
-  run_chunk = fit.compile_many(states, problem, s.log_every, net=net, config=config)
+  run_chunk = fit.compile_many(states, problem, s.log_every, net=net, config=config,
+                               shared=shared)
   compile_s = time.perf_counter() - t0
   logging.info("compiled in %.1f s (%s, %dx%d, %d seed(s), %s width %d; persistent cache: "
                "%d hits, %d misses)", compile_s, jax.default_backend(), y.shape[1] * s.factor,
@@ -391,6 +400,10 @@ def _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, c
       curves["output vs clean" + tag] = trace["psnr_clean"][m]
       curves["EMA vs clean" + tag] = trace["psnr_clean_ema"][m]
     curves["output vs observation" + tag] = trace["psnr_obs"][m]
+    est = trace["mse_est_ema"][m]
+    if np.isfinite(est).any():
+      curves["EMA vs clean, estimated (staged probe)" + tag] = np.where(
+          est > 0, -10 * np.log10(np.where(est > 0, est, 1.0)), np.nan)
   plots.psnr_curves(os.path.join(out_dir, "psnr.png"), curves, ends if len(ends) > 1 else None,
                     title=f"{_TASK.value}, {_METHOD.value}, {os.path.basename(_IMAGE.value)}")
   summary = result.get("restored", {})
@@ -399,23 +412,10 @@ def _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, c
                                            "iterations_per_second")} | summary))
 
 
-def _own_info_only(record) -> bool:
-  """Keeps this script's progress lines and every warning; drops libraries' INFO chatter."""
-  return record.levelno >= std_logging.WARNING or record.pathname == os.path.abspath(__file__)
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_own_info_only)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CACHE_DIR.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  try:
+  cli.start(argv, __file__)
+  with cli.errors("restore.py"):
     run(_Settings())
-  except (ValueError, FileNotFoundError) as e:  # io.ImageError is a ValueError
-    print(f"restore.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ r"""Markdown tables and figures from the rows of experiments/grid.py.
 Tables: the main one (PSNR / SSIM per method and stopping criterion, per image set and sigma),
 the criteria (gap to the oracle peak, iteration error, iterations saved), the K-seed ensembles
 against single seeds, and an ablation table for each axis (stages, schedule, t_max, fresh_eps,
-net, width) along which rows vary with the rest fixed. Each table names the command lines and
-devices its rows came from. Figures (from the rows' .npz files, where present): PSNR curves with
-every criterion's stop, per-stage PSNR of a staged fit, and clean | noisy | DIP | staged |
-ensemble | BM3D for one image.
+probe, final_share, net, width, loss) along which rows vary with the rest fixed. Each table names
+the command lines and devices its rows came from. Figures (from the rows' .npz files, where
+present): PSNR curves with every criterion's stop, per-stage PSNR of a staged fit (measured and
+estimated without the ground truth), and clean | noisy | DIP | staged | ensemble | BM3D for one
+image.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from dipjax import plots
 METHOD_NAMES = dict(dip="DIP", staged="staged", ddpm_input="DDPM input",
                     ddpm_input_staged="DDPM input + staged", bm3d="(C)BM3D")
 CRITERION_NAMES = dict(fixed="fixed budget", oracle="oracle", es_wmv="ES-WMV", es_emv="ES-EMV",
-                       plateau="loss plateau", discrepancy="discrepancy")
+                       plateau="loss plateau", discrepancy="discrepancy",
+                       staged="staged (probe SURE)")
 STAGED = ("staged", "ddpm_input_staged")
-AXES = ("stages", "schedule", "t_max", "fresh_eps", "net", "width")
+AXES = ("stages", "schedule", "t_max", "fresh_eps", "probe", "final_share", "net", "width",
+        "loss")
 PLACE = ("image", "set", "sigma")  # where a row is; the rest of its config is its variant
 
 _RESULTS = flags.DEFINE_list("results", ["runs/grid/results.jsonl"], "grid.py results files.")
@@ -63,6 +66,8 @@ def load_rows(paths: Iterable[str]) -> list[dict]:
       if row["key"] in seen:
         continue
       seen.add(row["key"])
+      if row["config"]["method"] != "bm3d":
+        row["config"].setdefault("loss", "mse")  # grid.py leaves the default loss out of keys
       if row.get("arrays"):
         row["arrays"] = os.path.join(os.path.dirname(os.path.abspath(path)), row["arrays"])
       rows.append(row)
@@ -274,7 +279,7 @@ def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
         rest = {k: v for k, v in row["config"].items() if k not in PLACE + (axis,)}
         groups[json.dumps(rest, sort_keys=True)].append(row)
     for rest, members in groups.items():
-      values = sorted({r["config"][axis] for r in members})
+      values = sorted({r["config"][axis] for r in members}, key=json.dumps)
       if len(values) < 2:
         continue
       criteria = json.loads(rest)["criteria"]
@@ -357,9 +362,13 @@ def figures(rows: list[dict], fig_dir: str, criterion: str) -> list[tuple[str, s
     a = _arrays(staged)
     method = METHOD_NAMES[staged["config"]["method"]]
     path = os.path.join(fig_dir, _slug("stages", *place[1:], staged["config"]["method"]) + ".png")
-    plots.stage_psnr(path, {"EMA vs clean": a["curve_psnr_clean_ema"][0],
-                            "EMA vs stage target": a["curve_psnr_target_ema"][0]},
-                     a["curve_stage"][0], title=f"{method}, {name}, seed 0")
+    curves = {"EMA vs clean": a["curve_psnr_clean_ema"][0],
+              "EMA vs stage target": a["curve_psnr_target_ema"][0]}
+    est = a.get("curve_mse_est_ema")
+    if est is not None and np.isfinite(est[0]).any():
+      curves["EMA vs clean stage target, estimated"] = np.where(
+          est[0] > 0, -10 * np.log10(np.where(est[0] > 0, est[0], 1.0)), np.nan)
+    plots.stage_psnr(path, curves, a["curve_stage"][0], title=f"{method}, {name}, seed 0")
     out.append((f"Per-stage PSNR, {method}, {name}, seed 0", path))
   out.append(_image_row(here, by_method, fig_dir, place, name, criterion))
   return out

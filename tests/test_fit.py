@@ -163,3 +163,57 @@ def test_losses_are_checked(problem):
   state = fit.init_state(jax.random.PRNGKey(6), NET, problem, CONFIG)
   with pytest.raises(ValueError, match="loss_params"):
     fit.fit(state, problem, SEG, net=NET, config=config)
+
+
+def test_staged_problem_targets_probe_and_budgets():
+  y = jnp.asarray(_clean())
+  sched, sigma = schedules.linear(), 0.1
+  p = fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+                         schedule=sched, num_stages=3, t_max=60, sigma=sigma, probe_ratio=0.3,
+                         final_share=0.5)
+  scale = np.sqrt(np.asarray(sched.alphas_cumprod)[[60, 30, 0]])
+  np.testing.assert_allclose(p.stage_scale, scale, rtol=1e-6)
+  np.testing.assert_array_equal(p.ends, [100, 200, 400])
+  assert abs(float(jnp.std(p.probe)) / (0.3 * sigma) - 1) < 0.05
+  np.testing.assert_allclose(p.targets[-1], y + p.probe, atol=1e-6)  # t = 0: y + probe
+  np.testing.assert_allclose(p.stage_noise, p.targets - scale[:, None, None, None] * y,
+                             atol=1e-6)
+  plain = fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+                             schedule=sched, num_stages=1, t_max=0, sigma=sigma)
+  assert plain.probe is None
+  np.testing.assert_array_equal(plain.targets, y[None])
+  with pytest.raises(ValueError, match="probe_ratio"):
+    fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+                       schedule=sched, num_stages=2, t_max=9, sigma=sigma, probe_ratio=-1)
+  with pytest.raises(ValueError, match="final_share"):
+    fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+                       schedule=sched, num_stages=1, t_max=0, sigma=sigma, final_share=0.5)
+
+
+def test_sure_mse_tracks_the_error_against_the_clean_stage_target():
+  """Outputs that fit a growing fraction of every noise in their target while a smooth bias
+  shrinks: the estimate (no ground truth) follows the true error up to a small constant, so it
+  has its minimum at the same output."""
+  rng = np.random.default_rng(1)
+  yy, xx = np.mgrid[0:128, 0:128] / 128
+  x = np.stack([0.5 + 0.3 * np.sin(6 * xx), 0.4 + 0.3 * yy, 0.6 - 0.2 * xx * yy], -1)
+  sigma, a, b = 0.1, 0.95, 0.2
+  n, probe_eps, eps = (rng.standard_normal(x.shape) for _ in range(3))
+  probe = 0.3 * sigma * probe_eps
+  noise = a * probe + b * eps  # the known noise of the stage target
+  target = a * (x + sigma * n) + noise
+  fitted = np.linspace(0.0, 0.6, 13)
+  bias = 0.05 * np.cos(9 * yy)[..., None]
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  est, true = [], []
+  for lam in fitted:
+    f = a * x + (1 - lam) ** 4 * bias + lam * (target - a * x)
+    est.append(float(fit.sure_mse(f32(f), f32(target), f32(noise), f32(probe), f32(a),
+                                  f32(sigma))))
+    true.append(float(np.mean((f - a * x) ** 2)))
+  est, true = np.array(est), np.array(true)
+  assert 0 < np.argmin(true) < len(fitted) - 1  # an interior optimum
+  assert np.argmin(est) == np.argmin(true)
+  offset = est - true
+  assert np.std(offset) < 0.05 * np.ptp(true), (offset, true)
+  assert abs(np.mean(offset)) < 0.2 * np.min(true)

@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -21,6 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
+  """An experiments/ script as a module (its folder on sys.path, as when run as a script)."""
+  if os.path.join(ROOT, "experiments") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
                                                                    name + ".py"))
   module = importlib.util.module_from_spec(spec)
@@ -126,15 +130,23 @@ def test_ddpm_input_and_staged_problems(tmp_path):
   noisy = grid.noisy_image(clean, "im0.png", 25, 0)
   np.testing.assert_array_equal(noisy, grid.noisy_image(clean, "im0.png", 25, 0))
   assert not np.array_equal(noisy, grid.noisy_image(clean, "im0.png", 50, 0))
+  tiny = dict(TINY, criteria=TINY["criteria"] + ("staged",))
   spec = grid.GridSpec(images=(str(tmp_path / "im0.png"),), methods=grid.METHODS[:4],
-                       stages=(3,), t_max=(30,), fresh_eps=(True,), **TINY)
+                       stages=(3,), t_max=(30,), fresh_eps=(True,), **tiny)
   built = {j.config["method"]: grid.setup(j.config, clean, noisy) for j in grid.jobs(spec)}
   assert built["ddpm_input"].problem.inputs.base.shape == (16, 16, 3)
   assert built["ddpm_input"].info["input_t"] == built["ddpm_input_staged"].info["input_t"] > 0
   assert built["dip"].problem.inputs.base.shape == (16, 16, 32)
-  staged = built["staged"].problem
-  assert staged.targets.shape == (3, 16, 16, 3) and staged.stage_noise.shape == (3, 16, 16, 3)
-  np.testing.assert_array_equal(staged.stage_noise[-1], 0)
+  staged = built["staged"].problem  # stacked per seed: each seed its own probe and stage noise
+  assert not built["staged"].shared and built["dip"].shared
+  assert staged.targets.shape == (2, 3, 16, 16, 3) and staged.stage_noise.shape == (2, 3, 16, 16, 3)
+  np.testing.assert_allclose(staged.stage_noise[:, -1], staged.probe, atol=1e-6)  # t = 0
+  assert not np.allclose(staged.probe[0], staged.probe[1])
+  noise = staged.stage_noise[0]
+  assert not np.allclose(noise[0] / np.std(noise[0]), noise[1] / np.std(noise[1]))  # fresh eps
+  # The staged criterion needs the probe: it is scored on staged fits only.
+  assert [c.kind for c in built["staged"].config.criteria][-1] == "staged"
+  assert "staged" not in [c.kind for c in built["dip"].config.criteria]
   assert not np.allclose(staged.stage_noise[0] / np.std(staged.stage_noise[0]),
                          staged.stage_noise[1] / np.std(staged.stage_noise[1]))  # fresh eps
 
@@ -233,3 +245,36 @@ def test_bad_grids_are_clear_errors(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       f"grid.py: error: --images: no .png/.jpg/.jpeg/.tif/.tiff images in folder "
       f"{tmp_path / 'empty'}")
+
+
+def test_two_processes_equal_one_process_over_as_many_devices(tmp_path):
+  """A grid run by 2 processes x 2 CPU devices (jax.distributed, gloo) writes the rows one
+  process writes with its seeds sharded over 4 devices (the same per-device work)."""
+  image = str(_write_images(tmp_path / "imgs", 1) / "im0.png")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  args = [sys.executable, os.path.join(ROOT, "experiments", "grid.py"), f"--images={image}",
+          "--crop=0", "--methods=dip,staged", "--stages=2", "--t_max=10", "--widths=4",
+          "--scales=2", "--seeds=4", "--iters=20", "--window=5", "--cache_dir=",
+          "--criteria=fixed,oracle,es_wmv,staged"]
+  env = lambda n: dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+                       JAX_PLATFORMS="cpu")
+  multi = [subprocess.Popen(args + [f"--out={tmp_path / 'multi.jsonl'}",
+                                    f"--coordinator=localhost:{port}", "--num_processes=2",
+                                    f"--process_id={i}"], env=env(2), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  single = subprocess.run(args + [f"--out={tmp_path / 'single.jsonl'}", "--shard"], env=env(4),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-2000:]
+  for proc in multi:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+  rows = [grid.read_rows(str(tmp_path / f"{name}.jsonl")) for name in ("multi", "single")]
+  assert [r["key"] for r in rows[0]] == [r["key"] for r in rows[1]] and len(rows[0]) == 2
+  for a, b in zip(*rows):
+    for name in a["config"]["criteria"]:
+      assert a["criteria"][name]["stop"] == b["criteria"][name]["stop"], name
+      np.testing.assert_allclose(a["criteria"][name]["psnr"], b["criteria"][name]["psnr"],
+                                 atol=1e-3)

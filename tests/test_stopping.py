@@ -10,6 +10,7 @@ from dipjax import inputs
 from dipjax import metrics
 from dipjax import nets
 from dipjax import operators
+from dipjax import schedules
 from dipjax import stopping
 
 NAN = np.nan
@@ -71,6 +72,13 @@ def test_oracle_and_fixed():
   assert _detect(stopping.fixed(), psnr_clean_ema=psnr) == (4, -1)
 
 
+def test_staged_takes_the_best_estimate_of_the_last_stage():
+  est = [1.0, 2.0, 9.0, 6.0, 3.0, 4.0, 8.0]  # the first stage's values are not compared
+  final = [0, 0, 1, 1, 1, 1, 1]
+  assert _detect(stopping.staged(), mse_est_ema=est, final_stage=final) == (4, -1)
+  assert _detect(stopping.staged(patience=2), mse_est_ema=est, final_stage=final) == (4, 6)
+
+
 def test_rolled_back_iterations_are_not_scored():
   psnr = [20.0, 25.0, 30.0, 26.0]
   assert _detect(stopping.oracle(), psnr_clean_ema=psnr, rolled_back=[0, 0, 1, 0]) == (3, -1)
@@ -109,10 +117,12 @@ def test_estimate_sigma_on_noise_and_on_a_smooth_image():
     stopping.estimate_sigma(np.zeros((8, 8)))
 
 
-# One tiny fit monitored online by every criterion, halted by ES-WMV.
+# One tiny staged fit (2 stages, with a probe) monitored online by every criterion, halted by
+# ES-WMV.
 SIZE, ITERS, SEG, WINDOW = 16, 240, 40, 10
 CRITERIA = (stopping.fixed(), stopping.oracle(), stopping.es_wmv(patience=30),
-            stopping.es_emv(patience=30), stopping.discrepancy(), stopping.plateau(50, 1e-3))
+            stopping.es_emv(patience=30), stopping.discrepancy(), stopping.plateau(50, 1e-3),
+            stopping.staged())
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +133,10 @@ def monitored():
   sigma = 0.1
   noisy = jnp.asarray(clean + sigma * rng.standard_normal(clean.shape), jnp.float32)
   net = nets.make("skip", width=4, scales=2)
-  problem = fit.plain_problem(inputs.dip_noise(jax.random.PRNGKey(0), SIZE, SIZE, channels=4),
-                              noisy, operators.identity(), ITERS, jnp.asarray(clean), sigma)
+  problem = fit.staged_problem(
+      jax.random.PRNGKey(2), inputs.dip_noise(jax.random.PRNGKey(0), SIZE, SIZE, channels=4),
+      noisy, operators.identity(), ITERS, schedule=schedules.linear(), num_stages=2, t_max=20,
+      sigma=sigma, probe_ratio=0.3, final_share=0.75, clean=jnp.asarray(clean))
   config = fit.FitConfig(segment=SEG, window=WINDOW, criteria=CRITERIA, halt=CRITERIA[2])
   state = fit.init_state(jax.random.PRNGKey(1), net, problem, config)
   state, trace = fit.fit(state, problem, ITERS, net=net, config=config)

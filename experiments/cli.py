@@ -1,0 +1,68 @@
+"""What every experiments/ script shares: its start-up and how it reports bad input.
+
+``start(argv, script)`` filters the libraries' INFO chatter out of the log and turns on JAX's
+persistent compilation cache (--cache_dir: a second run of the same command compiles nothing);
+``join(coordinator, ...)`` makes the process one of a multi-process JAX job. ``errors(name)`` turns a ValueError or
+FileNotFoundError (bad flags, unreadable images) into one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as std_logging
+import os
+import sys
+from typing import Iterator
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", os.path.expanduser("~/.cache/dipjax/jax"),
+    "Persistent compilation cache ('' disables it).")
+
+
+def start(argv: list[str], script: str) -> None:
+  """Start-up of an absl main: log filter and compilation cache.
+
+  Args:
+    argv: the arguments absl left over (an error if there are any).
+    script: the calling script's __file__, whose INFO lines are kept.
+  """
+  path = os.path.abspath(script)
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or record.pathname == path)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CACHE_DIR.value:
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def join(coordinator: str, num_processes: int, process_id: int) -> None:
+  """Joins a multi-process JAX job (jax.distributed.initialize): afterwards jax.devices() lists
+  every process's devices. On CPU the processes exchange data through gloo.
+
+  Args:
+    coordinator: host:port of process 0.
+    num_processes: how many processes run the same command.
+    process_id: this one, in [0, num_processes).
+  """
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id must lie in [0, --num_processes = {num_processes}), got "
+                     f"{process_id}")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+@contextlib.contextmanager
+def errors(name: str) -> Iterator[None]:
+  """Bad input (ValueError, FileNotFoundError; io.ImageError is a ValueError) becomes one line
+  'name: error: ...' on stderr and exit status 1, not a traceback."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError) as e:
+    print(f"{name}: error: {e}", file=sys.stderr)
+    sys.exit(1)
