@@ -310,32 +310,56 @@ def _noise_fit(measured: Array, reference: Array, noise: Array) -> Array:
   return jnp.where(energy > 0, fitted, jnp.nan)
 
 
+def clipped_noise_moments(x: Array, sigma: Array) -> tuple[Array, Array]:
+  """Mean and variance of the error e = clip(x + sigma n, 0, 1) - x, n ~ N(0, 1), elementwise.
+
+  Clipping (DIP's protocol, and every sensor) makes the noise smaller and biased near 0 and 1:
+  with a = -x / sigma, b = (1 - x) / sigma and Phi, phi the normal cdf and pdf,
+  E e = sigma (phi(a) - phi(b)) - x Phi(a) + (1 - x)(1 - Phi(b)) and
+  E e^2 = sigma^2 (Phi(b) - Phi(a) + a phi(a) - b phi(b)) + x^2 Phi(a) + (1 - x)^2 (1 - Phi(b)).
+  """
+  a, b = -x / sigma, (1.0 - x) / sigma
+  pdf = lambda u: jnp.exp(-0.5 * u * u) / jnp.sqrt(2.0 * jnp.pi)
+  cdf_a, sf_b = jax.scipy.special.ndtr(a), jax.scipy.special.ndtr(-b)
+  mean = sigma * (pdf(a) - pdf(b)) - x * cdf_a + (1.0 - x) * sf_b
+  second = (sigma**2 * (1.0 - cdf_a - sf_b + a * pdf(a) - b * pdf(b)) + x**2 * cdf_a
+            + (1.0 - x) ** 2 * sf_b)
+  return mean, second - mean**2
+
+
 def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: Array,
-             sigma: Array) -> Array:
+             sigma: Array, clipped: Array | bool = False) -> Array:
   """Mean squared error of `measured` against the stage's noise-free target a x, without x.
 
-  The stage target is x_k = a (x + sigma n) + m: the observation y = x + sigma n with unknown
-  noise n, and known noise m that contains the probe a p (p = c sigma eps, fixed for the whole
-  fit). With f = `measured` and w = a sigma n + m, expanding |f - a x|^2 = |(f - x_k) + w|^2
-  the cross terms of n with m cancel exactly and
+  The stage target is x_k = a (x + e) + m: the observation y = x + e with unknown noise e, and
+  known noise m that contains the probe a p (p = c sigma eps, fixed for the whole fit). With
+  f = `measured`, expanding |f - a x|^2 = |(f - x_k) + a e + m|^2, the cross terms of e with m
+  cancel exactly and
 
     mean (f - a x)^2 = mean (f - x_k)^2 + 2 mean (f - a y) m - mean m^2
-                       - a^2 sigma^2 + 2 mean (f - a x) a sigma n.
+                       - a^2 mean e^2 + 2 a mean (f - a x) e.
 
-  Only the last term is unknown: how much of the unknown noise the output has fitted. The
-  network cannot tell the probe from it (both white, in every target in a fixed ratio), so it
-  fits both at the same rate lambda = mean (f - a y) a p / mean (a p)^2, measured on the probe,
-  and the term is 2 lambda a^2 sigma^2 (SURE, Stein's unbiased risk estimate, with the
-  divergence read off the probe instead of by perturbing the fit). The sampling error of lambda
-  (the chance correlation of n with p, of order 1 / (c sqrt(N))) is fixed for a fit, so it
-  shifts the estimate by an almost constant offset and leaves its minimum where it is; the
-  estimate can therefore be slightly negative. Shapes: images (h, w, C); scale, sigma scalars.
+  Only the last two terms are unknown. For white noise e = sigma n they are a^2 sigma^2
+  (2 lambda - 1), where lambda is the fraction of the noise the output has fitted. The network
+  cannot tell the probe from the unknown noise (both white, in every target in a fixed ratio),
+  so it fits both at the same rate, which the probe measures: lambda = mean (f - a y) a p /
+  mean (a p)^2 (SURE, Stein's unbiased risk estimate, with the divergence read off the probe
+  instead of by perturbing the fit). If y was `clipped` to [0, 1], e has a bias mu(x) (fitted
+  like the image) and a variance V(x) (fitted at rate lambda), :func:`clipped_noise_moments` at
+  x ~ f / a, and the terms are a^2 (mean mu^2 - mean V + 2 lambda mean V).
+
+  The sampling error of lambda (chance correlations with p, of order 1 / (c sqrt(N))) is almost
+  fixed for a fit: it shifts the estimate by a nearly constant offset and leaves its minimum
+  where it is (the estimate can even be slightly negative). Shapes: images (h, w, C); scale,
+  sigma, clipped scalars.
   """
   reference = target - noise  # a y
-  v = (scale * sigma) ** 2
   lam = _noise_fit(measured, reference, scale * probe)
+  bias, var = clipped_noise_moments(jnp.clip(measured / scale, 0.0, 1.0), sigma)
+  bias2 = jnp.where(clipped, jnp.mean(bias**2), 0.0)
+  var = jnp.where(clipped, jnp.mean(var), sigma**2)
   return (jnp.mean((measured - target) ** 2) + 2.0 * jnp.mean((measured - reference) * noise)
-          - jnp.mean(noise**2) - v + 2.0 * lam * v)
+          - jnp.mean(noise**2) + scale**2 * (bias2 - var + 2.0 * lam * var))
 
 
 def _variances(state: TrainState, out: Array, config: FitConfig) -> tuple[Array, ...]:
@@ -411,7 +435,10 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
     noise_fit_ema = _noise_fit(measured_ema, target - noise, noise)
     if problem.probe is not None and problem.sigma is not None:
       scale = 1.0 if problem.stage_scale is None else problem.stage_scale[stage]
-      mse_est_ema = sure_mse(measured_ema, target, noise, problem.probe, scale, problem.sigma)
+      y = problem.observation
+      clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)  # inside [0, 1]: taken as clipped
+      mse_est_ema = sure_mse(measured_ema, target, noise, problem.probe, scale, problem.sigma,
+                             clipped)
 
   record = dict(
       loss=loss,

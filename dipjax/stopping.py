@@ -108,7 +108,9 @@ def discrepancy(tau: float = 1.0) -> Criterion:
   return Criterion("discrepancy", patience=0, tau=tau)
 
 
-def staged(patience: int | None = None) -> Criterion:
+def staged(patience: int | None = 500) -> Criterion:
+  """The estimate is smooth (an EMA output's error), so a shorter patience than ES-WMV's
+  suffices to end a fit well past its minimum."""
   return Criterion("staged", patience=patience)
 
 

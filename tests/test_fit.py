@@ -190,30 +190,44 @@ def test_staged_problem_targets_probe_and_budgets():
                        schedule=sched, num_stages=1, t_max=0, sigma=sigma, final_share=0.5)
 
 
-def test_sure_mse_tracks_the_error_against_the_clean_stage_target():
-  """Outputs that fit a growing fraction of every noise in their target while a smooth bias
-  shrinks: the estimate (no ground truth) follows the true error up to a small constant, so it
-  has its minimum at the same output."""
+def test_clipped_noise_moments_match_sampling():
+  rng = np.random.default_rng(0)
+  x = np.array([0.0, 0.03, 0.5, 0.9, 1.0])
+  e = np.clip(x + 0.1 * rng.standard_normal((400_000, 5)), 0, 1) - x
+  mean, var = fit.clipped_noise_moments(jnp.asarray(x, jnp.float32), 0.1)
+  np.testing.assert_allclose(mean, e.mean(0), atol=1e-3)
+  np.testing.assert_allclose(var, e.var(0), rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_sure_mse_tracks_the_error_against_the_clean_stage_target(clipped):
+  """Outputs that fit a growing fraction of every noise in their target (and all of the
+  clipping bias) while a smooth error shrinks: the estimate (no ground truth) follows the true
+  error up to a small constant, so it has its minimum at the same output."""
   rng = np.random.default_rng(1)
   yy, xx = np.mgrid[0:128, 0:128] / 128
-  x = np.stack([0.5 + 0.3 * np.sin(6 * xx), 0.4 + 0.3 * yy, 0.6 - 0.2 * xx * yy], -1)
+  x = np.stack([0.5 + 0.45 * np.sin(6 * xx), 0.4 + 0.3 * yy, 0.9 + 0.1 * xx * yy], -1)
   sigma, a, b = 0.1, 0.95, 0.2
   n, probe_eps, eps = (rng.standard_normal(x.shape) for _ in range(3))
+  y = x + sigma * n
+  bias = 0.0
+  if clipped:
+    y = np.clip(y, 0, 1)
+    bias = np.asarray(fit.clipped_noise_moments(jnp.asarray(x, jnp.float32), sigma)[0])
   probe = 0.3 * sigma * probe_eps
   noise = a * probe + b * eps  # the known noise of the stage target
-  target = a * (x + sigma * n) + noise
-  fitted = np.linspace(0.0, 0.6, 13)
-  bias = 0.05 * np.cos(9 * yy)[..., None]
+  target = a * y + noise
   f32 = lambda v: jnp.asarray(v, jnp.float32)
+  smooth = 0.05 * np.cos(9 * yy)[..., None]
   est, true = [], []
-  for lam in fitted:
-    f = a * x + (1 - lam) ** 4 * bias + lam * (target - a * x)
+  for lam in np.linspace(0.0, 0.6, 13):
+    f = a * (x + bias) + (1 - lam) ** 4 * smooth + lam * (target - a * (x + bias))
     est.append(float(fit.sure_mse(f32(f), f32(target), f32(noise), f32(probe), f32(a),
-                                  f32(sigma))))
+                                  f32(sigma), clipped)))
     true.append(float(np.mean((f - a * x) ** 2)))
   est, true = np.array(est), np.array(true)
-  assert 0 < np.argmin(true) < len(fitted) - 1  # an interior optimum
+  assert 0 < np.argmin(true) < len(true) - 1  # an interior optimum
   assert np.argmin(est) == np.argmin(true)
   offset = est - true
   assert np.std(offset) < 0.05 * np.ptp(true), (offset, true)
-  assert abs(np.mean(offset)) < 0.2 * np.min(true)
+  assert abs(np.mean(offset)) < 0.2 * np.min(true), (offset, true)
