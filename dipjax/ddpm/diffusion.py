@@ -166,7 +166,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_start: Array, timesteps: Ar
     timesteps: (nfe,) int strictly decreasing in [1, T], timesteps[0] = t*
       (:func:`timestep_sequence`); static length.
     key: noise for eta > 0.
-    eta: 0 (DDIM) .. 1 (DDPM).
+    eta: 0 (DDIM) .. 1 (DDPM), a Python float (eta = 0 draws no noise).
     clip_x0: clip each predicted x0 to [-1, 1] (and recompute eps from it): right when sampling
       from noise, where early predictions overshoot; a no-op for predictions inside the range.
 
@@ -179,6 +179,8 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_start: Array, timesteps: Ar
     abar_s = schedule.alphas_cumprod[s]
     var = eta ** 2 * posterior_mean_variance(schedule, x0, x, t, s)[1]
     x_s = jnp.sqrt(abar_s) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_s - var, 0.0)) * eps
+    if eta == 0:
+      return x_s
     return x_s + jnp.sqrt(var) * jax.random.normal(k, x.shape, x.dtype)
 
   return _scan_steps(step, x_start, timesteps, key)
