@@ -149,17 +149,17 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
       (:func:`targets.stage_timesteps`, :func:`targets.staged_targets`).
     sigma: the observation's noise std in [0, 1] units, known or estimated.
     final_share: fraction of `iters` given to the last stage (the rest split equally);
-      None splits all equally.
+      None splits all equally (with one stage it has nothing to split).
   """
   if probe_ratio < 0:
     raise ValueError(f"probe_ratio must be >= 0, got {probe_ratio}")
   weights = None
   if final_share is not None:
-    if not 0.0 < final_share < 1.0 or num_stages < 2:
-      raise ValueError(f"final_share must lie in (0, 1) with at least 2 stages, got "
-                       f"{final_share} with {num_stages}")
-    rest = (1.0 - final_share) / (num_stages - 1)
-    weights = np.array([rest] * (num_stages - 1) + [final_share])
+    if not 0.0 < final_share < 1.0:
+      raise ValueError(f"final_share must lie in (0, 1), got {final_share}")
+    if num_stages > 1:
+      rest = (1.0 - final_share) / (num_stages - 1)
+      weights = np.array([rest] * (num_stages - 1) + [final_share])
   ends = targets_lib.stage_ends(targets_lib.stage_lengths(iters, num_stages, weights))
   k_probe, k_stages = jax.random.split(key)
   y = jnp.asarray(observation, jnp.float32)

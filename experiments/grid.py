@@ -282,8 +282,7 @@ def _method_configs(spec: GridSpec, path: str, sigma: float, method: str) -> lis
     staged = [dict(schedule=s, stages=k, t_max=t, fresh_eps=f, probe=float(p), final_share=q)
               for s, k, t, f, p, q in itertools.product(
                   spec.schedules, spec.stages, spec.t_max, spec.fresh_eps, spec.probes,
-                  spec.final_shares)
-              if q is None or k > 1]
+                  spec.final_shares)]
   configs = []
   for n, w, loss, s in itertools.product(spec.nets, spec.widths, spec.losses, staged):
     # 'staged' needs a probe; the default loss is left out of the key (rows from before losses

@@ -145,8 +145,7 @@ class _Settings:
          f"--stages ({_STAGES.value}) cannot exceed --iters ({self.iters})"),
         (_METHOD.value == "staged" and _PROBE.value < 0, "--probe must be >= 0"),
         (_METHOD.value == "staged" and _FINAL_SHARE.value is not None and
-         (not 0 < _FINAL_SHARE.value < 1 or _STAGES.value < 2),
-         "--final_share must lie in (0, 1) and needs --stages >= 2"),
+         not 0 < _FINAL_SHARE.value < 1, "--final_share must lie in (0, 1)"),
         ("staged" in _STOP.value and (_METHOD.value != "staged" or not _PROBE.value),
          "--stop staged needs --method staged with --probe > 0"),
         (_SEEDS.value < 1, f"--seeds must be >= 1, got {_SEEDS.value}"),

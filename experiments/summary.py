@@ -276,13 +276,14 @@ def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
     groups = collections.defaultdict(list)
     for row in fits:
       if axis in row["config"]:
-        rest = {k: v for k, v in row["config"].items() if k not in PLACE + (axis,)}
+        rest = {k: v for k, v in row["config"].items()
+                if k not in PLACE + (axis, "criteria")}
         groups[json.dumps(rest, sort_keys=True)].append(row)
     for rest, members in groups.items():
       values = sorted({r["config"][axis] for r in members}, key=json.dumps)
       if len(values) < 2:
         continue
-      criteria = json.loads(rest)["criteria"]
+      criteria = list(dict.fromkeys(c for r in members for c in r["config"]["criteria"]))
       body, used = [], []
       for column in _columns(members):
         here = [r for r in members if _column(r) == column]
@@ -291,10 +292,12 @@ def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
         for v in values:
           chosen = [r for r in here if r["config"][axis] == v and r["config"]["image"] in common]
           used += chosen
-          body.append([f"{column[0]} σ={column[1]:g}", str(v), str(len(common))] + [
-              f"{np.mean([_single(r, c)[0] for r in chosen]):.2f}" if chosen else "—"
+          shown = "equal stages" if v is None and axis == "final_share" else str(v)
+          body.append([f"{column[0]} σ={column[1]:g}", shown, str(len(common))] + [
+              f"{np.mean([_single(r, c)[0] for r in chosen]):.2f}"
+              if chosen and all(c in r["criteria"] for r in chosen) else "—"
               for c in criteria])
-      fixed = ", ".join(f"{k}={v}" for k, v in json.loads(rest).items() if k != "criteria")
+      fixed = ", ".join(f"{k}={v}" for k, v in json.loads(rest).items())
       heading = f"### Ablation: {axis}\n\nFixed: {fixed}. Mean PSNR (dB) of single fits."
       header = ["set σ", axis, "images"] + [_criterion_name(c) for c in criteria]
       out.append((heading, _table(header, body), used))

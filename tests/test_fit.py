@@ -187,7 +187,7 @@ def test_staged_problem_targets_probe_and_budgets():
                        schedule=sched, num_stages=2, t_max=9, sigma=sigma, probe_ratio=-1)
   with pytest.raises(ValueError, match="final_share"):
     fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
-                       schedule=sched, num_stages=1, t_max=0, sigma=sigma, final_share=0.5)
+                       schedule=sched, num_stages=2, t_max=9, sigma=sigma, final_share=1.5)
 
 
 def test_clipped_noise_moments_match_sampling():
