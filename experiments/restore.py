@@ -5,10 +5,16 @@ r"""Restores one image with Deep Image Prior, plain or with DDPM-staged targets.
   python experiments/restore.py --image x.png --task inpaint --mask m.png
   python experiments/restore.py --image x.png --task sr --factor 4
   python experiments/restore.py --preset paper         # the DIP paper's network and budget
+  python experiments/restore.py --method ddpm --nfe 10 # dipjax's own DDPM alone (denoising)
+  python experiments/restore.py --method dip_ddpm      # 300 DIP iterations, then the DDPM
 
 Writes to --out_dir: restored.png (EMA output; the mean over seeds when --seeds > 1),
 degraded.png (and degraded.npy, the exact float observation), metrics.json, trace.csv,
-psnr.png, and checkpoints/ with --checkpoint_every.
+psnr.png, and checkpoints/ with --checkpoint_every. The DDPM methods (denoising only, with the
+weights of experiments/train_ddpm.py): ddpm runs no fit (restored.png, degraded.png/.npy,
+metrics.json); dip_ddpm and dip_guided refine the fit's restored EMA output with the DDPM
+(dipjax.ddpm.restore), whose result is restored.png; metrics.json's "ddpm" holds that stage's
+t*, NFE, wall time and PSNR/SSIM, "dip" the fit's own.
 """
 
 from __future__ import annotations
@@ -41,8 +47,15 @@ from dipjax import operators
 from dipjax import plots
 from dipjax import schedules
 from dipjax import stopping
+from dipjax.ddpm import restore as ddpm_restore
+from dipjax.ddpm import train as ddpm_train
+from dipjax.ddpm import unet as ddpm_unet
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+DDPM_METHODS = ("ddpm", "dip_ddpm", "dip_guided")
+HYBRIDS = ("dip_ddpm", "dip_guided")  # a DIP fit, then the DDPM
+HYBRID_ITERS = 300  # the hybrids' DIP budget when --iters is not given: the DDPM finishes it
+DDPM_STREAM = 10  # fold_in data of the DDPM stage's key (apart from the fits')
 
 _IMAGE = flags.DEFINE_string("image", os.path.join(ASSETS, "house.png"), "Image to restore.")
 _TASK = flags.DEFINE_enum("task", "denoise", ["denoise", "inpaint", "sr"], "Restoration task.")
@@ -57,8 +70,13 @@ _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image: white = known 
 _FACTOR = flags.DEFINE_integer("factor", 4, "Super-resolution factor (2, 4 or 8).")
 _KERNEL = flags.DEFINE_enum("kernel", "lanczos", ["lanczos", "box"], "SR down-sampling kernel.")
 _CROP = flags.DEFINE_integer("crop", 0, "Centre-crop the image to this size first (0: no crop).")
-_METHOD = flags.DEFINE_enum("method", "dip", ["dip", "staged"],
-                            "dip: fit y; staged: fit DDPM-noised targets, noisiest first.")
+_METHOD = flags.DEFINE_enum("method", "dip", ["dip", "staged", "ddpm", "dip_ddpm", "dip_guided"],
+                            "dip: fit y; staged: fit DDPM-noised targets, noisiest first; "
+                            "ddpm: dipjax's DDPM alone (DDIM from the timestep matched to sigma); "
+                            "dip_ddpm: a DIP fit, its output forward-noised to the timestep "
+                            "matched to its estimated error and denoised by the DDPM; "
+                            "dip_guided: the DDPM from y with every x0 prediction blended with "
+                            "the DIP output. The DDPM methods denoise only.")
 _SCHEDULE = flags.DEFINE_enum("schedule", "linear", ["linear", "cosine"], "Noise schedule.")
 _STAGES = flags.DEFINE_integer("stages", 4, "Number of stages for --method staged.")
 _T_MAX = flags.DEFINE_integer("t_max", 100, "Timestep of the noisiest stage target.")
@@ -70,7 +88,8 @@ _FINAL_SHARE = flags.DEFINE_float("final_share", None, "--method staged: fractio
                                   "for the last stage (default: equal stages).")
 _SCALED = flags.DEFINE_bool("scaled_targets", True,
                             "Targets sqrt(abar) y + sqrt(1-abar) eps (else y + sigma_t eps).")
-_ITERS = flags.DEFINE_integer("iters", 500, "Total iterations (a multiple of --log_every).")
+_ITERS = flags.DEFINE_integer("iters", 500, "Total iterations (a multiple of --log_every; "
+                              f"{HYBRID_ITERS} for dip_ddpm / dip_guided unless given).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Independent fits, averaged into restored.png.")
 _NET = flags.DEFINE_enum("net", "skip", list(nets.NETS), "Network.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Channels per scale.")
@@ -104,6 +123,18 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Iterations between progress
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 0, "Iterations between checkpoints (a multiple of --log_every; 0: none).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --out_dir.")
+_DDPM_WEIGHTS = flags.DEFINE_string(
+    "ddpm_weights", os.path.join(ASSETS, "ddpm_colour.npz"), "The DDPM methods' U-Net: the "
+    ".npz of experiments/train_ddpm.py (dipjax.ddpm.train.save_weights).")
+_NFE = flags.DEFINE_integer("nfe", 10, "DDPM methods: network evaluations (DDIM steps).")
+_DDPM_SAMPLES = flags.DEFINE_integer("ddpm_samples", 1, "DDPM methods: samples averaged (they "
+                                     "differ with --ddpm_eta > 0, or dip_ddpm's fresh noise).")
+_DDPM_ETA = flags.DEFINE_float("ddpm_eta", 0.0, "DDPM methods: 0 DDIM (deterministic) .. 1 "
+                               "ancestral sampling.")
+_GUIDE_WEIGHT = flags.DEFINE_float(
+    "guide_weight", None, "dip_guided: a constant blending weight w in [0, 1], x0 <- (1 - w) x0 "
+    "+ w x_dip at every step; default: the inverse-variance weights s_t^2 / (s_t^2 + 4 est_mse) "
+    "(dipjax.ddpm.restore.guide_weight).")
 _PRESET = flags.DEFINE_enum(
     "preset", "default", ["default", "paper"],
     "paper: the DIP paper's network (paper_f16: 128 channels x 5 scales) and its notebooks' "
@@ -117,6 +148,8 @@ class _Settings:
   def __init__(self):
     self.net_name, self.width, self.scales = _NET.value, _WIDTH.value, _SCALES.value
     self.iters, self.reg_noise_std = _ITERS.value, _REG_NOISE.value
+    if _METHOD.value in HYBRIDS and not flags.FLAGS["iters"].present:
+      self.iters = HYBRID_ITERS
     if _PRESET.value == "paper":
       if _TASK.value == "inpaint":
         raise ValueError("--preset paper covers denoise and sr (the DIP notebooks tune "
@@ -161,6 +194,20 @@ class _Settings:
          f"--loss {_LOSS.value} needs --vgg19 (no weights ship with dipjax)"),
         (_WINDOW.value < 1, f"--window must be positive, got {_WINDOW.value}"),
     ]
+    if _METHOD.value in DDPM_METHODS:
+      m = f"--method {_METHOD.value}"
+      checks += [
+          (_TASK.value != "denoise", f"{m} denoises only, not --task {_TASK.value}"),
+          (not self.sigma and not _NOISY.value, f"{m} needs the noise level: --sigma > 0, or "
+           "--noisy (the level is estimated from the observation)"),
+          (_NFE.value < 1, f"--nfe must be >= 1, got {_NFE.value}"),
+          (_DDPM_SAMPLES.value < 1, f"--ddpm_samples must be >= 1, got {_DDPM_SAMPLES.value}"),
+          (not 0 <= _DDPM_ETA.value <= 1, f"--ddpm_eta must lie in [0, 1], got {_DDPM_ETA.value}"),
+          (_GUIDE_WEIGHT.value is not None and not 0 <= _GUIDE_WEIGHT.value <= 1,
+           f"--guide_weight must lie in [0, 1], got {_GUIDE_WEIGHT.value}"),
+          (_METHOD.value == "ddpm" and (_STOP.value or _RESUME.value or _CHECKPOINT_EVERY.value),
+           "--method ddpm fits nothing: --stop, --resume and --checkpoint_every do not apply"),
+      ]
     for failed, message in checks:
       if failed:
         raise ValueError(message)
@@ -168,6 +215,16 @@ class _Settings:
     self.log_every = _LOG_EVERY.value
     self.segment = math.gcd(self.log_every, 100)
     self.factor = _FACTOR.value if _TASK.value == "sr" else 1
+    self.ddpm = _load_ddpm() if _METHOD.value in DDPM_METHODS else None
+
+
+def _load_ddpm():
+  """(params, UNetConfig) from --ddpm_weights; FileNotFoundError / ValueError if unusable."""
+  path = _DDPM_WEIGHTS.value
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no DDPM weights file {path}: run experiments/train_ddpm.py or "
+                            "pass --ddpm_weights")
+  return ddpm_train.load_weights(path)
 
 
 def _degrade(s: _Settings):
@@ -216,7 +273,7 @@ def _degrade(s: _Settings):
   return y.astype(np.float32), clean, op, padding
 
 
-def _problem(key, s: _Settings, y, clean, op) -> fit.Problem:
+def _problem(key, s: _Settings, y, clean, op, sigma: float) -> fit.Problem:
   """The fit problem: plain DIP (one for all seeds), or the staged targets (stacked per seed:
   each seed its own probe and stage noise, which then average out over the seeds)."""
   height, width = y.shape[0] * s.factor, y.shape[1] * s.factor
@@ -234,7 +291,7 @@ def _problem(key, s: _Settings, y, clean, op) -> fit.Problem:
     net_input = inputs.ddpm_noised(k_input, jnp.asarray(y_full), schedule, t,
                                    fresh=_INPUT_FRESH.value, extra_channels=_INPUT_EXTRA.value,
                                    reg_noise_std=s.reg_noise_std)
-  sigma = jnp.asarray(_noise_sigma(s, y), jnp.float32)
+  sigma = jnp.asarray(sigma, jnp.float32)
   loss_params = losses.load_vgg19(_VGG19.value) if losses.needs_params(_LOSS.value) else None
   y = jnp.asarray(y)
   clean = None if clean is None else jnp.asarray(clean)
@@ -289,11 +346,91 @@ def _cache_events() -> collections.Counter:
   return counts
 
 
+def _ddpm_stage(s: _Settings, y: np.ndarray, sigma: float,
+                x_hat: np.ndarray | None) -> tuple[np.ndarray, dict]:
+  """--method's DDPM on the observation y (H, W, C) and, for the hybrids, the DIP estimate
+  x_hat (H, W, C), jitted once: (restored (H, W, C), the stage's settings and timings)."""
+  params, config = s.ddpm
+  schedule = schedules.get(config.schedule, config.num_steps)
+  method, nfe = _METHOD.value, _NFE.value
+  kw = dict(samples=_DDPM_SAMPLES.value, eta=_DDPM_ETA.value, config=config)
+  est = None if x_hat is None else float(ddpm_restore.estimate_dip_error(x_hat, y, sigma))
+
+  def restore(params, key):
+    eps = ddpm_unet.eps_fn(config, params)
+    if method == "ddpm":
+      return ddpm_restore.ddpm_denoise(eps, schedule, y, sigma, nfe, key, **kw)
+    if method == "dip_ddpm":
+      return ddpm_restore.dip_ddpm(eps, schedule, x_hat, est, nfe, key, **kw)
+    return ddpm_restore.dip_guided(eps, schedule, x_hat, y, sigma, nfe, key,
+                                   weight=_GUIDE_WEIGHT.value, est_mse=est, **kw)
+
+  key = jax.random.fold_in(jax.random.PRNGKey(_SEED.value), DDPM_STREAM)
+  t0 = time.perf_counter()
+  compiled = jax.jit(restore).lower(params, key).compile()
+  t1 = time.perf_counter()
+  restored = np.asarray(compiled(params, key))
+  t2 = time.perf_counter()
+  t_start = int(ddpm_restore.dip_timestep(schedule, est) if method == "dip_ddpm"
+                else ddpm_restore.matched_timestep(schedule, sigma))
+  logging.info("DDPM (%s): t* = %d, %d evaluations in %.2f s (compiled in %.1f s)", method,
+               t_start, nfe, t2 - t1, t1 - t0)
+  return restored, dict(
+      weights=os.path.abspath(_DDPM_WEIGHTS.value), model=json.loads(config.to_json()),
+      t_start=t_start, nfe=nfe, steps=min(nfe, t_start), samples=kw["samples"], eta=kw["eta"],
+      sigma=round(255 * sigma, 4), est_mse=est,
+      guide_weight=_GUIDE_WEIGHT.value if method == "dip_guided" else None,
+      compile_seconds=round(t1 - t0, 2), seconds=round(t2 - t1, 3))
+
+
+def _run_ddpm(s: _Settings) -> None:
+  """--method ddpm: the DDPM alone on the observation, no fit."""
+  y, clean, _, padding = _degrade(s)
+  y = io.unpad(y, padding)
+  ddpm_restore.check_channels(s.ddpm[1], y.shape[-1])
+  restored, info = _ddpm_stage(s, y, _ddpm_sigma(s, y), None)
+  out_dir = _OUT_DIR.value
+  os.makedirs(out_dir, exist_ok=True)
+  io.save_image(os.path.join(out_dir, "restored.png"), restored)
+  io.save_image(os.path.join(out_dir, "degraded.png"), y)
+  np.save(os.path.join(out_dir, "degraded.npy"), y)
+  result = dict(image=os.path.abspath(_IMAGE.value), task=_TASK.value, method="ddpm",
+                sigma=s.sigma, device=jax.default_backend(), ddpm=info)
+  if clean is not None:
+    truth = io.unpad(clean, padding)
+    info.update(_score(restored, truth))
+    result.update(restored=_score(restored, truth), degraded=_score(y, truth))
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  summary = result.get("restored", {})
+  logging.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+  print(json.dumps({k: info[k] for k in ("t_start", "nfe", "compile_seconds", "seconds")}
+                   | summary))
+
+
+def _score(x: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+  return dict(psnr=float(metrics.psnr(x, truth)), ssim=float(metrics.ssim(x, truth)))
+
+
+def _ddpm_sigma(s: _Settings, y: np.ndarray) -> float:
+  """The noise level for the DDPM methods (:func:`_noise_sigma`); ValueError if it is 0."""
+  sigma = _noise_sigma(s, y)
+  if sigma <= 0:
+    raise ValueError(f"--method {_METHOD.value} needs the noise level, but none was given and "
+                     "the estimate from the observation is 0: pass --sigma")
+  return sigma
+
+
 def run(s: _Settings) -> None:
+  if _METHOD.value == "ddpm":
+    return _run_ddpm(s)
   cache = _cache_events()
   out_dir = _OUT_DIR.value
   ckpt_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
   y, clean, op, padding = _degrade(s)
+  if s.ddpm is not None:
+    ddpm_restore.check_channels(s.ddpm[1], y.shape[-1])
+  sigma = _ddpm_sigma(s, y) if s.ddpm is not None else _noise_sigma(s, y)
   net = nets.make(s.net_name, s.width, s.scales, out_channels=y.shape[-1],
                   dtype=jnp.dtype(_DTYPE.value))
   config = fit.FitConfig(
@@ -302,7 +439,7 @@ def run(s: _Settings) -> None:
       halt=s.criteria[0] if _HALT.value else None, loss=_LOSS.value)
   key = jax.random.PRNGKey(_SEED.value)
   k_problem, k_fits = jax.random.split(key)
-  problem = _problem(k_problem, s, y, clean, op)
+  problem = _problem(k_problem, s, y, clean, op, sigma)
   shared = _METHOD.value != "staged"
   ends = np.asarray(problem.ends if shared else problem.ends[0])
   states = fit.init_many(jax.random.split(k_fits, _SEEDS.value), net, problem, config,
@@ -350,17 +487,21 @@ def run(s: _Settings) -> None:
       break
   fit_s = time.perf_counter() - t_fit
   ran = int(states.step[0]) - start
-  _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, compile_s, fit_s, ran)
+  _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, compile_s, fit_s, ran,
+                 sigma)
 
 
 def _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, compile_s, fit_s,
-                   ran):
+                   ran, sigma):
   os.makedirs(out_dir, exist_ok=True)
   unpad = lambda x: io.unpad(x, _scaled(padding, s.factor))
   stops = {name: (np.asarray(step), [unpad(x) for x in np.asarray(kept)])
            for name, (step, kept) in fit.stops(states, config).items()}
   final_ema = [unpad(x) for x in np.asarray(states.ema)]
   restored = np.mean(stops[s.criteria[0].name][1] if s.criteria else final_ema, axis=0)
+  dip_restored, ddpm_info = restored, None
+  if s.ddpm is not None:
+    restored, ddpm_info = _ddpm_stage(s, io.unpad(y, padding), sigma, dip_restored)
   io.save_image(os.path.join(out_dir, "restored.png"), restored)
   io.save_image(os.path.join(out_dir, "degraded.png"), io.unpad(y, padding))
   np.save(os.path.join(out_dir, "degraded.npy"), io.unpad(y, padding))  # exact, for baselines
@@ -380,8 +521,13 @@ def _write_outputs(s, out_dir, states, config, trace, y, clean, padding, ends, c
     result["per_seed"] = [dict(output=score(o), ema=score(e))
                           for o, e in zip(final_out, final_ema)]
     result["restored"] = score(restored)
+    if ddpm_info is not None:
+      ddpm_info.update(score(restored))
+      result["dip"] = score(dip_restored)
     if _TASK.value == "denoise" or s.factor == 1:
       result["degraded"] = score(io.unpad(y, padding))
+  if ddpm_info is not None:
+    result["ddpm"] = ddpm_info
   result["stops"] = {
       name: dict(iteration=[int(i) + 1 for i in steps],
                  **({"per_seed": [score(x) for x in kept], "mean_of_seeds": score(

@@ -22,6 +22,7 @@ from dipjax.schedules import Schedule
 
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
+X0Fn = Callable[[Array, Array], Array]
 
 
 def to_model(x: Array) -> Array:
@@ -125,15 +126,19 @@ def timestep_sequence(t_start: int, nfe: int) -> np.ndarray:
   return (-(-t_start * (nfe - i) // nfe)).astype(np.int32)
 
 
-def _x0_eps(eps_fn: EpsFn, schedule: Schedule, x: Array, t: Array,
-            clip_x0: bool) -> tuple[Array, Array]:
-  """The prediction at (x_t, t) as (x0, eps); with clip_x0, x0 is clipped to [-1, 1] and eps
-  recomputed from it (so the two stay consistent with x_t, as in guided-diffusion's DDIM)."""
+def _x0_eps(eps_fn: EpsFn, schedule: Schedule, x: Array, t: Array, clip_x0: bool,
+            x0_fn: X0Fn | None = None) -> tuple[Array, Array]:
+  """The prediction at (x_t, t) as (x0, eps); with clip_x0, x0 is clipped to [-1, 1], then
+  x0_fn (if any) is applied, and eps is recomputed from the result (so the two stay consistent
+  with x_t, as in guided-diffusion's DDIM)."""
   ts = jnp.full((x.shape[0],), t, jnp.int32)
   eps = eps_fn(x, ts)
   x0 = predict_x0(schedule, x, t, eps)
-  if clip_x0:
-    x0 = jnp.clip(x0, -1.0, 1.0)
+  if clip_x0 or x0_fn is not None:
+    if clip_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+    if x0_fn is not None:
+      x0 = x0_fn(x0, t)
     abar = schedule.alphas_cumprod[t]
     eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
   return x0, eps
@@ -150,7 +155,8 @@ def _scan_steps(step, x_start: Array, timesteps: Array, key: Array) -> Array:
 
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_start: Array, timesteps: Array,
-                key: Array, eta: float = 0.0, clip_x0: bool = True) -> Array:
+                key: Array, eta: float = 0.0, clip_x0: bool = True,
+                x0_fn: X0Fn | None = None) -> Array:
   """DDIM (Song et al. 2021) from x_{t*} to x_0, one eps_fn evaluation per timestep.
 
   Each step t -> s (the next timestep, 0 after the last) predicts x0 and eps, then
@@ -169,13 +175,16 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_start: Array, timesteps: Ar
     eta: 0 (DDIM) .. 1 (DDPM), a Python float (eta = 0 draws no noise).
     clip_x0: clip each predicted x0 to [-1, 1] (and recompute eps from it): right when sampling
       from noise, where early predictions overshoot; a no-op for predictions inside the range.
+    x0_fn: an optional ``x0_fn(x0 (N, H, W, C), t () int32) -> x0`` applied to every predicted
+      x0 (after clipping), eps being recomputed from its result: a hook for data consistency
+      (:func:`dipjax.ddpm.restore.dip_guided`). None: the plain sampler.
 
   Returns:
     x_0, (N, H, W, C) in [-1, 1] units (the last step returns its predicted x0).
   """
 
   def step(x, t, s, k):
-    x0, eps = _x0_eps(eps_fn, schedule, x, t, clip_x0)
+    x0, eps = _x0_eps(eps_fn, schedule, x, t, clip_x0, x0_fn)
     abar_s = schedule.alphas_cumprod[s]
     var = eta ** 2 * posterior_mean_variance(schedule, x0, x, t, s)[1]
     x_s = jnp.sqrt(abar_s) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_s - var, 0.0)) * eps
