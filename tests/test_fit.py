@@ -2,10 +2,6 @@
 divergence rolls back; stages follow their budgets. One tiny network and shape for the whole
 module, so each compiled function is built once."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,34 +90,6 @@ def test_many_fits_reject_a_batch_that_does_not_divide(problem):
   with pytest.raises(ValueError, match="devices"):
     fit.fit_many(states, problem, SEG, net=NET, config=CONFIG,
                  mesh=fit.fits_mesh(jax.devices() * 3))
-
-
-_SHARDED = """
-import jax, numpy as np
-from dipjax import fit, inputs, nets, operators
-assert jax.device_count() == 4
-net, config = nets.make("skip", width=4, scales=2), fit.FitConfig(segment=10)
-y = jax.random.uniform(jax.random.PRNGKey(0), (16, 16, 3))
-problem = fit.plain_problem(inputs.dip_noise(jax.random.PRNGKey(1), 16, 16, channels=4), y,
-                            operators.identity(), 10)
-keys = jax.random.split(jax.random.PRNGKey(2), 4)
-init = lambda: fit.init_many(keys, net, problem, config)
-one, t1, _ = fit.fit_many(init(), problem, 10, net=net, config=config)
-many, t4, _ = fit.fit_many(init(), problem, 10, net=net, config=config, mesh=fit.fits_mesh())
-assert len(many.ema.sharding.device_set) == 4
-np.testing.assert_allclose(np.asarray(t4.loss)[:, :3], np.asarray(t1.loss)[:, :3], rtol=1e-5)
-np.testing.assert_allclose(np.asarray(many.ema), np.asarray(one.ema), atol=1e-2)
-print("sharded ok")
-"""
-
-
-def test_many_fits_sharded_over_four_devices_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
-                       text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "sharded ok" in out.stdout
 
 
 def test_many_fits_over_stacked_problems(problem):

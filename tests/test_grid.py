@@ -247,17 +247,18 @@ def test_bad_grids_are_clear_errors(tmp_path):
       f"{tmp_path / 'empty'}")
 
 
-def test_two_processes_equal_one_process_over_as_many_devices(tmp_path):
-  """A grid run by 2 processes x 2 CPU devices (jax.distributed, gloo) writes the rows one
-  process writes with its seeds sharded over 4 devices (the same per-device work)."""
+def test_two_processes_over_four_devices_equal_one_device(tmp_path):
+  """A grid run by 2 processes x 2 CPU devices (jax.distributed, gloo; each config's seeds
+  sharded over the 4 devices with shard_map, process 0 writing) writes the rows of a plain
+  single-device run, up to float rounding (there the 4 seeds are vmapped together)."""
   image = str(_write_images(tmp_path / "imgs", 1) / "im0.png")
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   args = [sys.executable, os.path.join(ROOT, "experiments", "grid.py"), f"--images={image}",
           "--crop=0", "--methods=staged", "--stages=2", "--t_max=10", "--widths=4",
-          "--scales=2", "--seeds=4", "--iters=20", "--window=5", "--cache_dir=",
-          "--criteria=fixed,oracle,es_wmv,staged"]
+          "--scales=2", "--seeds=4", "--iters=20", "--cache_dir=",
+          "--criteria=fixed,oracle,staged"]
   env = lambda n: dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
                        JAX_PLATFORMS="cpu")
   multi = [subprocess.Popen(args + [f"--out={tmp_path / 'multi.jsonl'}",
@@ -265,8 +266,8 @@ def test_two_processes_equal_one_process_over_as_many_devices(tmp_path):
                                     f"--process_id={i}"], env=env(2), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
-  single = subprocess.run(args + [f"--out={tmp_path / 'single.jsonl'}", "--shard"], env=env(4),
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  single = subprocess.run(args + [f"--out={tmp_path / 'single.jsonl'}"], env=env(1), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-2000:]
   for proc in multi:
     _, err = proc.communicate(timeout=600)
@@ -277,4 +278,4 @@ def test_two_processes_equal_one_process_over_as_many_devices(tmp_path):
     for name in a["config"]["criteria"]:
       assert a["criteria"][name]["stop"] == b["criteria"][name]["stop"], name
       np.testing.assert_allclose(a["criteria"][name]["psnr"], b["criteria"][name]["psnr"],
-                                 atol=1e-3)
+                                 atol=1e-2)

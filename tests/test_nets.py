@@ -53,6 +53,7 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   y32, y16 = apply(f32), apply(bf16)
   assert y16.dtype == jnp.float32
   assert float(jnp.abs(y16 - y32).max()) < 0.05
-  grads = jax.grad(lambda p: jnp.sum(bf16.apply({**variables, "params": p}, x,
-                                                mutable=["batch_stats"])[0]))(variables["params"])
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(bf16.apply({**variables, "params": p}, x,
+                                                        mutable=["batch_stats"])[0])))(
+                                                            variables["params"])
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
