@@ -49,7 +49,8 @@ if [[ "${1:-}" != summaries ]]; then
   ablate --losses=mse,mse_ssim
 fi
 
-summary() {  # name, title, then summary.py flags
+summary() {  # name, title; a grid with no rows yet is passed over
+  [[ -f $OUT/$1.jsonl ]] || { echo "no rows yet in $OUT/$1.jsonl"; return 0; }
   python experiments/summary.py --results=$OUT/$1.jsonl --out_md=docs/results/stopping/$1.md \
     --fig_dir=docs/results/stopping/$1 --title="$2" --criterion=staged
 }
