@@ -176,6 +176,14 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
                  jnp.asarray(sigma, jnp.float32), noise, probe, scale)
 
 
+def staged_problems(key: Array, num_fits: int, *args, **kwargs) -> Problem:
+  """`num_fits` staged problems stacked along a leading model axis (``fit_many(...,
+  shared=False)``), fit i with key fold_in(key, i): each its own probe and stage noise, which
+  then average out in an ensemble. Other arguments as for :func:`staged_problem`."""
+  return stack([staged_problem(jax.random.fold_in(key, i), *args, **kwargs)
+                for i in range(num_fits)])
+
+
 @flax.struct.dataclass
 class Snapshot:
   params: PyTree

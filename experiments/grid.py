@@ -48,6 +48,7 @@ import cli
 from dipjax import fit
 from dipjax import inputs
 from dipjax import io
+from dipjax import losses
 from dipjax import metrics
 from dipjax import nets
 from dipjax import operators
@@ -57,6 +58,7 @@ from dipjax import stopping
 METHODS = ("dip", "staged", "ddpm_input", "ddpm_input_staged", "bm3d")
 STAGED = ("staged", "ddpm_input_staged")
 DDPM_INPUT = ("ddpm_input", "ddpm_input_staged")
+LOSSES = tuple(name for name in losses.LOSSES if not losses.needs_params(name))  # no weights
 DDPM_INPUT_SCHEDULE = "linear"  # ddpm_input's schedule: its input depends on sigma, not on it
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CURVES = ("psnr_clean_ema", "psnr_clean", "psnr_obs_ema", "psnr_target_ema", "stage", "wmv",
@@ -143,9 +145,8 @@ class GridSpec:
     checks = [
         (_unknown(self.methods, METHODS), f"--methods: unknown {_unknown(self.methods, METHODS)}"
          f"; valid methods are {', '.join(METHODS)}"),
-        (_unknown(self.losses, ("mse", "l1", "mse_ssim")), f"--losses: unknown "
-         f"{_unknown(self.losses, ('mse', 'l1', 'mse_ssim'))}; valid losses are mse, l1, "
-         "mse_ssim"),
+        (_unknown(self.losses, LOSSES), f"--losses: unknown {_unknown(self.losses, LOSSES)}; "
+         f"valid losses are {', '.join(LOSSES)}"),
         (_unknown(self.nets, nets.NETS), f"--nets: unknown {_unknown(self.nets, nets.NETS)}; "
          f"valid networks are {', '.join(nets.NETS)}"),
         (self.crop < 0, f"--crop must be >= 0, got {self.crop}"),
@@ -376,12 +377,11 @@ def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
   if shared:
     problem = fit.plain_problem(net_input, y, operators.identity(), config["iters"], truth, sigma)
   else:  # each seed its own probe and stage noise, so that they average out in the ensemble
-    problem = fit.stack([fit.staged_problem(
-        jax.random.fold_in(k_targets, i), net_input, y, operators.identity(), config["iters"],
+    problem = fit.staged_problems(
+        k_targets, config["seeds"], net_input, y, operators.identity(), config["iters"],
         schedule=schedules.get(config["schedule"]), num_stages=config["stages"],
         t_max=config["t_max"], sigma=sigma, probe_ratio=config["probe"],
         fresh_noise=config["fresh_eps"], final_share=config["final_share"], clean=truth)
-        for i in range(config["seeds"])])
     info["stage_ends"] = [int(e) for e in problem.ends[0]]
   chunk = math.gcd(config["iters"], CHUNK_ITERS)
   criteria = tuple(stopping.get(c) for c in config["criteria"])

@@ -298,11 +298,12 @@ def _problem(key, s: _Settings, y, clean, op, sigma: float) -> fit.Problem:
   if _METHOD.value != "staged":
     problem = fit.plain_problem(net_input, y, op, s.iters, clean, sigma)
     return problem.replace(loss_params=loss_params)
-  return fit.stack([fit.staged_problem(
-      jax.random.fold_in(k_targets, i), net_input, y, op, s.iters, schedule=schedule,
+  problems = fit.staged_problems(
+      k_targets, _SEEDS.value, net_input, y, op, s.iters, schedule=schedule,
       num_stages=_STAGES.value, t_max=_T_MAX.value, sigma=sigma, probe_ratio=_PROBE.value,
       fresh_noise=_FRESH_EPS.value, scaled=_SCALED.value, final_share=_FINAL_SHARE.value,
-      clean=clean).replace(loss_params=loss_params) for i in range(_SEEDS.value)])
+      clean=clean)
+  return problems.replace(loss_params=fit.stack([loss_params] * _SEEDS.value))
 
 
 def _noise_sigma(s: _Settings, y: np.ndarray) -> float:
