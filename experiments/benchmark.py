@@ -47,7 +47,9 @@ _QUICK = flags.DEFINE_bool(
 _SIZES = flags.DEFINE_list("sizes", ["64", "128", "256"], "Image sizes (square).")
 _WIDTHS = flags.DEFINE_list("widths", ["32", "64", "128"], "Skip-net widths.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
-_ITERS = flags.DEFINE_integer("iters", 10, "Iterations per timed run.")
+_ITERS = flags.DEFINE_integer(
+    "iters", 50, "Iterations per timed run (one compiled call). A call has a fixed cost (its XLA "
+    "buffers are allocated afresh); restore.py runs --log_every = 100 iterations per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (alternating with PyTorch); median.")
 _STEP_LOOP = flags.DEFINE_bool("step_loop", False, "Also time the jitted step in a Python loop.")
 _FITS = flags.DEFINE_list("fits", ["1", "2", "4", "8"],
