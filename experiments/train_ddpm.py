@@ -56,6 +56,10 @@ _T_HI = flags.DEFINE_integer(
     "t_hi", 0, "Timestep weighting: 0 samples t uniformly on [1, T]; else a fraction "
     "--frac_hi of the batches' timesteps is uniform on [1, t_hi].")
 _FRAC_HI = flags.DEFINE_float("frac_hi", 0.5, "Fraction of timesteps drawn from [1, t_hi].")
+_INIT = flags.DEFINE_string(
+    "init_weights", None, "Start from this weights .npz (fine-tuning) instead of a random "
+    "initialisation: a model of the same flags, or a colour model for --grey "
+    "(dipjax.ddpm.train.adapt_channels).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initialisation and of the batches.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ddpm", "Checkpoints, loss curve, weights.")
 _EVERY = flags.DEFINE_integer("every", 500, "Steps between checkpoints (and loss PNG, weights); "
@@ -118,7 +122,8 @@ def _flat(settings: dict) -> dict:
 def _settings_file(workdir: str, config: UNetConfig, train_config: train.TrainConfig) -> None:
   """Writes <workdir>/config.json, or checks a resumed run's settings against it."""
   settings = dict(model=json.loads(config.to_json()), train=dataclasses.asdict(train_config),
-                  data=os.path.abspath(_DATA.value), seed=_SEED.value)
+                  data=os.path.abspath(_DATA.value), seed=_SEED.value,
+                  init_weights=_INIT.value and os.path.abspath(_INIT.value))
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -132,6 +137,17 @@ def _settings_file(workdir: str, config: UNetConfig, train_config: train.TrainCo
   os.makedirs(workdir, exist_ok=True)
   with open(path, "w") as f:
     json.dump(settings, f, indent=2)
+
+
+def _initial_params(config: UNetConfig):
+  """The --init_weights parameters adapted to `config`, or None (random initialisation)."""
+  if not _INIT.value:
+    return None
+  params, stored = train.load_weights(_INIT.value)
+  if dataclasses.replace(stored, image_channels=config.image_channels) != config:
+    raise ValueError(f"--init_weights {_INIT.value} holds {stored}, not the model these flags "
+                     f"describe ({config})")
+  return train.adapt_channels(params, stored, config.image_channels)[0]
 
 
 def _publish(workdir: str, curve: list[list[float]], png: str, weights: str,
@@ -163,13 +179,14 @@ def run() -> None:
   png = _LOSS_PNG.value or os.path.join(workdir, "loss.png")
   if not weights.endswith(".npz"):
     raise ValueError(f"--out_weights must end in .npz, got {weights}")
+  params = _initial_params(config)
   t0 = time.perf_counter()
   data = train.load_dataset(_DATA.value, config.image_channels, train_config.patch_size)
   logging.info("loaded %d images from %s in %.1f s (%.0f MB as uint8)", data.images.shape[0],
                _DATA.value, time.perf_counter() - t0, data.images.nbytes / 2**20)
   _settings_file(workdir, config, train_config)
 
-  init = lambda: train.init_state(jax.random.PRNGKey(_SEED.value), config, train_config)
+  init = lambda: train.init_state(jax.random.PRNGKey(_SEED.value), config, train_config, params)
   curve = []
   start = checkpoint.latest_step(ckpt_dir)
   if start is None:

@@ -239,6 +239,27 @@ def test_resume_from_checkpoint_equals_uninterrupted(initial, trained, data, tra
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_grey_model_from_colour_predicts_the_channel_mean(trained):
+  """adapt_channels: the grey model's eps is the colour model's eps on the replicated grey image,
+  averaged over channels; a fine-tuning state starts from those parameters."""
+  params = trained[0].params
+  grey_params, grey = train.adapt_channels(params, CONFIG, 1)
+  assert grey.image_channels == 1 and train.adapt_channels(params, CONFIG, 3)[1] == CONFIG
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 1))
+  t = jnp.array([30, 700])
+  colour = UNet(CONFIG).apply({"params": params}, jnp.broadcast_to(x, (2, 8, 8, 3)), t)
+  eps = UNet(grey).apply({"params": grey_params}, x, t)
+  assert float(jnp.std(colour)) > 0.01
+  np.testing.assert_allclose(eps, jnp.mean(colour, -1, keepdims=True), atol=2e-5)
+  state = train.init_state(jax.random.PRNGKey(1), grey, TRAIN, grey_params)
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(grey_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="only a colour"):
+    train.adapt_channels(grey_params, grey, 3)
+  with pytest.raises(ValueError, match="initial parameters"):
+    train.init_state(jax.random.PRNGKey(1), CONFIG, TRAIN, grey_params)
+
+
 def test_weights_round_trip(trained, tmp_path):
   params = trained[0].ema_params
   path = tmp_path / "sub" / "w.npz"
@@ -302,4 +323,7 @@ def test_script_refuses_test_sets_and_bad_data(tmp_path):
   _write_images(tmp_path / "small", sizes=((32, 40),))
   result = _script(f"--data={tmp_path / 'small'}", "--patch=64", f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 1 and "smaller than a 64x64 patch" in result.stderr
+  result = _script(f"--data={tmp_path / 'small'}", f"--init_weights={tmp_path / 'none.npz'}",
+                   f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1 and "no DDPM weights file" in result.stderr
   assert not (tmp_path / "run").exists()

@@ -174,10 +174,11 @@ def optimizer(train: TrainConfig) -> optax.GradientTransformation:
   return optax.flatten(optax.chain(*clip, optax.adam(lr)))
 
 
-def init_state(key: Array, config: UNetConfig, train: TrainConfig) -> TrainState:
+def init_state(key: Array, config: UNetConfig, train: TrainConfig,
+               params: PyTree | None = None) -> TrainState:
   """A fresh state from a raw PRNG key: U-Net parameters initialised on a patch-sized input
-  (ValueError if train.patch_size is not a multiple of config.multiple), EMA = parameters,
-  step 0.
+  (ValueError if train.patch_size is not a multiple of config.multiple), or `params` when given
+  (fine-tuning: e.g. :func:`adapt_channels` of a trained model); EMA = parameters, step 0.
 
   The parameters are drawn with the RBG generator seeded from `key`: Flax folds a key per
   parameter, and as many unrolled threefry hashes take XLA:CPU ~4x longer to compile.
@@ -190,9 +191,42 @@ def init_state(key: Array, config: UNetConfig, train: TrainConfig) -> TrainState
     return UNet(config).init(rbg, jnp.zeros((1, size, size, c)),
                              jnp.zeros((1,), jnp.int32))["params"]
 
-  params = jax.jit(init)(k_params)
+  if params is None:
+    params = jax.jit(init)(k_params)
+  else:
+    _check_params(traverse_util.flatten_dict(params, sep="/"), config, "initial parameters")
   return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer(train).init(params),
                     ema_params=params, key=k_train)
+
+
+def adapt_channels(params: PyTree, config: UNetConfig, channels: int) -> tuple[PyTree, UNetConfig]:
+  """A colour model's parameters as a grey (`channels` = 1) model's: (params, config).
+
+  The input convolution's kernel is summed over its 3 input channels and the output
+  convolution's kernel and bias averaged over its 3 outputs, so the grey model predicts
+  exactly the channel mean of the colour model's epsilon for the grey image replicated to 3
+  channels (grey restoration through the colour model with the iterate projected to grey at
+  every step); a start for fine-tuning on grey images. ValueError for other channel changes.
+  """
+  if (config.image_channels, channels) == (channels, channels):
+    return params, config
+  if (config.image_channels, channels) != (3, 1):
+    raise ValueError(f"adapt_channels: only a colour (3) model becomes a grey (1) one, not "
+                     f"{config.image_channels} -> {channels}")
+  grey = dataclasses.replace(config, image_channels=1)
+  expected = _expected_shapes(grey)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  out = {}
+  for name, value in flat.items():
+    shape = expected.get(name)
+    if shape is None or tuple(value.shape) == shape:
+      out[name] = value
+    elif value.ndim == 4 and value.shape[2] == 3:    # input kernel (3, 3, 3, C)
+      out[name] = jnp.sum(value, axis=2, keepdims=True)
+    else:                                              # output kernel (3, 3, C, 3), bias (3,)
+      out[name] = jnp.mean(value, axis=-1, keepdims=True)
+  _check_params(out, grey, "adapted parameters")
+  return traverse_util.unflatten_dict(out, sep="/"), grey
 
 
 def train_step(state: TrainState, data: Dataset, config: UNetConfig,
