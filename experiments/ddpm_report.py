@@ -24,7 +24,10 @@ sigma, rows of these kinds:
               most steps) and to the clean image.
 
 Rows go to <out_dir>/rows.jsonl as they finish, keyed by the sha1 of their config (which
-includes the weights file's digest): a killed run resumes and never repeats a row. Images and
+includes the weights file's digest): a killed run resumes and never repeats a row. A second
+model may add its rows to the same <out_dir> (e.g. a grey model on Set12:
+``--weights=<grey.npz> --sets=<Set12> --hybrids= --gen_images=0``): the DIP and BM3D rows are
+shared, and the tables and curves show each model's rows apart. Images and
 DIP checkpoints go to <out_dir>/arrays/<key>.npz. Every run ends by writing <out_dir>/summary.md
 and <out_dir>/figures/ from all the rows so far (--summary: only that, no weights needed):
 tables per sigma and set, PSNR against NFE and against wall time, the generation table (steps
@@ -342,7 +345,8 @@ class Report:
     output as uint8 and as float32 'output_float')."""
     out, compile_s, seconds = self.sampler(name, nfe, *args)
     return dict(_quality(out, clean), seconds=round(seconds, 4), compile_s=round(compile_s, 2),
-                t_start=t_start, steps=min(nfe, t_start), **extra), dict(
+                t_start=t_start, steps=min(nfe, t_start),
+                model_channels=self.sampler.config.image_channels, **extra), dict(
                     output=_uint8(out), output_float=out)
 
   def _sample_uint8(self, *args, **kwargs) -> tuple[dict, dict]:
@@ -509,6 +513,16 @@ class Rows:
     return sorted({r["config"][field] for r in self.select(kind, **where)
                    if r["config"].get(field) is not None})
 
+  def models(self, kind: str, **where) -> list[tuple[str, str]]:
+    """(digest, label) of the models with rows of `kind`; the label is empty when the whole
+    report holds one model, else its channel count and digest (e.g. a grey model beside the
+    colour one on a grey set)."""
+    channels = {r["config"]["model"]: r.get("model_channels") for r in self.rows
+                if "model" in r["config"]}
+    label = lambda d: "" if len(channels) < 2 else (
+        f"{channels[d]}-channel model {d[:6]}" if channels[d] else f"model {d[:6]}")
+    return [(d, label(d)) for d in self.values(kind, "model", **where)]
+
 
 def _dip_at(rows: list[dict], k: int) -> list[dict]:
   return [dict(r["checkpoints"][str(k)]) for r in rows if str(k) in r["checkpoints"]]
@@ -535,17 +549,23 @@ def tables(data: Rows, gen_psnr: float) -> str:
       n = len({r["config"]["image"] for r in data.rows if r["config"]["set"] == name
                and r["config"]["sigma"] == sigma})
       out.append(f"### {name}, σ = {sigma:g} ({n} image{'s' if n > 1 else ''})")
-      ddpm = []
-      for nfe in data.values("ddpm", "nfe", **here):
-        rows = data.select("ddpm", nfe=nfe, **here)
-        ddpm.append([str(nfe), str(rows[0]["t_start"]), _cell(rows),
-                     f"{_mean([r['seconds'] for r in rows]):.3f}"])
+      ddpm, models = [], data.models("ddpm", **here)
+      for model, label in models:
+        for nfe in data.values("ddpm", "nfe", model=model, **here):
+          rows = data.select("ddpm", nfe=nfe, model=model, **here)
+          ddpm.append([label] * bool(label) + [
+              str(nfe), str(rows[0]["t_start"]), _cell(rows),
+              f"{_mean([r['seconds'] for r in rows]):.3f}"])
       if ddpm:
+        header = ["model"] * any(label for _, label in models) + [
+            "NFE", "t*", "PSNR / SSIM", "s / image"]
         out += ["DDPM alone (DDIM from t* matched to σ), mean over images:", "",
-                _table(["NFE", "t*", "PSNR / SSIM", "s / image"], ddpm), ""]
+                _table(header, ddpm), ""]
       dips = data.select("dip", **here)
       nfes = sorted(set(data.values("dip_ddpm", "nfe", **here))
                     | set(data.values("dip_guided", "nfe", **here)))
+      hybrid_models = sorted(set(data.models("dip_ddpm", **here))
+                             | set(data.models("dip_guided", **here)))
       body = []
       for k in data.values("dip_ddpm", "dip_iters", **here) or data.values(
           "dip_guided", "dip_iters", **here):
@@ -553,13 +573,16 @@ def tables(data: Rows, gen_psnr: float) -> str:
         row = [str(k), _cell(at, timed=True),
                f"{_mean([a['est_mse'] for a in at]) * 255 ** 2:.1f} / "
                f"{_mean([a['mse'] for a in at]) * 255 ** 2:.1f}" if at else "–"]
-        for kind in HYBRIDS:
-          for nfe in nfes:
-            row.append(_cell(_total(data.select(kind, nfe=nfe, dip_iters=k, **here)), timed=True))
+        for model, _ in hybrid_models:
+          for kind in HYBRIDS:
+            for nfe in nfes:
+              row.append(_cell(_total(data.select(kind, nfe=nfe, dip_iters=k, model=model,
+                                                  **here)), timed=True))
         body.append(row)
       if body:
         header = ["DIP its", "DIP alone", "est. / true MSE (0-255²)"] + [
-            f"{kind} NFE {nfe}" for kind in HYBRIDS for nfe in nfes]
+            f"{kind} NFE {nfe}" + (f", {label}" if label else "")
+            for _, label in hybrid_models for kind in HYBRIDS for nfe in nfes]
         out += ["DIP → DDPM: the DDPM on the DIP fit's EMA output after k iterations (t' from the"
                 " discrepancy estimate for dip_ddpm; t* with the DIP guide for dip_guided); PSNR /"
                 " SSIM (total s / image, DIP + DDPM):", "", _table(header, body), ""]
@@ -576,11 +599,13 @@ def tables(data: Rows, gen_psnr: float) -> str:
             f"NFE reaching {gen_psnr:g} dB. PSNR to the clean image in parentheses.", ""]
     nfes = sorted({r["config"]["nfe"] for r in gen if "reference_nfe" in r["config"]})
     body = []
-    for start, t in sorted({(r["config"]["start"], r["config"]["t_start"]) for r in gen},
-                           key=lambda st: (st[0] != "noise", st[1])):
-      row, reached = [f"{start}, t = {t}"], None
+    for (start, t), (model, label) in [
+        (st, m) for st in sorted({(r["config"]["start"], r["config"]["t_start"]) for r in gen},
+                                 key=lambda st: (st[0] != "noise", st[1]))
+        for m in data.models("gen")]:
+      row, reached = [f"{start}, t = {t}" + (f", {label}" if label else "")], None
       for nfe in nfes:
-        rows = [r for r in data.select("gen", start=start, t_start=t, nfe=nfe)
+        rows = [r for r in data.select("gen", start=start, t_start=t, nfe=nfe, model=model)
                 if "reference" in r]
         if not rows:
           row.append("–")
@@ -589,7 +614,8 @@ def tables(data: Rows, gen_psnr: float) -> str:
         row.append(f"{to_ref:.1f} ({_mean([r['psnr'] for r in rows]):.1f})")
         if reached is None and to_ref >= gen_psnr:
           reached = nfe
-      ref = [r for r in data.select("gen", start=start, t_start=t) if "reference" not in r]
+      ref = [r for r in data.select("gen", start=start, t_start=t, model=model)
+             if "reference" not in r]
       row.append(f"({_mean([r['psnr'] for r in ref]):.1f})" if ref else "–")
       row.append(str(reached) if reached is not None else f"> {nfes[-1]}" if nfes else "–")
       body.append(row)
@@ -607,16 +633,20 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
   written = []
   for sigma in sorted({r["config"]["sigma"] for r in data.rows}):
     series = collections.OrderedDict()  # label -> [(nfe, psnr, seconds)]
-    for nfe in data.values("ddpm", "nfe", sigma=sigma):
-      rows = data.select("ddpm", nfe=nfe, sigma=sigma)
-      series.setdefault("DDPM alone", []).append(
-          (nfe, _mean([r["psnr"] for r in rows]), _mean([r["seconds"] for r in rows])))
+    for model, label in data.models("ddpm", sigma=sigma):
+      for nfe in data.values("ddpm", "nfe", sigma=sigma, model=model):
+        rows = data.select("ddpm", nfe=nfe, sigma=sigma, model=model)
+        n = len({r["config"]["image"] for r in data.select("ddpm", sigma=sigma, model=model)})
+        series.setdefault("DDPM alone" + (f", {label}, {n} images" if label else ""), []).append(
+            (nfe, _mean([r["psnr"] for r in rows]), _mean([r["seconds"] for r in rows])))
     for kind in HYBRIDS:
-      for k in data.values(kind, "dip_iters", sigma=sigma):
-        for nfe in data.values(kind, "nfe", sigma=sigma, dip_iters=k):
-          rows = _total(data.select(kind, nfe=nfe, sigma=sigma, dip_iters=k))
-          series.setdefault(f"{kind}, DIP {k} its", []).append(
-              (nfe, _mean([r["psnr"] for r in rows]), _mean([r["seconds"] for r in rows])))
+      for model, label in data.models(kind, sigma=sigma):
+        for k in data.values(kind, "dip_iters", sigma=sigma, model=model):
+          for nfe in data.values(kind, "nfe", sigma=sigma, dip_iters=k, model=model):
+            rows = _total(data.select(kind, nfe=nfe, sigma=sigma, dip_iters=k, model=model))
+            series.setdefault(f"{kind}, DIP {k} its" + (f", {label}" if label else ""),
+                              []).append((nfe, _mean([r["psnr"] for r in rows]),
+                                          _mean([r["seconds"] for r in rows])))
     dips = data.select("dip", sigma=sigma)
     flat = {f"DIP {c} stop": _mean([r["psnr"] for r in _dip_stop(dips, c)]) for c in CRITERIA}
     bm3d = data.select("bm3d", sigma=sigma)
@@ -654,7 +684,9 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
       fig.savefig(path)
       plt.close(fig)
       written.append(path)
-  gen = [r for r in data.select("gen") if os.path.exists(_arrays_of(out_dir, r))]
+  gen_models = data.models("gen")  # the figures show the first model's samples
+  gen = [r for r in data.select("gen", model=gen_models[0][0])
+         if os.path.exists(_arrays_of(out_dir, r))] if gen_models else []
   if gen:
     written += _generation_figures(plt, gen, out_dir, fig_dir)
   return written

@@ -273,5 +273,15 @@ def test_report_quick_resumes_and_summarises(weights, tmp_path):
   assert "DDPM alone" in summary and "Generation" in summary and "Grey" in summary
   for name in ("psnr_vs_nfe_s25.png", "psnr_vs_time_s25.png", "generation_grid.png"):
     assert (out / "figures" / name).exists(), name
+  # A grey model beside the colour one on the same set: its DDPM rows only (the DIP and BM3D
+  # rows are shared), its own rows in the tables.
+  grey = tmp_path / "grey.npz"
+  train.save_weights(grey, *train.adapt_channels(weights[1], CONFIG, 1))
+  args = [a for a in args if not a.startswith(("--weights", "--hybrids", "--gen_t"))]
+  _run(REPORT, *args, f"--weights={grey}", "--hybrids=", "--gen_images=0")
+  added = (out / "rows.jsonl").read_text().count("\n") - len(rows)
+  assert added == 1  # the grey model's one DDPM row
+  summary = (out / "summary.md").read_text()
+  assert "| 3-channel model" in summary and "| 1-channel model" in summary
   proc = _run(REPORT, "--summary", "--iters=5", f"--out_dir={out}", check=False)
   assert proc.returncode == 1 and "--iters is a flag of grid.py" in proc.stderr
