@@ -1,7 +1,8 @@
 r"""Trains dipjax's own DDPM, an epsilon-prediction U-Net, on random patches of a folder.
 
-  python experiments/train_ddpm.py --workdir runs/ddpm         # 16,000 steps of 8 64x64 patches
-  python experiments/train_ddpm.py --workdir runs/ddpm_grey --grey --t_hi 200
+  python experiments/train_ddpm.py --workdir runs/ddpm         # 12,000 steps of 8 64x64 patches
+  python experiments/train_ddpm.py --workdir runs/ddpm_grey --grey \
+      --init_weights assets/ddpm_colour.npz --steps 2000 --warmup 0  # a grey model, fine-tuned
 
 Runs again with the same --workdir continue from its latest checkpoint (a run can be spread
 over several sessions; the settings must be the same, see <workdir>/config.json). Writes to
@@ -40,7 +41,7 @@ _DATA = flags.DEFINE_string("data", os.path.join(os.path.dirname(REPO), "shared"
                             "Folder of training images (PNG / JPEG / TIFF).")
 _PATCH = flags.DEFINE_integer("patch", 64, "Training patch side (a multiple of 2^(levels-1)).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Patches per step.")
-_STEPS = flags.DEFINE_integer("steps", 16000, "Total training steps (a multiple of --log_every).")
+_STEPS = flags.DEFINE_integer("steps", 12000, "Total training steps (a multiple of --log_every).")
 _LR = flags.DEFINE_float("lr", 2e-4, "Adam learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup", 500, "Linear learning-rate warm-up steps (0: none).")
 _GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clip (0: none).")
