@@ -208,7 +208,7 @@ def adapt_channels(params: PyTree, config: UNetConfig, channels: int) -> tuple[P
   channels (grey restoration through the colour model with the iterate projected to grey at
   every step); a start for fine-tuning on grey images. ValueError for other channel changes.
   """
-  if (config.image_channels, channels) == (channels, channels):
+  if config.image_channels == channels:
     return params, config
   if (config.image_channels, channels) != (3, 1):
     raise ValueError(f"adapt_channels: only a colour (3) model becomes a grey (1) one, not "
