@@ -411,6 +411,28 @@ def _image_row(here: list[dict], by_method: dict[str, dict], fig_dir: str, place
 # ----------------------------------------------------------------------------- page
 
 
+def cost_table(rows: list[dict]) -> str:
+  """Wall time of the rows as measured, per method: configs, fits, iterations, hours, and the
+  median seconds per config and per 1000 fit-iterations (robust to a few configs that shared
+  the CPU; the total is not)."""
+  groups = collections.defaultdict(list)
+  for row in rows:
+    groups[METHOD_NAMES.get(row["config"]["method"], row["config"]["method"])].append(row)
+  body, total = [], 0.0
+  for name, group in groups.items():
+    walls = [r.get("wall_s") or 0.0 for r in group]
+    fits = [r["config"].get("seeds", 1) if _is_fit(r) else 0 for r in group]
+    iters = [f * r["config"].get("iters", 0) for f, r in zip(fits, group)]
+    per_kit = [1000 * w / i for w, i in zip(walls, iters) if i]
+    total += sum(walls)
+    body.append([name, str(len(group)), str(sum(fits) or "–"), f"{sum(iters):,}" if any(fits) else "–",
+                 f"{sum(walls) / 3600:.2f}", f"{np.median(walls):.0f}",
+                 f"{np.median(per_kit):.1f}" if per_kit else "–"])
+  body.append(["all", str(len(rows)), "", "", f"**{total / 3600:.2f}**", "", ""])
+  return _table(["method", "configs", "fits", "fit-iterations", "hours (measured)",
+                 "median s / config", "median s / 1000 fit-its"], body)
+
+
 def summarize(paths: list[str], out_md: str, fig_dir: str, title: str,
               criterion: str = "es_wmv") -> str:
   """Writes the markdown page (and its figures) for the rows of `paths`; returns the page."""
@@ -437,6 +459,9 @@ def summarize(paths: list[str], out_md: str, fig_dir: str, title: str,
     parts.append("## Ablations")
     for heading, table, used in ablations:
       parts += [heading, _provenance(used), table]
+  parts += ["## Cost", "Wall time of every row as the grid measured it on its device (compiles "
+            "included; a row that shared the CPU with other work counts its longer time).",
+            cost_table(rows)]
   figs = figures(rows, fig_dir, criterion)
   if figs:
     base = os.path.dirname(os.path.abspath(out_md))

@@ -173,7 +173,7 @@ def _fit_row(image, method, psnr, ssim, ensemble, **extra):
       stop=stop, fired_at=fired, psnr=p, ssim=s, ensemble=dict(psnr=e, ssim=0.9),
       gap_db=gap, iter_error=abs(stop[0] - 400), iters_saved=100.0, no_stop=0)
   return dict(key=f"{image}-{method}-{json.dumps(extra)}", config=config, argv="python grid.py x",
-              device=dict(backend="cpu", kind="cpu"), noisy=dict(psnr=20.0, ssim=0.3),
+              device=dict(backend="cpu", kind="cpu"), noisy=dict(psnr=20.0, ssim=0.3), wall_s=100.0,
               criteria=dict(fixed=crit(psnr, ssim, ensemble, [999, 999], [-1, -1], 1.5),
                             es_wmv=crit([p + 1 for p in psnr], ssim, ensemble + 1, [500, 500],
                                         [899, -1], 0.5)))
@@ -188,7 +188,7 @@ def test_summary_tables_from_a_fixture(tmp_path):
           dict(key="bm3d-a", config=dict(image="a.png", set="SetA", crop=128, sigma=25.0,
                                          method="bm3d", noise_seed=0),
                argv="python grid.py --methods=bm3d", device=dict(backend="numpy", kind="x86"),
-               noisy=dict(psnr=20.0, ssim=0.3), output=dict(psnr=31.0, ssim=0.85))]
+               noisy=dict(psnr=20.0, ssim=0.3), output=dict(psnr=31.0, ssim=0.85), wall_s=2.0)]
   results = tmp_path / "results.jsonl"
   results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"key": "partial')
   page = summary.summarize([str(results)], str(tmp_path / "s.md"), str(tmp_path / "fig"), "T")
@@ -209,6 +209,10 @@ def test_summary_tables_from_a_fixture(tmp_path):
   assert row_of("SetA σ=25", "2", "1", "27.00", "28.00")
   assert row_of("SetA σ=25", "4", "1", "26.00", "27.00")
   assert page.count("python grid.py x") >= 4 and "numpy (x86)" in page
+  # Cost: 2 DIP configs of 2 seeds x 1000 iterations at 100 s each: 50 s per 1000 fit-its.
+  assert row_of("DIP", "2", "4", "4,000", "0.06", "100", "50.0")
+  assert row_of("(C)BM3D", "1", "–", "–", "0.00", "2", "–")
+  assert row_of("all", "6", "", "", "**0.14**")
   assert "## Figures" not in page  # the fixture has no arrays
 
 
