@@ -44,6 +44,7 @@ import datetime
 import functools
 import hashlib
 import importlib.util
+import itertools
 import math
 import os
 import shlex
@@ -504,6 +505,8 @@ class Rows:
 
   def __init__(self, rows: list[dict]):
     self.rows = rows
+    self._channels = {r["config"]["model"]: r.get("model_channels") for r in rows
+                      if "model" in r["config"]}  # digest -> the model's image channels
 
   def select(self, kind: str, **where) -> list[dict]:
     return [r for r in self.rows if r["kind"] == kind
@@ -517,8 +520,7 @@ class Rows:
     """(digest, label) of the models with rows of `kind`; the label is empty when the whole
     report holds one model, else its channel count and digest (e.g. a grey model beside the
     colour one on a grey set)."""
-    channels = {r["config"]["model"]: r.get("model_channels") for r in self.rows
-                if "model" in r["config"]}
+    channels = self._channels
     label = lambda d: "" if len(channels) < 2 else (
         f"{channels[d]}-channel model {d[:6]}" if channels[d] else f"model {d[:6]}")
     return [(d, label(d)) for d in self.values(kind, "model", **where)]
@@ -599,10 +601,9 @@ def tables(data: Rows, gen_psnr: float) -> str:
             f"NFE reaching {gen_psnr:g} dB. PSNR to the clean image in parentheses.", ""]
     nfes = sorted({r["config"]["nfe"] for r in gen if "reference_nfe" in r["config"]})
     body = []
-    for (start, t), (model, label) in [
-        (st, m) for st in sorted({(r["config"]["start"], r["config"]["t_start"]) for r in gen},
-                                 key=lambda st: (st[0] != "noise", st[1]))
-        for m in data.models("gen")]:
+    starts = sorted({(r["config"]["start"], r["config"]["t_start"]) for r in gen},
+                    key=lambda st: (st[0] != "noise", st[1]))
+    for (start, t), (model, label) in itertools.product(starts, data.models("gen")):
       row, reached = [f"{start}, t = {t}" + (f", {label}" if label else "")], None
       for nfe in nfes:
         rows = [r for r in data.select("gen", start=start, t_start=t, nfe=nfe, model=model)
@@ -634,10 +635,11 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
   for sigma in sorted({r["config"]["sigma"] for r in data.rows}):
     series = collections.OrderedDict()  # label -> [(nfe, psnr, seconds)]
     for model, label in data.models("ddpm", sigma=sigma):
+      n = len({r["config"]["image"] for r in data.select("ddpm", sigma=sigma, model=model)})
+      name = "DDPM alone" + (f", {label}, {n} images" if label else "")
       for nfe in data.values("ddpm", "nfe", sigma=sigma, model=model):
         rows = data.select("ddpm", nfe=nfe, sigma=sigma, model=model)
-        n = len({r["config"]["image"] for r in data.select("ddpm", sigma=sigma, model=model)})
-        series.setdefault("DDPM alone" + (f", {label}, {n} images" if label else ""), []).append(
+        series.setdefault(name, []).append(
             (nfe, _mean([r["psnr"] for r in rows]), _mean([r["seconds"] for r in rows])))
     for kind in HYBRIDS:
       for model, label in data.models(kind, sigma=sigma):

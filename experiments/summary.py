@@ -425,7 +425,8 @@ def cost_table(rows: list[dict]) -> str:
     iters = [f * r["config"].get("iters", 0) for f, r in zip(fits, group)]
     per_kit = [1000 * w / i for w, i in zip(walls, iters) if i]
     total += sum(walls)
-    body.append([name, str(len(group)), str(sum(fits) or "–"), f"{sum(iters):,}" if any(fits) else "–",
+    body.append([name, str(len(group)), str(sum(fits) or "–"),
+                 f"{sum(iters):,}" if any(fits) else "–",
                  f"{sum(walls) / 3600:.2f}", f"{np.median(walls):.0f}",
                  f"{np.median(per_kit):.1f}" if per_kit else "–"])
   body.append(["all", str(len(rows)), "", "", f"**{total / 3600:.2f}**", "", ""])
