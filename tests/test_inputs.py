@@ -46,6 +46,20 @@ def test_sample_statistics():
   assert not np.allclose(inp.sample(KEY), inp.sample(jax.random.key(1)))
 
 
+@pytest.mark.parametrize("key", [KEY, jax.random.PRNGKey(5)], ids=["typed", "raw"])
+def test_standard_normal_is_jax_classic_threefry(key):
+  with jax.threefry_partitionable(False):
+    want = jax.random.normal(key, (5, 7, 3))
+  np.testing.assert_array_equal(inputs._standard_normal(key, (5, 7, 3)), want)
+  batched = jax.vmap(lambda k: inputs._standard_normal(k, (4, 3)))(jax.random.split(key, 2))
+  assert batched.shape == (2, 4, 3) and not np.allclose(batched[0], batched[1])
+
+
+def test_standard_normal_other_key_impl():
+  z = np.asarray(inputs._standard_normal(jax.random.key(0, impl="rbg"), (64, 64)))
+  assert z.shape == (64, 64) and abs(z.mean()) < 0.05 and abs(z.std() - 1.0) < 0.05
+
+
 @pytest.mark.parametrize("fresh", [True, False])
 def test_ddpm_noised_t0_is_y(fresh):
   inp = inputs.ddpm_noised(KEY, Y, SCHEDULE, 0, fresh=fresh)
