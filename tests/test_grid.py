@@ -263,7 +263,8 @@ def test_two_processes_over_four_devices_equal_one_device(tmp_path):
           "--crop=0", "--methods=staged", "--stages=2", "--t_max=10", "--widths=4",
           "--scales=2", "--seeds=4", "--iters=20", "--cache_dir=",
           "--criteria=fixed,oracle,staged"]
-  env = lambda n: dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+  env = lambda n: dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+                       + f" --xla_force_host_platform_device_count={n}",
                        JAX_PLATFORMS="cpu")
   multi = [subprocess.Popen(args + [f"--out={tmp_path / 'multi.jsonl'}",
                                     f"--coordinator=localhost:{port}", "--num_processes=2",
