@@ -63,7 +63,8 @@ def test_conv2d_gradient_inside_scan_equals_outside():
   w = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 3, 4))
   grad = jax.grad(lambda w: jnp.sum(jnp.tanh(layers.conv2d(x, w, 1))))
   scanned = jax.lax.scan(lambda c, _: (c, grad(w)), 0, length=2)[1]
-  np.testing.assert_allclose(scanned[1], grad(w), rtol=1e-5, atol=1e-6)
+  # Float32 sums of 64 terms, fused differently inside and outside the loop.
+  np.testing.assert_allclose(scanned[1], grad(w), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 6, 2), (2, 5, 3, 1)])
