@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DATA=../shared/data
-OUT=runs/ddpm_report
+OUT=docs/results/ddpm/report  # rows, arrays, summary: committed as they come
 mkdir -p docs/results/ddpm
 
 if [[ "${1:-}" != summary ]]; then
@@ -34,5 +34,3 @@ if [[ "${1:-}" != summary ]]; then
     --sets=$DATA/Set12 --hybrids= --gen_images=0 --out_dir=$OUT
 fi
 python experiments/ddpm_report.py --summary --out_dir=$OUT --gen_psnr=30
-cp $OUT/summary.md docs/results/ddpm/summary.md
-cp -r $OUT/figures docs/results/ddpm/

@@ -7,12 +7,14 @@
 # CPU protocol: 128x128 centre crops, Gaussian noise drawn once per image and sigma (numpy seed
 # from the file name, sigma and --noise_seed 0) and clipped to [0, 1]; skip network of width 32
 # (5 scales); Adam 0.01, input jitter 1/30, EMA 0.99; 2000 iterations. Every grid resumes where
-# it stopped (rows in runs/grid/*.jsonl), so run the script again after an interruption.
+# it stopped, so run the script again after an interruption. The rows are kept in the repository
+# (docs/results/stopping/rows/*.jsonl): commit them as they come, so that a run spread over
+# several sessions or machines loses nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DATA=../shared/data
-OUT=runs/grid
+OUT=docs/results/stopping/rows
 COMMON=(--crop=128 --iters=2000 --widths=32 --noise_seed=0)
 # The staged method: 2 stages (t = 30, then y), the last with 90% of the iterations, a probe of
 # 0.3 sigma in every stage target for the staged criterion.
