@@ -18,7 +18,7 @@ mkdir -p docs/results/ddpm
 if [[ "${1:-}" != summary ]]; then
   # The shipped colour model: 32 channels, levels 1,2,2,2, 64² patches, batch 8, timesteps
   # drawn half from [1, 250] (the range denoising uses), 12k steps (1.26-1.5 steps/s measured
-  # idle: 2.2-2.7 h; 0.70-0.75 steps/s on the slower machine of 2026-11-25: 4.5 h).
+  # idle: 2.2-2.7 h; 0.70-0.75 steps/s on the slower machine of 2026-11-25: 4.4-4.8 h).
   python experiments/train_ddpm.py --workdir=runs/ddpm --data=$DATA/train --t_hi=250 \
     --frac_hi=0.5 --steps=12000
   cp runs/ddpm/ema_weights.npz assets/ddpm_colour.npz
