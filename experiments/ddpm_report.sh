@@ -23,13 +23,13 @@ if [[ "${1:-}" != summary ]]; then
     --frac_hi=0.5 --steps=12000
   cp runs/ddpm/ema_weights.npz assets/ddpm_colour.npz
   cp runs/ddpm/loss.png docs/results/ddpm/loss_colour.png
+  python experiments/ddpm_report.py --weights=assets/ddpm_colour.npz --out_dir=$OUT
   # Grey images: the colour model with the grey image replicated (the report's default), against
   # a grey model fine-tuned from it on the luma of the same training images.
   python experiments/train_ddpm.py --grey --init_weights=assets/ddpm_colour.npz \
     --workdir=runs/ddpm_grey --data=$DATA/train --t_hi=250 --frac_hi=0.5 --warmup=0 \
     --steps=2000
   cp runs/ddpm_grey/loss.png docs/results/ddpm/loss_grey.png
-  python experiments/ddpm_report.py --weights=assets/ddpm_colour.npz --out_dir=$OUT
   python experiments/ddpm_report.py --weights=runs/ddpm_grey/ema_weights.npz \
     --sets=$DATA/Set12 --hybrids= --gen_images=0 --out_dir=$OUT
 fi
