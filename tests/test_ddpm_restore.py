@@ -95,6 +95,22 @@ def test_timesteps_repeat_beyond_t_start():
     restore.timesteps(10, 0)
 
 
+def test_sampler_skips_repeated_timesteps():
+  """timesteps(3, 5) = 3, 3, 2, 2, 1: three network evaluations, the same x_0 as 3, 2, 1."""
+  calls = []
+
+  def eps_fn(x, t):
+    jax.debug.callback(lambda t: calls.append(int(t[0])), t)
+    return 0.1 * x
+
+  x = jnp.linspace(-1.0, 1.0, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
+  key = jax.random.PRNGKey(0)
+  run = jax.jit(lambda ts: diffusion.ddim_sample(eps_fn, SCHEDULE, x, ts, key))
+  repeated = jax.block_until_ready(run(restore.timesteps(3, 5)))
+  assert sorted(calls) == [1, 2, 3]
+  np.testing.assert_allclose(repeated, run(jnp.array([3, 2, 1])), atol=1e-6)
+
+
 @jax.jit
 def _denoise_fns(x0, y, sigma, est):
   """ddpm_denoise and dip_ddpm (fresh noise, 2 samples; and noise-free) with an oracle, for

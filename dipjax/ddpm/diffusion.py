@@ -146,11 +146,17 @@ def _x0_eps(eps_fn: EpsFn, schedule: Schedule, x: Array, t: Array, clip_x0: bool
 
 def _scan_steps(step, x_start: Array, timesteps: Array, key: Array) -> Array:
   """Runs step(x, t, s, key) -> x over t = timesteps[i], s = timesteps[i + 1] (0 after the
-  last), one key each."""
+  last), one key each. A step between equal timesteps (a traced sequence longer than t*,
+  :func:`dipjax.ddpm.restore.timesteps`) is the identity and is skipped, network included."""
   timesteps = jnp.asarray(timesteps, jnp.int32)
   nexts = jnp.concatenate([timesteps[1:], jnp.zeros((1,), jnp.int32)])
   keys = jax.random.split(key, timesteps.shape[0])
-  x, _ = lax.scan(lambda x, a: (step(x, *a), None), x_start, (timesteps, nexts, keys))
+
+  def body(x, a):
+    t, s, k = a
+    return lax.cond(t == s, lambda x: x, lambda x: step(x, t, s, k), x), None
+
+  x, _ = lax.scan(body, x_start, (timesteps, nexts, keys))
   return x
 
 
@@ -169,8 +175,8 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_start: Array, timesteps: Ar
     schedule: the noise schedule.
     x_start: (N, H, W, C) x_{t*} in [-1, 1] units (for sampling from noise, t* = T and
       x_start ~ N(0, I)).
-    timesteps: (nfe,) int strictly decreasing in [1, T], timesteps[0] = t*
-      (:func:`timestep_sequence`); static length.
+    timesteps: (nfe,) int non-increasing in [1, T], timesteps[0] = t*
+      (:func:`timestep_sequence`); static length; a repeated timestep's step is skipped.
     key: noise for eta > 0.
     eta: 0 (DDIM) .. 1 (DDPM), a Python float (eta = 0 draws no noise).
     clip_x0: clip each predicted x0 to [-1, 1] (and recompute eps from it): right when sampling

@@ -84,9 +84,9 @@ def estimate_dip_error(x_hat: Array, y: Array, sigma: Array | float,
 
 def timesteps(t_start: Array | int, nfe: int) -> Array:
   """``diffusion.timestep_sequence(t_start, nfe)`` for a traced t_start >= 1: (nfe,) int32
-  ceil(t_start (nfe - i) / nfe), i = 0..nfe-1. Where nfe > t_start some timesteps repeat; a
-  DDIM step between equal timesteps is the identity, so the sampler then takes t_start steps
-  for its nfe evaluations."""
+  ceil(t_start (nfe - i) / nfe), i = 0..nfe-1. Where nfe > t_start some timesteps repeat; the
+  sampler skips a step between equal timesteps, so it then takes (and evaluates the network
+  for) t_start steps."""
   if nfe < 1:
     raise ValueError(f"nfe must be >= 1, got {nfe}")
   i = jnp.arange(nfe, dtype=jnp.int32)
@@ -163,7 +163,7 @@ def ddpm_denoise(eps_fn: EpsFn, schedule: Schedule, y: Array, sigma: Array | flo
     eps_fn: the eps predictor; schedule: its schedule.
     y: (H, W, C) the noisy observation in [0, 1], any H, W (padded to config.multiple).
     sigma: y's noise std, [0, 1] units (> 0).
-    nfe: network evaluations (DDIM steps), >= 1; at most t* of them differ (:func:`timesteps`).
+    nfe: DDIM steps, >= 1; where nfe > t* the sampler takes t* steps (:func:`timesteps`).
     key: the sampler's noise (eta > 0).
     samples: outputs averaged (batched along N); they differ only for eta > 0.
     eta: 0 (DDIM, deterministic) .. 1 (ancestral).
