@@ -201,6 +201,19 @@ def test_estimate_dip_error():
   assert float(restore.estimate_dip_error(y, y, sigma, floor=1e-5)) == pytest.approx(1e-5)
 
 
+def test_estimate_dip_error_of_clipped_noise():
+  """sigma = 50/255 on a dark-and-bright image: clipping removes much of the noise, and the
+  estimate subtracts the clipped noise's energy, not sigma^2."""
+  rng = np.random.default_rng(1)
+  clean = np.where(rng.uniform(size=(64, 64, 3)) < 0.5, 0.1, 0.9).astype(np.float32)
+  sigma = 50 / 255
+  y = np.clip(clean + sigma * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+  x_hat = np.clip(clean + 0.05 * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+  true = float(np.mean((x_hat - clean) ** 2))
+  assert np.mean((x_hat - y) ** 2) < sigma**2  # so sigma^2 would give the floor
+  assert abs(float(restore.estimate_dip_error(x_hat, y, sigma)) - true) < 0.03 * sigma**2
+
+
 def _run(script, *args, check=True):
   proc = subprocess.run([sys.executable, script, "--cache_dir=", *args], capture_output=True,
                         text=True, cwd=ROOT, timeout=300)
