@@ -338,23 +338,6 @@ def _noise_fit(measured: Array, reference: Array, noise: Array) -> Array:
   return jnp.where(energy > 0, fitted, jnp.nan)
 
 
-def clipped_noise_moments(x: Array, sigma: Array) -> tuple[Array, Array]:
-  """Mean and variance of the error e = clip(x + sigma n, 0, 1) - x, n ~ N(0, 1), elementwise.
-
-  Clipping (DIP's protocol, and every sensor) makes the noise smaller and biased near 0 and 1:
-  with a = -x / sigma, b = (1 - x) / sigma and Phi, phi the normal cdf and pdf,
-  E e = sigma (phi(a) - phi(b)) - x Phi(a) + (1 - x)(1 - Phi(b)) and
-  E e^2 = sigma^2 (Phi(b) - Phi(a) + a phi(a) - b phi(b)) + x^2 Phi(a) + (1 - x)^2 (1 - Phi(b)).
-  """
-  a, b = -x / sigma, (1.0 - x) / sigma
-  pdf = lambda u: jnp.exp(-0.5 * u * u) / jnp.sqrt(2.0 * jnp.pi)
-  cdf_a, sf_b = jax.scipy.special.ndtr(a), jax.scipy.special.ndtr(-b)
-  mean = sigma * (pdf(a) - pdf(b)) - x * cdf_a + (1.0 - x) * sf_b
-  second = (sigma**2 * (1.0 - cdf_a - sf_b + a * pdf(a) - b * pdf(b)) + x**2 * cdf_a
-            + (1.0 - x) ** 2 * sf_b)
-  return mean, second - mean**2
-
-
 def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: Array,
              sigma: Array, clipped: Array | bool = False) -> Array:
   """Mean squared error of `measured` against the stage's noise-free target a x, without x.
@@ -374,7 +357,7 @@ def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: 
   mean (a p)^2 (SURE, Stein's unbiased risk estimate, with the divergence read off the probe
   instead of by perturbing the fit). If y was `clipped` to [0, 1], e has a bias mu(x) (fitted
   like the image) and a variance V(x) (fitted at rate lambda), and the terms are
-  a^2 (mean mu^2 - mean V + 2 lambda mean V). mu and V are :func:`clipped_noise_moments` at
+  a^2 (mean mu^2 - mean V + 2 lambda mean V). mu and V are ``stopping.clipped_noise_moments`` at
   x ~ y, the observation: fixed for the fit, so the proxy's error shifts the estimate by a
   nearly constant amount and leaves its minimum in place. (At x ~ f / a, the current output,
   a blurry early output moved the estimate: at sigma = 50 on a 128^2 Baboon crop the criterion
@@ -387,7 +370,7 @@ def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: 
   """
   reference = target - noise  # a y
   lam = _noise_fit(measured, reference, scale * probe)
-  bias, var = clipped_noise_moments(jnp.clip(reference / scale, 0.0, 1.0), sigma)
+  bias, var = stopping.clipped_noise_moments(jnp.clip(reference / scale, 0.0, 1.0), sigma)
   bias2 = jnp.where(clipped, jnp.mean(bias**2), 0.0)
   var = jnp.where(clipped, jnp.mean(var), sigma**2)
   return (jnp.mean((measured - target) ** 2) + 2.0 * jnp.mean((measured - reference) * noise)
@@ -487,7 +470,9 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       noise_fit_ema=noise_fit_ema,
       mse_est_ema=mse_est_ema,
       final_stage=stage == problem.ends.shape[0] - 1)
-  monitors, kept = _monitor(state, dict(record, step=state.step), ema, problem.sigma, config)
+  noise_std = None if problem.sigma is None else stopping.noise_std(problem.observation,
+                                                                     problem.sigma)
+  monitors, kept = _monitor(state, dict(record, step=state.step), ema, noise_std, config)
 
   new = TrainState(
       step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,

@@ -475,9 +475,9 @@ def run_fits(s: Setup, compiler: Compiler, iters: int, progress: Callable[[int, 
 
 
 @functools.partial(jax.jit, static_argnames="criterion")
-def _fired_at(criterion: stopping.Criterion, records: dict, sigma: jax.Array) -> jax.Array:
+def _fired_at(criterion: stopping.Criterion, records: dict, noise_std: jax.Array) -> jax.Array:
   """(M,) iteration at which `criterion` fired over each fit's trace (-1: never)."""
-  return jax.vmap(lambda r: stopping.detect(criterion, r, sigma).fired_at)(records)
+  return jax.vmap(lambda r: stopping.detect(criterion, r, noise_std).fired_at)(records)
 
 
 def _unpad(x: np.ndarray, p: io.Padding) -> np.ndarray:
@@ -499,7 +499,8 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
   peak_step = np.nanargmax(trace["psnr_clean_ema"], axis=1)
   final = _unpad(np.asarray(states.ema), s.padding)
   records = fit.trace_records(fit.Trace(**{k: jnp.asarray(v) for k, v in trace.items()}))
-  sigma = jnp.asarray(config["sigma"] / 255, jnp.float32)
+  observation = s.problem.observation if s.shared else s.problem.observation[0]
+  noise_std = stopping.noise_std(observation, config["sigma"] / 255)  # as the fit's monitors
   results = dict(oracle_peak=dict(step=peak_step.tolist(), psnr=np.round(peak_psnr, 4).tolist()),
                  rolled_back=np.sum(trace["rolled_back"], axis=1).tolist(), criteria={})
   arrays = {f"curve_{name}": trace[name] for name in CURVES}
@@ -510,7 +511,7 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
     missing = stop < 0
     stop = np.where(missing, iters - 1, stop)
     kept = np.where(missing[:, None, None, None], final, kept)
-    fired_at = np.asarray(_fired_at(criterion, records, sigma))
+    fired_at = np.asarray(_fired_at(criterion, records, noise_std))
     quality, ensemble = _quality(kept, clean), kept.mean(axis=0)
     results["criteria"][name] = dict(
         stop=stop.tolist(), fired_at=fired_at.tolist(), **quality,

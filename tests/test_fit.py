@@ -13,6 +13,7 @@ from dipjax import inputs
 from dipjax import metrics
 from dipjax import nets
 from dipjax import operators
+from dipjax import stopping
 from dipjax import schedules
 from dipjax import targets
 
@@ -158,15 +159,6 @@ def test_staged_problem_targets_probe_and_budgets():
                        schedule=sched, num_stages=2, t_max=9, sigma=sigma, final_share=1.5)
 
 
-def test_clipped_noise_moments_match_sampling():
-  rng = np.random.default_rng(0)
-  x = np.array([0.0, 0.03, 0.5, 0.9, 1.0])
-  e = np.clip(x + 0.1 * rng.standard_normal((400_000, 5)), 0, 1) - x
-  mean, var = fit.clipped_noise_moments(jnp.asarray(x, jnp.float32), 0.1)
-  np.testing.assert_allclose(mean, e.mean(0), atol=1e-3)
-  np.testing.assert_allclose(var, e.var(0), rtol=1e-2, atol=1e-5)
-
-
 @pytest.mark.parametrize("clipped", [False, True])
 def test_sure_mse_tracks_the_error_against_the_clean_stage_target(clipped):
   """Outputs that fit a growing fraction of every noise in their target (and all of the
@@ -181,7 +173,7 @@ def test_sure_mse_tracks_the_error_against_the_clean_stage_target(clipped):
   bias = 0.0
   if clipped:
     y = np.clip(y, 0, 1)
-    bias = np.asarray(fit.clipped_noise_moments(jnp.asarray(x, jnp.float32), sigma)[0])
+    bias = np.asarray(stopping.clipped_noise_moments(jnp.asarray(x, jnp.float32), sigma)[0])
   probe = 0.3 * sigma * probe_eps
   noise = a * probe + b * eps  # the known noise of the stage target
   target = a * y + noise

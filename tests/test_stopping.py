@@ -105,6 +105,26 @@ def test_bad_criteria_are_rejected():
     fit.FitConfig(criteria=(stopping.discrepancy(1.0), stopping.discrepancy(0.9)))
 
 
+def test_clipped_noise_moments_match_sampling():
+  rng = np.random.default_rng(0)
+  x = np.array([0.0, 0.03, 0.5, 0.9, 1.0])
+  e = np.clip(x + 0.1 * rng.standard_normal((400_000, 5)), 0, 1) - x
+  mean, var = stopping.clipped_noise_moments(jnp.asarray(x, jnp.float32), 0.1)
+  np.testing.assert_allclose(mean, e.mean(0), atol=1e-3)
+  np.testing.assert_allclose(var, e.var(0), rtol=1e-2, atol=1e-5)
+
+
+def test_noise_std_of_clipped_and_unclipped_observations():
+  rng = np.random.default_rng(4)
+  x = np.where(rng.uniform(size=(64, 64, 3)) < 0.5, 0.05, 0.95).astype(np.float32)
+  e = 50 / 255 * rng.standard_normal(x.shape).astype(np.float32)
+  clipped = np.clip(x + e, 0, 1)
+  true = np.sqrt(np.mean((clipped - x) ** 2))
+  assert true**2 < 0.7 * (50 / 255) ** 2
+  assert float(stopping.noise_std(clipped, 50 / 255, proxy=x)) == pytest.approx(true, rel=0.02)
+  assert float(stopping.noise_std(x + e, 50 / 255)) == pytest.approx(50 / 255)  # not clipped
+
+
 def test_estimate_sigma_on_noise_and_on_a_smooth_image():
   rng = np.random.default_rng(2)
   flat = 0.5 + 0.1 * rng.standard_normal((128, 128, 3))

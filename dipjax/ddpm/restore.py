@@ -29,8 +29,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dipjax import fit
 from dipjax import schedules
+from dipjax import stopping
 from dipjax.ddpm import diffusion
 from dipjax.ddpm.diffusion import EpsFn
 from dipjax.ddpm.unet import UNetConfig
@@ -69,12 +69,11 @@ def estimate_dip_error(x_hat: Array, y: Array, sigma: Array | float,
 
   For y = x + e, E mean (x_hat - y)^2 = mean (x_hat - x)^2 + E mean e^2 - 2 mean (x_hat - x) e:
   unbiased while x_hat has fitted none of the noise, too low once it has fitted some. E mean e^2
-  is sigma^2, or, for y inside [0, 1] (taken as clipped there, as DIP's protocol and sensors
-  do), the mean of bias^2 + variance of the clipped noise (``fit.clipped_noise_moments``) at
-  x ~ x_hat: at sigma = 50 clipping shrinks it by 10-25% on natural images, which the plain
-  sigma^2 would subtract from the estimate. A staged fit's SURE estimate, which also accounts
-  for the fitted noise (``fit.sure_mse``: its trace ``mse_est_ema`` at the stop), can be passed
-  to :func:`dip_ddpm` / :func:`dip_guided` as est_mse instead when available.
+  is ``stopping.noise_std(y, sigma, proxy=x_hat)^2``: sigma^2, or for y inside [0, 1]
+  (taken as clipped) the clipped noise's energy, 10-25% less at sigma = 50. A staged fit's
+  SURE estimate, which also accounts for the fitted noise (``fit.sure_mse``: its trace
+  ``mse_est_ema`` at the stop), can be passed to :func:`dip_ddpm` / :func:`dip_guided` as
+  est_mse instead when available.
 
   Args:
     x_hat, y: (H, W, C) in [0, 1]: the estimate and the noisy observation.
@@ -82,12 +81,8 @@ def estimate_dip_error(x_hat: Array, y: Array, sigma: Array | float,
     floor: the smallest estimate returned (> 0).
   """
   x_hat = jnp.asarray(x_hat, jnp.float32)
-  y = jnp.asarray(y, jnp.float32)
-  sigma = jnp.asarray(sigma, jnp.float32)
-  bias, var = fit.clipped_noise_moments(jnp.clip(x_hat, 0.0, 1.0), sigma)
-  clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)
-  noise = jnp.where(clipped, jnp.mean(bias**2 + var), sigma**2)
-  return jnp.maximum(jnp.mean(jnp.square(x_hat - y)) - noise, floor)
+  noise = jnp.square(stopping.noise_std(y, sigma, proxy=x_hat))
+  return jnp.maximum(jnp.mean(jnp.square(x_hat - jnp.asarray(y, jnp.float32))) - noise, floor)
 
 
 def timesteps(t_start: Array | int, nfe: int) -> Array:
