@@ -168,6 +168,16 @@ def test_padding_to_the_multiple_and_grey_through_colour():
   out = restore.dip_ddpm(_oracle(framed), SCHEDULE, grey, 1e-3, 2, key, config=config)
   assert out.shape == (9, 14, 1)
   np.testing.assert_allclose(out, grey, atol=1e-5)
+  out = restore.ddpm_denoise(_oracle(np.repeat(io.pad_to_multiple(grey, 4)[0], 3, -1)),
+                             SCHEDULE, _noisy(grey), SIGMA, 2, key, config=config)
+  np.testing.assert_allclose(out, grey, atol=1e-5)
+  # Its noise, the same in every channel, made white: std sqrt(3) sigma in each channel.
+  flat = np.full((64, 64, 1), 0.5, np.float32)
+  noisy = flat + SIGMA * np.random.default_rng(0).standard_normal(flat.shape).astype(np.float32)
+  x, t, _ = restore._observed_start(SCHEDULE, noisy, SIGMA, key, 1, config)
+  e = np.asarray(x[0]).reshape(-1, 3) / np.sqrt(SCHEDULE.alphas_cumprod[t]) / 2  # [0, 1] units
+  np.testing.assert_allclose(np.cov(e.T), 3 * SIGMA**2 * np.eye(3), atol=0.1 * SIGMA**2)
+  assert t == restore.matched_timestep(SCHEDULE, np.sqrt(3) * SIGMA)
   with pytest.raises(ValueError, match="3-channel"):
     restore.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 2, key,
                          config=UNetConfig(channels=8, norm_groups=4, image_channels=1))

@@ -15,11 +15,11 @@ with noise_level(t) = 2 sigma: :func:`matched_timestep`, where the reverse proce
 An eps predictor is any ``eps_fn(x (N, H, W, C), t (N,)) -> eps`` in the model's units
 (``unet.eps_fn(config, params)``, or an oracle in tests). Given the U-Net's ``config``, the
 functions pad the image (reflect) to ``config.multiple`` and crop back, and run a grey image
-through a colour model (the channel replicated in, the channel mean out: :func:`_frame`).
-Every function is jittable with nfe, samples, eta, weight and config static; the noise level,
-the error estimate and so t* may be traced, so one compiled function serves every image of a
-size and every noise level (:func:`timesteps` is ``diffusion.timestep_sequence`` for a traced
-t*).
+through a colour model (the channel replicated in, its noise made white, the channel mean
+out: :func:`_frame`, :func:`_observed_start`). Every function is jittable with nfe, samples,
+eta, weight and config static; the noise level, the error estimate and so t* may be traced, so
+one compiled function serves every image of a size and every noise level (:func:`timesteps` is
+``diffusion.timestep_sequence`` for a traced t*).
 """
 
 from __future__ import annotations
@@ -150,10 +150,28 @@ def _reverse(eps_fn: EpsFn, schedule: Schedule, x_start: Array, t_start: Array, 
   return jnp.mean(jnp.clip(unframe(diffusion.from_model(x0)), 0.0, 1.0), axis=0)
 
 
-def _observed_start(schedule: Schedule, framed: Array, t: Array, samples: int) -> Array:
-  """sqrt(abar_t) to_model(y), the observation as x_t: (samples, H', W', C')."""
-  x = jnp.sqrt(schedule.alphas_cumprod[t]) * diffusion.to_model(framed)
-  return jnp.broadcast_to(x, (samples,) + framed.shape)
+def _observed_start(schedule: Schedule, y: Array, sigma: Array | float, key: Array,
+                    samples: int, config: UNetConfig | None
+                    ) -> tuple[Array, Array, Callable[[Array], Array]]:
+  """The observation y (H, W, C), noise std sigma, as the model's x_t: (x_t (samples, H', W',
+  C') = sqrt(abar_t) to_model(framed y), t = :func:`matched_timestep`, unframe).
+
+  A grey y through a colour model (:func:`_frame`) needs more: replicated, its noise is the same
+  in the three channels, a noise the model never saw (it denoises little of it, and less with
+  more steps: 24.7 dB at NFE 1, 22.9 at NFE 50 on the Set12 crops at sigma = 25). Along the
+  grey direction (1, 1, 1) / sqrt(3) that noise has std sqrt(3) sigma; noise of the same std
+  orthogonal to it (zero channel mean, drawn from `key`) makes it white with std sqrt(3) sigma
+  in every channel, and t is matched to that level.
+  """
+  framed, unframe = _frame(y, config)
+  sigma = jnp.asarray(sigma, jnp.float32)
+  x = jnp.broadcast_to(framed, (samples,) + framed.shape)
+  if framed.shape[-1] != jnp.shape(y)[-1]:
+    g = jax.random.normal(key, x.shape, jnp.float32)
+    sigma = jnp.sqrt(3.0) * sigma
+    x = x + sigma * (g - jnp.mean(g, axis=-1, keepdims=True))
+  t = matched_timestep(schedule, sigma)
+  return jnp.sqrt(schedule.alphas_cumprod[t]) * diffusion.to_model(x), t, unframe
 
 
 def ddpm_denoise(eps_fn: EpsFn, schedule: Schedule, y: Array, sigma: Array | float, nfe: int,
@@ -176,10 +194,9 @@ def ddpm_denoise(eps_fn: EpsFn, schedule: Schedule, y: Array, sigma: Array | flo
     (H, W, C) float32 in [0, 1]: the mean of the clipped samples.
   """
   _check(nfe, samples, eta)
-  framed, unframe = _frame(y, config)
-  t = matched_timestep(schedule, sigma)
-  return _reverse(eps_fn, schedule, _observed_start(schedule, framed, t, samples), t, nfe, key,
-                  eta, unframe)
+  key, k_start = jax.random.split(key)
+  x_start, t, unframe = _observed_start(schedule, y, sigma, k_start, samples, config)
+  return _reverse(eps_fn, schedule, x_start, t, nfe, key, eta, unframe)
 
 
 def sdedit(eps_fn: EpsFn, schedule: Schedule, x_hat: Array, t_start: Array | int, nfe: int,
@@ -201,7 +218,8 @@ def sdedit(eps_fn: EpsFn, schedule: Schedule, x_hat: Array, t_start: Array | int
   _check(nfe, samples, eta)
   framed, unframe = _frame(x_hat, config)
   k_noise, k_sample = jax.random.split(key)
-  x_start = _observed_start(schedule, framed, t_start, samples)
+  x_start = jnp.broadcast_to(jnp.sqrt(schedule.alphas_cumprod[t_start])
+                             * diffusion.to_model(framed), (samples,) + framed.shape)
   if fresh_noise:
     eps = jax.random.normal(k_noise, x_start.shape, jnp.float32)
     x_start = x_start + jnp.sqrt(1.0 - schedule.alphas_cumprod[t_start]) * eps
@@ -264,7 +282,8 @@ def dip_guided(eps_fn: EpsFn, schedule: Schedule, x_hat: Array, y: Array,
   _check(nfe, samples, eta)
   if weight is not None and not 0.0 <= weight <= 1.0:
     raise ValueError(f"weight must lie in [0, 1] (or be None), got {weight}")
-  framed, unframe = _frame(y, config)
+  key, k_start = jax.random.split(key)
+  x_start, t, unframe = _observed_start(schedule, y, sigma, k_start, samples, config)
   guide = diffusion.to_model(_frame(x_hat, config)[0])
   if weight is None:
     est = estimate_dip_error(x_hat, y, sigma) if est_mse is None else est_mse
@@ -276,6 +295,4 @@ def dip_guided(eps_fn: EpsFn, schedule: Schedule, x_hat: Array, y: Array,
     w = weight_at(t)
     return (1.0 - w) * x0 + w * guide
 
-  t = matched_timestep(schedule, sigma)
-  return _reverse(eps_fn, schedule, _observed_start(schedule, framed, t, samples), t, nfe, key,
-                  eta, unframe, blend)
+  return _reverse(eps_fn, schedule, x_start, t, nfe, key, eta, unframe, blend)
