@@ -371,7 +371,8 @@ class Report:
     key = jax.random.fold_in(jax.random.PRNGKey(spec.noise_seed),
                              zlib.crc32(base["image"].encode()))
     model = dict(base, model=self.digest)
-    t_star = int(ddpm_restore.matched_timestep(schedule, s))
+    t_star = int(ddpm_restore.matched_timestep(schedule, ddpm_restore.observed_sigma(
+        s, noisy.shape[-1], self.sampler.config)))
     for nfe in spec.nfes:
       self._emit(dict(model, kind="ddpm", nfe=nfe), functools.partial(
           self._sample_uint8, "ddpm", nfe, noisy, s, key, clean=clean, t_start=t_star,

@@ -373,7 +373,8 @@ def _ddpm_stage(s: _Settings, y: np.ndarray, sigma: float,
   restored = np.asarray(compiled(params, key))
   t2 = time.perf_counter()
   t_start = int(ddpm_restore.dip_timestep(schedule, est) if method == "dip_ddpm"
-                else ddpm_restore.matched_timestep(schedule, sigma))
+                else ddpm_restore.matched_timestep(schedule, ddpm_restore.observed_sigma(
+                    sigma, y.shape[-1], config)))
   logging.info("DDPM (%s): t* = %d, %d evaluations in %.2f s (compiled in %.1f s)", method,
                t_start, nfe, t2 - t1, t1 - t0)
   return restored, dict(

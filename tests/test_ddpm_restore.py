@@ -177,7 +177,8 @@ def test_padding_to_the_multiple_and_grey_through_colour():
   x, t, _ = restore._observed_start(SCHEDULE, noisy, SIGMA, key, 1, config)
   e = np.asarray(x[0]).reshape(-1, 3) / np.sqrt(SCHEDULE.alphas_cumprod[t]) / 2  # [0, 1] units
   np.testing.assert_allclose(np.cov(e.T), 3 * SIGMA**2 * np.eye(3), atol=0.1 * SIGMA**2)
-  assert t == restore.matched_timestep(SCHEDULE, np.sqrt(3) * SIGMA)
+  assert t == restore.matched_timestep(SCHEDULE, np.sqrt(3) * SIGMA) == restore.matched_timestep(
+      SCHEDULE, restore.observed_sigma(SIGMA, 1, config))
   with pytest.raises(ValueError, match="3-channel"):
     restore.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 2, key,
                          config=UNetConfig(channels=8, norm_groups=4, image_channels=1))

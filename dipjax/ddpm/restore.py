@@ -150,6 +150,14 @@ def _reverse(eps_fn: EpsFn, schedule: Schedule, x_start: Array, t_start: Array, 
   return jnp.mean(jnp.clip(unframe(diffusion.from_model(x0)), 0.0, 1.0), axis=0)
 
 
+def observed_sigma(sigma: Array | float, channels: int, config: UNetConfig | None) -> Array:
+  """The noise std the model is given for an observation of `channels` channels with noise std
+  sigma: sqrt(3) sigma for a grey image through a colour model (:func:`_observed_start`), else
+  sigma. ``matched_timestep`` of it is where :func:`ddpm_denoise` starts."""
+  grey_in_colour = config is not None and (channels, config.image_channels) == (1, 3)
+  return jnp.asarray(sigma, jnp.float32) * (jnp.sqrt(3.0) if grey_in_colour else 1.0)
+
+
 def _observed_start(schedule: Schedule, y: Array, sigma: Array | float, key: Array,
                     samples: int, config: UNetConfig | None
                     ) -> tuple[Array, Array, Callable[[Array], Array]]:
@@ -158,17 +166,16 @@ def _observed_start(schedule: Schedule, y: Array, sigma: Array | float, key: Arr
 
   A grey y through a colour model (:func:`_frame`) needs more: replicated, its noise is the same
   in the three channels, a noise the model never saw (it denoises little of it, and less with
-  more steps: 24.7 dB at NFE 1, 22.9 at NFE 50 on the Set12 crops at sigma = 25). Along the
+  more steps: docs/RESULTS.md). Along the
   grey direction (1, 1, 1) / sqrt(3) that noise has std sqrt(3) sigma; noise of the same std
   orthogonal to it (zero channel mean, drawn from `key`) makes it white with std sqrt(3) sigma
   in every channel, and t is matched to that level.
   """
   framed, unframe = _frame(y, config)
-  sigma = jnp.asarray(sigma, jnp.float32)
   x = jnp.broadcast_to(framed, (samples,) + framed.shape)
+  sigma = observed_sigma(sigma, jnp.shape(y)[-1], config)
   if framed.shape[-1] != jnp.shape(y)[-1]:
     g = jax.random.normal(key, x.shape, jnp.float32)
-    sigma = jnp.sqrt(3.0) * sigma
     x = x + sigma * (g - jnp.mean(g, axis=-1, keepdims=True))
   t = matched_timestep(schedule, sigma)
   return jnp.sqrt(schedule.alphas_cumprod[t]) * diffusion.to_model(x), t, unframe
