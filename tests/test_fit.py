@@ -13,8 +13,8 @@ from dipjax import inputs
 from dipjax import metrics
 from dipjax import nets
 from dipjax import operators
-from dipjax import stopping
 from dipjax import schedules
+from dipjax import stopping
 from dipjax import targets
 
 SIZE, SEG = 32, 50

@@ -166,10 +166,9 @@ def _observed_start(schedule: Schedule, y: Array, sigma: Array | float, key: Arr
 
   A grey y through a colour model (:func:`_frame`) needs more: replicated, its noise is the same
   in the three channels, a noise the model never saw (it denoises little of it, and less with
-  more steps: docs/RESULTS.md). Along the
-  grey direction (1, 1, 1) / sqrt(3) that noise has std sqrt(3) sigma; noise of the same std
-  orthogonal to it (zero channel mean, drawn from `key`) makes it white with std sqrt(3) sigma
-  in every channel, and t is matched to that level.
+  more steps: docs/RESULTS.md). Along the grey direction (1, 1, 1) / sqrt(3) that noise has std
+  sqrt(3) sigma; noise of the same std orthogonal to it (zero channel mean, drawn from `key`)
+  makes it white with std sqrt(3) sigma in every channel, and t is matched to that level.
   """
   framed, unframe = _frame(y, config)
   x = jnp.broadcast_to(framed, (samples,) + framed.shape)
