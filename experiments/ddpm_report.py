@@ -628,31 +628,31 @@ def tables(data: Rows, gen_psnr: float) -> str:
 
 
 def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
-  """PSNR vs NFE and vs wall time per sigma (mean over all images), the generation PSNR and an
-  image grid of the first generation image. Returns the files written."""
+  """PSNR vs NFE and vs wall time per test set and sigma (means over the set's images), the
+  generation PSNR and an image grid of the first generation image. Returns the files written."""
   plt = _pyplot()
   os.makedirs(fig_dir, exist_ok=True)
   written = []
-  for sigma in sorted({r["config"]["sigma"] for r in data.rows}):
+  for set_name, sigma in sorted({(r["config"]["set"], r["config"]["sigma"]) for r in data.rows}):
+    here = dict(set=set_name, sigma=sigma)
     series = collections.OrderedDict()  # label -> [(nfe, psnr, seconds)]
-    for model, label in data.models("ddpm", sigma=sigma):
-      n = len({r["config"]["image"] for r in data.select("ddpm", sigma=sigma, model=model)})
-      name = "DDPM alone" + (f", {label}, {n} images" if label else "")
-      for nfe in data.values("ddpm", "nfe", sigma=sigma, model=model):
-        rows = data.select("ddpm", nfe=nfe, sigma=sigma, model=model)
+    for model, label in data.models("ddpm", **here):
+      name = "DDPM alone" + (f", {label}" if label else "")
+      for nfe in data.values("ddpm", "nfe", model=model, **here):
+        rows = data.select("ddpm", nfe=nfe, model=model, **here)
         series.setdefault(name, []).append(
             (nfe, _mean([r["psnr"] for r in rows]), _mean([r["seconds"] for r in rows])))
     for kind in HYBRIDS:
-      for model, label in data.models(kind, sigma=sigma):
-        for k in data.values(kind, "dip_iters", sigma=sigma, model=model):
-          for nfe in data.values(kind, "nfe", sigma=sigma, dip_iters=k, model=model):
-            rows = _total(data.select(kind, nfe=nfe, sigma=sigma, dip_iters=k, model=model))
+      for model, label in data.models(kind, **here):
+        for k in data.values(kind, "dip_iters", model=model, **here):
+          for nfe in data.values(kind, "nfe", dip_iters=k, model=model, **here):
+            rows = _total(data.select(kind, nfe=nfe, dip_iters=k, model=model, **here))
             series.setdefault(f"{kind}, DIP {k} its" + (f", {label}" if label else ""),
                               []).append((nfe, _mean([r["psnr"] for r in rows]),
                                           _mean([r["seconds"] for r in rows])))
-    dips = data.select("dip", sigma=sigma)
+    dips = data.select("dip", **here)
     flat = {f"DIP {c} stop": _mean([r["psnr"] for r in _dip_stop(dips, c)]) for c in CRITERIA}
-    bm3d = data.select("bm3d", sigma=sigma)
+    bm3d = data.select("bm3d", **here)
     if bm3d:
       flat["(C)BM3D"] = _mean([r["psnr"] for r in bm3d])
     for name, x_index, xlabel in (("nfe", 0, "NFE (network evaluations)"),
@@ -679,11 +679,12 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
       ax.set_xscale("log")
       ax.set_xlabel(xlabel)
       ax.set_ylabel("PSNR (dB), mean over images")
-      ax.set_title(f"Denoising, σ = {sigma:g}")
+      n = len({r["config"]["image"] for r in data.rows if r["config"]["set"] == set_name})
+      ax.set_title(f"Denoising, {set_name} ({n} images), σ = {sigma:g}")
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
       fig.tight_layout()
-      path = os.path.join(fig_dir, f"psnr_vs_{name}_s{sigma:g}.png")
+      path = os.path.join(fig_dir, f"psnr_vs_{name}_{set_name}_s{sigma:g}.png")
       fig.savefig(path)
       plt.close(fig)
       written.append(path)

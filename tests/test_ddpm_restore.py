@@ -311,7 +311,8 @@ def test_report_quick_resumes_and_summarises(weights, tmp_path):
   assert (out / "rows.jsonl").read_text().count("\n") == len(rows)
   summary = (out / "summary.md").read_text()
   assert "DDPM alone" in summary and "Generation" in summary and "Grey" in summary
-  for name in ("psnr_vs_nfe_s25.png", "psnr_vs_time_s25.png", "generation_grid.png"):
+  for name in (f"psnr_vs_nfe_{folder.name}_s25.png", f"psnr_vs_time_{folder.name}_s25.png",
+               "generation_grid.png"):
     assert (out / "figures" / name).exists(), name
   # A grey model beside the colour one on the same set: its DDPM rows only (the DIP and BM3D
   # rows are shared), its own rows in the tables.
