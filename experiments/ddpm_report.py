@@ -513,6 +513,11 @@ class Rows:
     return [r for r in self.rows if r["kind"] == kind
             and all(r["config"].get(k) == v for k, v in where.items())]
 
+  def images(self, **where) -> int:
+    """The number of images with rows (of any kind) of these config values."""
+    return len({r["config"]["image"] for r in self.rows
+                if all(r["config"].get(k) == v for k, v in where.items())})
+
   def values(self, kind: str, field: str, **where) -> list:
     return sorted({r["config"][field] for r in self.select(kind, **where)
                    if r["config"].get(field) is not None})
@@ -549,8 +554,7 @@ def tables(data: Rows, gen_psnr: float) -> str:
     out.append(f"## σ = {sigma:g}")
     for name in sets:
       here = dict(sigma=sigma, set=name)
-      n = len({r["config"]["image"] for r in data.rows if r["config"]["set"] == name
-               and r["config"]["sigma"] == sigma})
+      n = data.images(**here)
       out.append(f"### {name}, σ = {sigma:g} ({n} image{'s' if n > 1 else ''})")
       ddpm, models = [], data.models("ddpm", **here)
       for model, label in models:
@@ -635,6 +639,7 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
   written = []
   for set_name, sigma in sorted({(r["config"]["set"], r["config"]["sigma"]) for r in data.rows}):
     here = dict(set=set_name, sigma=sigma)
+    title = f"Denoising, {set_name} ({data.images(**here)} images), σ = {sigma:g}"
     series = collections.OrderedDict()  # label -> [(nfe, psnr, seconds)]
     for model, label in data.models("ddpm", **here):
       name = "DDPM alone" + (f", {label}" if label else "")
@@ -679,8 +684,7 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
       ax.set_xscale("log")
       ax.set_xlabel(xlabel)
       ax.set_ylabel("PSNR (dB), mean over images")
-      n = len({r["config"]["image"] for r in data.rows if r["config"]["set"] == set_name})
-      ax.set_title(f"Denoising, {set_name} ({n} images), σ = {sigma:g}")
+      ax.set_title(title)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
       fig.tight_layout()
