@@ -4,8 +4,9 @@ r"""Markdown tables and figures from the rows of experiments/grid.py.
 
 Tables: the main one (PSNR / SSIM per method and stopping criterion, per image set and sigma),
 the criteria (gap to the oracle peak, iteration error, iterations saved), the K-seed ensembles
-against single seeds, and an ablation table for each axis (stages, schedule, t_max, fresh_eps,
-probe, final_share, net, width, loss) along which rows vary with the rest fixed. Each table names
+against single seeds, one line per image and method (pages without ablations), and an ablation
+table for each axis (stages, schedule, t_max, fresh_eps, probe, final_share, net, width, loss)
+along which rows vary with the rest fixed. Each table names
 the command lines and devices its rows came from. Figures (from the rows' .npz files, where
 present): PSNR curves with every criterion's stop, per-stage PSNR of a staged fit (measured and
 estimated without the ground truth), and clean | noisy | DIP | staged | ensemble | BM3D for one
@@ -266,6 +267,40 @@ def ensemble_table(rows: list[dict]) -> str | None:
   return _table(header, body)
 
 
+PER_IMAGE_CRITERIA = ("oracle", "es_wmv", "discrepancy", "staged")
+
+
+def per_image_table(rows: list[dict]) -> str | None:
+  """One line per image and fit variant: mean single-seed PSNR at the oracle and the automatic
+  stops the report discusses (PER_IMAGE_CRITERIA), the K-seed ensemble's at the same stops, and
+  the noisy input's and (C)BM3D's on the same image. None without fit rows."""
+  fits = [r for r in rows if _is_fit(r)]
+  if not fits:
+    return None
+  present = {c for r in fits for c in r["config"]["criteria"]}
+  criteria = [c for c in PER_IMAGE_CRITERIA if c in present]
+  multi = {c for r in fits if r["config"]["seeds"] > 1 for c in r["config"]["criteria"]}
+  ensembles = [c for c in criteria if c in multi]
+  labels = _variant_labels(fits)
+  order = {v: i for i, (v, _) in enumerate(_ordered_variants(fits))}
+  bm3d = {(*_column(r), r["config"]["image"]): r["output"]["psnr"]
+          for r in rows if not _is_fit(r)}
+  header = (["set σ", "image", "method", "noisy"] + [_criterion_name(c) for c in criteria]
+            + [f"ensemble, {_criterion_name(c)}" for c in ensembles] + ["(C)BM3D"])
+  cell = lambda value: "—" if value is None else f"{value:.2f}"
+  body = []
+  for row in sorted(fits, key=lambda r: (_column(r), r["config"]["image"], order[_variant(r)])):
+    c, k = row["criteria"], row["config"]["seeds"]
+    place = (*_column(row), row["config"]["image"])
+    body.append([f"{place[0]} σ={place[1]:g}", place[2], labels[_variant(row)],
+                 f"{row['noisy']['psnr']:.2f}"]
+                + [cell(float(np.mean(c[n]["psnr"])) if n in c else None) for n in criteria]
+                + [cell(c[n]["ensemble"]["psnr"] if n in c and k > 1 else None)
+                   for n in ensembles]
+                + [cell(bm3d.get(place))])
+  return _table(header, body)
+
+
 def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
   """For each axis and each group of fit rows that differ only in it (and in their place):
   (heading, table, the rows used). Cells: mean single-seed PSNR at each stop over the images
@@ -456,6 +491,11 @@ def summarize(paths: list[str], out_md: str, fig_dir: str, title: str,
     parts += ["## Ensembles", "Ensemble PSNR (its gain over the mean single seed, dB).",
               _provenance([r for r in fits if r["config"]["seeds"] > 1]), ensembles]
   ablations = ablation_tables(rows)
+  per_image = None if ablations else per_image_table(rows)
+  if per_image:
+    parts += ["## Per image", "PSNR (dB) of each image: single fits (mean over the seeds) and "
+              "the ensemble at each stop; the oracle column minus another is that criterion's "
+              "gap.", _provenance(rows), per_image]
   if ablations:
     parts.append("## Ablations")
     for heading, table, used in ablations:

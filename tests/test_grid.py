@@ -214,6 +214,27 @@ def test_summary_tables_from_a_fixture(tmp_path):
   assert row_of("(C)BM3D", "1", "–", "–", "0.00", "2", "–")
   assert row_of("all", "6", "", "", "**0.14**")
   assert "## Figures" not in page  # the fixture has no arrays
+  assert "## Per image" not in page  # a page with ablations compares variants, not images
+
+
+def test_summary_per_image_table(tmp_path):
+  rows = [_fit_row("a.png", "dip", [28.0, 29.0], [0.8, 0.8], 29.0),
+          _fit_row("b.png", "dip", [30.0, 31.0], [0.8, 0.8], 31.0),
+          _fit_row("a.png", "staged", [27.0, 27.0], [0.7, 0.7], 27.0, stages=2),
+          dict(key="bm3d-a", config=dict(image="a.png", set="SetA", crop=128, sigma=25.0,
+                                         method="bm3d", noise_seed=0),
+               argv="python grid.py --methods=bm3d", device=dict(backend="numpy", kind="x86"),
+               noisy=dict(psnr=20.0, ssim=0.3), output=dict(psnr=31.0, ssim=0.85), wall_s=2.0)]
+  results = tmp_path / "results.jsonl"
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  page = summary.summarize([str(results)], str(tmp_path / "s.md"), str(tmp_path / "fig"), "T")
+  table = page[page.index("## Per image"):page.index("## Cost")].splitlines()
+  assert "| set σ | image | method | noisy | ES-WMV | ensemble, ES-WMV | (C)BM3D |" in table
+  # Image by image, methods in order; ES-WMV is the fixture's psnr + 1; no BM3D row for b.png.
+  assert [l for l in table if l.startswith("| SetA")] == [
+      "| SetA σ=25 | a.png | DIP | 20.00 | 29.50 | 30.00 | 31.00 |",
+      "| SetA σ=25 | a.png | staged | 20.00 | 28.00 | 28.00 | 31.00 |",
+      "| SetA σ=25 | b.png | DIP | 20.00 | 31.50 | 32.00 | — |"]
 
 
 def test_summary_figures_from_grid_rows(resumed, tmp_path):
