@@ -79,6 +79,10 @@ _FRESH_EPS = flags.DEFINE_list("fresh_eps", ["false"], "A new noise image per st
 _PROBES = flags.DEFINE_list("probes", ["0.3"], "Probe noise ratios (staged methods): targets "
                             "are staged from y + probe * sigma * eps; 0 disables the 'staged' "
                             "criterion.")
+_SIGMA_ESTIMATED = flags.DEFINE_list(
+    "sigma_estimated", ["false"], "Whether a fit is given the sigma added (false) or its estimate "
+    "from the noisy image (true: stopping.estimate_sigma), for the probe, the staged and the "
+    "discrepancy criteria; 'false,true' makes it an axis.")
 _FINAL_SHARES = flags.DEFINE_list("final_shares", ["equal"], "Fraction of --iters for the last "
                                   "stage (staged methods); 'equal': all stages equally long.")
 _LOSSES = flags.DEFINE_list("losses", ["mse"], "Training losses (mse, l1, mse_ssim).")
@@ -120,6 +124,7 @@ class GridSpec:
   fresh_eps: tuple[bool, ...] = (False,)
   probes: tuple[float, ...] = (0.3,)
   final_shares: tuple[float | None, ...] = (None,)
+  sigma_estimated: tuple[bool, ...] = (False,)
   losses: tuple[str, ...] = ("mse",)
   nets: tuple[str, ...] = ("skip",)
   widths: tuple[int, ...] = (32,)
@@ -138,7 +143,7 @@ class GridSpec:
     axes = dict(images=self.images, sigmas=self.sigmas, methods=self.methods,
                 schedules=self.schedules, stages=self.stages, t_max=self.t_max,
                 fresh_eps=self.fresh_eps, probes=self.probes, final_shares=self.final_shares,
-                losses=self.losses, nets=self.nets, widths=self.widths)
+                sigma_estimated=self.sigma_estimated, losses=self.losses, nets=self.nets, widths=self.widths)
     for name, values in axes.items():
       if not values:
         raise ValueError(f"--{name} is empty")
@@ -241,6 +246,7 @@ def spec_from_flags() -> GridSpec:
       fresh_eps=_parse_list("fresh_eps", _FRESH_EPS.value, _bool),
       probes=_parse_list("probes", _PROBES.value, float),
       final_shares=_parse_list("final_shares", _FINAL_SHARES.value, _share),
+      sigma_estimated=_parse_list("sigma_estimated", _SIGMA_ESTIMATED.value, _bool),
       losses=tuple(_LOSSES.value), nets=tuple(_NETS.value),
       widths=_parse_list("widths", _WIDTHS.value, int), scales=_SCALES.value,
       seeds=_SEEDS.value, seed_base=_SEED_BASE.value, iters=_ITERS.value, lr=_LR.value,
@@ -285,12 +291,14 @@ def _method_configs(spec: GridSpec, path: str, sigma: float, method: str) -> lis
                   spec.schedules, spec.stages, spec.t_max, spec.fresh_eps, spec.probes,
                   spec.final_shares)]
   configs = []
-  for n, w, loss, s in itertools.product(spec.nets, spec.widths, spec.losses, staged):
-    # 'staged' needs a probe; the default loss is left out of the key (rows from before losses
-    # were an axis keep their keys).
+  for n, w, loss, s, estimated in itertools.product(spec.nets, spec.widths, spec.losses, staged,
+                                                    spec.sigma_estimated):
+    # 'staged' needs a probe; the default loss and the known sigma are left out of the key (rows
+    # from before those were axes keep their keys).
     criteria = [c for c in spec.criteria if c != "staged" or s.get("probe")]
     configs.append(dict(base, **fits, criteria=criteria, net=n, width=w, **s,
-                        **({} if loss == "mse" else dict(loss=loss))))
+                        **({} if loss == "mse" else dict(loss=loss)),
+                        **(dict(sigma_estimated=True) if estimated else {})))
   return configs
 
 
@@ -358,12 +366,15 @@ def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
   """The network, fit settings, problem (y and clean padded to 2^scales) and seed keys of a fit
   config, built as experiments/restore.py builds them."""
   method, sigma = config["method"], config["sigma"] / 255
+  info = {}
+  if config.get("sigma_estimated"):
+    sigma = stopping.estimate_sigma(noisy)
+    info["sigma_used"] = round(sigma * 255, 4)
   y, padding = io.pad_to_multiple(noisy, 2 ** config["scales"])
   truth, _ = io.pad_to_multiple(clean, 2 ** config["scales"])
   height, width, channels = y.shape
   key = jax.random.PRNGKey(config["seed_base"])
   k_input, k_targets = jax.random.split(jax.random.fold_in(key, PROBLEM_STREAM))
-  info = {}
   if method in DDPM_INPUT:
     schedule = schedules.get(config.get("schedule", DDPM_INPUT_SCHEDULE))
     t = int(schedules.t_for_sigma(schedule, sigma))
@@ -500,7 +511,8 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
   final = _unpad(np.asarray(states.ema), s.padding)
   records = fit.trace_records(fit.Trace(**{k: jnp.asarray(v) for k, v in trace.items()}))
   observation = s.problem.observation if s.shared else s.problem.observation[0]
-  noise_std = stopping.noise_std(observation, config["sigma"] / 255)  # as the fit's monitors
+  sigma = s.info.get("sigma_used", config["sigma"]) / 255  # the fit's, as its monitors use it
+  noise_std = stopping.noise_std(observation, sigma)
   results = dict(oracle_peak=dict(step=peak_step.tolist(), psnr=np.round(peak_psnr, 4).tolist()),
                  rolled_back=np.sum(trace["rolled_back"], axis=1).tolist(), criteria={})
   arrays = {f"curve_{name}": trace[name] for name in CURVES}
@@ -850,7 +862,7 @@ def run_grid(spec: GridSpec, out: str, *, argv: str = "", dry_run: bool = False,
 
 def _describe(config: dict) -> str:
   shown = ("net", "width", "loss", "seeds", "iters", "schedule", "stages", "t_max", "fresh_eps",
-           "probe", "final_share")
+           "probe", "final_share", "sigma_estimated")
   return config["method"] + "(" + ", ".join(f"{k}={config[k]}" for k in shown
                                             if k in config) + ")"
 

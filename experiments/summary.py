@@ -5,8 +5,8 @@ r"""Markdown tables and figures from the rows of experiments/grid.py.
 Tables: the main one (PSNR / SSIM per method and stopping criterion, per image set and sigma),
 the criteria (gap to the oracle peak, iteration error, iterations saved), the K-seed ensembles
 against single seeds, one line per image and method (pages without ablations), and an ablation
-table for each axis (stages, schedule, t_max, fresh_eps, probe, final_share, net, width, loss)
-along which rows vary with the rest fixed. Each table names
+table for each axis (stages, schedule, t_max, fresh_eps, probe, final_share, net, width, loss,
+sigma_estimated) along which rows vary with the rest fixed. Each table names
 the command lines and devices its rows came from. Figures (from the rows' .npz files, where
 present): PSNR curves with every criterion's stop, per-stage PSNR of a staged fit (measured and
 estimated without the ground truth), and clean | noisy | DIP | staged | ensemble | BM3D for one
@@ -34,7 +34,7 @@ CRITERION_NAMES = dict(fixed="fixed budget", oracle="oracle", es_wmv="ES-WMV", e
                        staged="staged (probe SURE)")
 STAGED = ("staged", "ddpm_input_staged")
 AXES = ("stages", "schedule", "t_max", "fresh_eps", "probe", "final_share", "net", "width",
-        "loss")
+        "loss", "sigma_estimated")
 PLACE = ("image", "set", "sigma")  # where a row is; the rest of its config is its variant
 
 _RESULTS = flags.DEFINE_list("results", ["runs/grid/results.jsonl"], "grid.py results files.")
@@ -68,7 +68,9 @@ def load_rows(paths: Iterable[str]) -> list[dict]:
         continue
       seen.add(row["key"])
       if row["config"]["method"] != "bm3d":
-        row["config"].setdefault("loss", "mse")  # grid.py leaves the default loss out of keys
+        # grid.py leaves the default loss and the known sigma out of its keys
+        row["config"].setdefault("loss", "mse")
+        row["config"].setdefault("sigma_estimated", False)
       if row.get("arrays"):
         row["arrays"] = os.path.join(os.path.dirname(os.path.abspath(path)), row["arrays"])
       rows.append(row)
@@ -301,6 +303,57 @@ def per_image_table(rows: list[dict]) -> str | None:
   return _table(header, body)
 
 
+SIGMA_FACTORS = (0.9, 0.95, 1.0, 1.05, 1.1)
+
+
+def discrepancy_sigma_table(rows: list[dict]) -> str | None:
+  """The discrepancy stop when sigma is not the one added: estimated from the noisy image
+  (``stopping.estimate_sigma``) or off by a factor (SIGMA_FACTORS), computed after the fact from
+  each fit's traced residual (``curve_psnr_obs_ema``) and PSNR curve, like
+  ``stopping.detect`` (the first iteration at or below ``stopping.noise_std(y, s)^2``; none: the
+  last). y is the .npz's 8-bit noisy image (rounding: 0.1% of sigma at 25). Single fits only
+  (the ensembles need the kept images). None without such rows."""
+  import jax.numpy as jnp  # only here: the rest of the page needs no JAX
+  from dipjax import stopping
+
+  fits = [r for r in rows if _is_fit(r) and _has_arrays(r)
+          and "discrepancy" in r["config"]["criteria"]]
+  if not fits:
+    return None
+  labels = _variant_labels(fits)
+  body = []
+  for variant, config in _ordered_variants(fits):
+    for column in _columns(fits):
+      members = [r for r in fits if _variant(r) == variant and _column(r) == column]
+      if not members:
+        continue
+      results = collections.defaultdict(list)  # sigma used -> (psnr, gap, |dt|, never) per fit
+      ratios = []
+      for row in members:
+        a, sigma = _arrays(row), row["config"]["sigma"] / 255
+        y = jnp.asarray(a["noisy"], jnp.float32) / 255
+        estimate = stopping.estimate_sigma(y)
+        ratios.append(estimate / sigma)
+        residual = 10.0 ** (-a["curve_psnr_obs_ema"] / 10)  # (seeds, iters)
+        clean = a["curve_psnr_clean_ema"]
+        for label, used in [("estimated", estimate)] + [(f"{f:.2f} σ", f * sigma)
+                                                        for f in SIGMA_FACTORS]:
+          crossed = residual <= float(stopping.noise_std(y, used)) ** 2
+          never = ~crossed.any(axis=1)
+          stop = np.where(never, residual.shape[1] - 1, np.argmax(crossed, axis=1))
+          psnr = clean[np.arange(len(stop)), stop]
+          results[label] += zip(psnr, a["oracle_psnr"] - psnr, np.abs(stop - a["oracle_step"]),
+                                never)
+      for label, values in results.items():
+        psnr, gap, dt, never = np.mean(values, axis=0)
+        shown = (f"estimated ({np.min(ratios):.2f}–{np.max(ratios):.2f} σ)"
+                 if label == "estimated" else label)
+        body.append([labels[variant], f"{column[0]} σ={column[1]:g}", shown, f"{psnr:.2f}",
+                     f"{gap:.2f}", f"{dt:.0f}", f"{100 * never:.0f}%"])
+  return _table(["method", "set σ", "σ used", "PSNR at the stop", "gap (dB)", "\\|Δt\\|",
+                 "never reached"], body)
+
+
 def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
   """For each axis and each group of fit rows that differ only in it (and in their place):
   (heading, table, the rows used). Cells: mean single-seed PSNR at each stop over the images
@@ -496,6 +549,14 @@ def summarize(paths: list[str], out_md: str, fig_dir: str, title: str,
     parts += ["## Per image", "PSNR (dB) of each image: single fits (mean over the seeds) and "
               "the ensemble at each stop; the oracle column minus another is that criterion's "
               "gap.", _provenance(rows), per_image]
+  sensitivity = None if ablations else discrepancy_sigma_table(rows)
+  if sensitivity:
+    parts += ["## The discrepancy stop without the true σ",
+              "Each fit's discrepancy stop recomputed from its traces with σ estimated from the "
+              "noisy image (Donoho's MAD; the range of σ̂/σ over the images in brackets) or off "
+              "by a factor; single fits, mean over fits; never reached: the residual never fell "
+              "to the level (the stop is then the last iteration).",
+              _provenance([r for r in rows if _is_fit(r) and _has_arrays(r)]), sensitivity]
   if ablations:
     parts.append("## Ablations")
     for heading, table, used in ablations:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dipjax import io
+from dipjax import stopping
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,6 +152,26 @@ def test_ddpm_input_and_staged_problems(tmp_path):
                          staged.stage_noise[1] / np.std(staged.stage_noise[1]))  # fresh eps
 
 
+def test_sigma_estimated_axis(tmp_path):
+  """--sigma_estimated=false,true: the known sigma keeps the config (and row key) it had before
+  the axis existed; the estimated one gives the fit sigma from the noisy image alone."""
+  clean = io.load_image(_write_images(tmp_path, 1, size=32) / "im0.png")
+  noisy = grid.noisy_image(clean, "im0.png", 25, 0)
+  spec = grid.GridSpec(images=(str(tmp_path / "im0.png"),), methods=("staged",), stages=(2,),
+                       t_max=(30,), sigma_estimated=(False, True), **TINY)
+  known, estimated = grid.jobs(spec)
+  assert "sigma_estimated" not in known.config and estimated.config["sigma_estimated"]
+  assert known.key == grid.jobs(dataclasses.replace(spec, sigma_estimated=(False,)))[0].key
+  built = {name: grid.setup(j.config, clean, noisy)
+           for name, j in (("known", known), ("estimated", estimated))}
+  assert "sigma_used" not in built["known"].info
+  sigma_hat = built["estimated"].info["sigma_used"]
+  assert sigma_hat == pytest.approx(stopping.estimate_sigma(noisy) * 255, abs=1e-3)
+  assert sigma_hat != 25 and 10 < sigma_hat < 40  # a 32x32 crop: a rough estimate
+  np.testing.assert_allclose(built["estimated"].problem.sigma, sigma_hat / 255, rtol=1e-4)
+  np.testing.assert_allclose(built["known"].problem.sigma, 25 / 255, rtol=1e-6)
+
+
 def test_bm3d_sees_the_same_noisy_input(tmp_path):
   pytest.importorskip("bm3d")
   path = str(_write_images(tmp_path, 1, size=32) / "im0.png")
@@ -235,6 +256,32 @@ def test_summary_per_image_table(tmp_path):
       "| SetA σ=25 | a.png | DIP | 20.00 | 29.50 | 30.00 | 31.00 |",
       "| SetA σ=25 | a.png | staged | 20.00 | 28.00 | 28.00 | 31.00 |",
       "| SetA σ=25 | b.png | DIP | 20.00 | 31.50 | 32.00 | — |"]
+
+
+def test_discrepancy_stop_with_sigma_off(tmp_path):
+  """The after-the-fact discrepancy stops on a trace with a known answer: the residual falls as
+  sigma^2 (2.005 - t / 50) to a floor of 0.85 sigma^2, so a level f^2 sigma^2 is first reached
+  at t = ceil(50 (2.005 - f^2)) (never for f = 0.9); the PSNR peaks at t = 51."""
+  sigma, t = 25 / 255, np.arange(100)
+  rng = np.random.default_rng(0)
+  noisy = np.round(255 * np.clip(0.5 + sigma * rng.standard_normal((64, 64, 1)), 0, 1))
+  residual = sigma**2 * np.maximum(2.005 - t / 50, 0.85)
+  path = tmp_path / "a.npz"
+  np.savez(path, noisy=noisy.astype(np.uint8),
+           curve_psnr_obs_ema=(-10 * np.log10(residual))[None].astype(np.float32),
+           curve_psnr_clean_ema=(30 - 0.01 * np.abs(t - 51))[None].astype(np.float32),
+           oracle_step=np.array([51]), oracle_psnr=np.array([30.0], np.float32))
+  row = _fit_row("a.png", "dip", [30.0], [0.8], 30.0)
+  row["config"].update(seeds=1, criteria=["fixed", "discrepancy"])
+  row["arrays"] = str(path)
+  lines = summary.discrepancy_sigma_table([row]).splitlines()
+  cells = {l.split(" | ")[2]: l.split(" | ")[3:] for l in lines[2:]}
+  assert cells["1.00 σ"] == ["30.00", "0.00", "0", "0% |"]  # t = 51: the peak
+  assert cells["1.05 σ"] == ["29.95", "0.05", "5", "0% |"]  # t = 46
+  assert cells["1.10 σ"] == ["29.89", "0.11", "11", "0% |"]  # t = 40
+  assert cells["0.95 σ"] == ["29.95", "0.05", "5", "0% |"]  # t = 56
+  assert cells["0.90 σ"] == ["29.52", "0.48", "48", "100% |"]  # never: the last iteration
+  assert any(k.startswith("estimated (") for k in cells)
 
 
 def test_summary_figures_from_grid_rows(resumed, tmp_path):
