@@ -50,6 +50,7 @@ if [[ "${1:-}" != summaries ]]; then
   ablate --nets=skip,hourglass,unet
   ablate --widths=16,32,64
   ablate --losses=mse,mse_ssim
+  ablate --sigma_estimated=false,true  # the fit given sigma estimated from the noisy image
 fi
 
 summary() {  # name, title; a grid with no rows yet is passed over
