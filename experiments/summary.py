@@ -43,7 +43,9 @@ _OUT_MD = flags.DEFINE_string("out_md", None, "Markdown output (default: summary
 _FIG_DIR = flags.DEFINE_string("fig_dir", None, "Figures (default: figures/ beside --out_md).")
 _TITLE = flags.DEFINE_string("title", "DIP ablation grid", "Title of the markdown page.")
 _CRITERION = flags.DEFINE_string("criterion", "es_wmv", "The stop whose outputs the image "
-                                 "figure shows (falls back to fixed).")
+                                 "figure shows: a name, or names in order of preference "
+                                 "(comma-separated; each fit shows the first it has, else "
+                                 "fixed).")
 
 
 def load_rows(paths: Iterable[str]) -> list[dict]:
@@ -405,7 +407,8 @@ def _arrays(row: dict) -> dict[str, np.ndarray]:
 
 
 def _pick(criteria: list[str], wanted: str) -> str:
-  for name in (wanted, "fixed"):
+  """The first of the comma-separated `wanted` names in `criteria`, else fixed (else the first)."""
+  for name in wanted.split(",") + ["fixed"]:
     if name in criteria:
       return name
   return criteria[0]

@@ -258,6 +258,12 @@ def test_summary_per_image_table(tmp_path):
       "| SetA σ=25 | b.png | DIP | 20.00 | 31.50 | 32.00 | — |"]
 
 
+def test_figure_stop_by_preference():
+  assert summary._pick(["fixed", "es_wmv", "discrepancy"], "staged,discrepancy") == "discrepancy"
+  assert summary._pick(["fixed", "staged", "discrepancy"], "staged,discrepancy") == "staged"
+  assert summary._pick(["oracle", "fixed"], "staged") == "fixed"
+
+
 def test_discrepancy_stop_with_sigma_off(tmp_path):
   """The after-the-fact discrepancy stops on a trace with a known answer: the residual falls as
   sigma^2 (2.005 - t / 50) to a floor of 0.85 sigma^2, so a level f^2 sigma^2 is first reached
