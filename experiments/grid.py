@@ -143,7 +143,8 @@ class GridSpec:
     axes = dict(images=self.images, sigmas=self.sigmas, methods=self.methods,
                 schedules=self.schedules, stages=self.stages, t_max=self.t_max,
                 fresh_eps=self.fresh_eps, probes=self.probes, final_shares=self.final_shares,
-                sigma_estimated=self.sigma_estimated, losses=self.losses, nets=self.nets, widths=self.widths)
+                sigma_estimated=self.sigma_estimated, losses=self.losses, nets=self.nets,
+                widths=self.widths)
     for name, values in axes.items():
       if not values:
         raise ValueError(f"--{name} is empty")
@@ -511,8 +512,8 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
   final = _unpad(np.asarray(states.ema), s.padding)
   records = fit.trace_records(fit.Trace(**{k: jnp.asarray(v) for k, v in trace.items()}))
   observation = s.problem.observation if s.shared else s.problem.observation[0]
-  sigma = s.info.get("sigma_used", config["sigma"]) / 255  # the fit's, as its monitors use it
-  noise_std = stopping.noise_std(observation, sigma)
+  sigma = s.problem.sigma if s.shared else s.problem.sigma[0]  # the fit's (known or estimated)
+  noise_std = stopping.noise_std(observation, sigma)  # as the fit's monitors
   results = dict(oracle_peak=dict(step=peak_step.tolist(), psnr=np.round(peak_psnr, 4).tolist()),
                  rolled_back=np.sum(trace["rolled_back"], axis=1).tolist(), criteria={})
   arrays = {f"curve_{name}": trace[name] for name in CURVES}

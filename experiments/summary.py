@@ -311,12 +311,19 @@ SIGMA_FACTORS = (0.9, 0.95, 1.0, 1.05, 1.1)
 def discrepancy_sigma_table(rows: list[dict]) -> str | None:
   """The discrepancy stop when sigma is not the one added: estimated from the noisy image
   (``stopping.estimate_sigma``) or off by a factor (SIGMA_FACTORS), computed after the fact from
-  each fit's traced residual (``curve_psnr_obs_ema``) and PSNR curve, like
-  ``stopping.detect`` (the first iteration at or below ``stopping.noise_std(y, s)^2``; none: the
-  last). y is the .npz's 8-bit noisy image (rounding: 0.1% of sigma at 25). Single fits only
+  each fit's traced residual (``curve_psnr_obs_ema``) by ``stopping.detect`` (the first
+  iteration at or below ``stopping.noise_std(y, s)^2``; none: the last), read off its PSNR
+  curve. y is the .npz's 8-bit noisy image (rounding: 0.1% of sigma at 25). Single fits only
   (the ensembles need the kept images). None without such rows."""
-  import jax.numpy as jnp  # only here: the rest of the page needs no JAX
+  import jax  # only here: the rest of the page needs no JAX
+  import jax.numpy as jnp
   from dipjax import stopping
+
+  def stops(obs_ema: np.ndarray, noise_std: jax.Array) -> np.ndarray:
+    records = dict(psnr_obs_ema=jnp.asarray(obs_ema),
+                   step=jnp.broadcast_to(jnp.arange(obs_ema.shape[-1]), obs_ema.shape))
+    detect = lambda r: stopping.detect(stopping.discrepancy(), r, noise_std).stop
+    return np.asarray(jax.vmap(detect)(records))
 
   fits = [r for r in rows if _is_fit(r) and _has_arrays(r)
           and "discrepancy" in r["config"]["criteria"]]
@@ -336,13 +343,12 @@ def discrepancy_sigma_table(rows: list[dict]) -> str | None:
         y = jnp.asarray(a["noisy"], jnp.float32) / 255
         estimate = stopping.estimate_sigma(y)
         ratios.append(estimate / sigma)
-        residual = 10.0 ** (-a["curve_psnr_obs_ema"] / 10)  # (seeds, iters)
-        clean = a["curve_psnr_clean_ema"]
+        clean = a["curve_psnr_clean_ema"]  # (seeds, iters)
         for label, used in [("estimated", estimate)] + [(f"{f:.2f} σ", f * sigma)
                                                         for f in SIGMA_FACTORS]:
-          crossed = residual <= float(stopping.noise_std(y, used)) ** 2
-          never = ~crossed.any(axis=1)
-          stop = np.where(never, residual.shape[1] - 1, np.argmax(crossed, axis=1))
+          stop = stops(a["curve_psnr_obs_ema"], stopping.noise_std(y, used))
+          never = stop < 0
+          stop = np.where(never, clean.shape[1] - 1, stop)
           psnr = clean[np.arange(len(stop)), stop]
           results[label] += zip(psnr, a["oracle_psnr"] - psnr, np.abs(stop - a["oracle_step"]),
                                 never)
