@@ -56,7 +56,7 @@ fi
 summary() {  # name, title; a grid with no rows yet is passed over
   [[ -f $OUT/$1.jsonl ]] || { echo "no rows yet in $OUT/$1.jsonl"; return 0; }
   python experiments/summary.py --results=$OUT/$1.jsonl --out_md=docs/results/stopping/$1.md \
-    --fig_dir=docs/results/stopping/$1 --title="$2" --criterion=staged
+    --fig_dir=docs/results/stopping/$1 --title="$2" --criterion=staged,discrepancy
 }
 summary cset9_s25 "CSet9, σ = 25: DIP, staged supervision, DDPM input, CBM3D"
 summary cset9_s15_50 "CSet9, σ = 15 and 50"
