@@ -370,11 +370,31 @@ def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: 
   """
   reference = target - noise  # a y
   lam = _noise_fit(measured, reference, scale * probe)
-  bias, var = stopping.clipped_noise_moments(jnp.clip(reference / scale, 0.0, 1.0), sigma)
+  return (jnp.mean((measured - target) ** 2) + 2.0 * jnp.mean((measured - reference) * noise)
+          - jnp.mean(noise**2)
+          + scale**2 * sure_noise_terms(jnp.clip(reference / scale, 0.0, 1.0), sigma, lam,
+                                        clipped))
+
+
+def sure_noise_terms(y: Array, sigma: Array, noise_fit: Array, clipped: Array | bool) -> Array:
+  """The unknown noise's terms of :func:`sure_mse` per a^2, the only ones that depend on sigma:
+  sigma^2 (2 lambda - 1), or mean mu^2 - mean V + 2 lambda mean V for a `clipped` y (the
+  censored noise's moments at y). So an estimate made with one sigma is re-made with another
+  by swapping these terms (``experiments/summary.py`` does, after the fact).
+
+  Args:
+    y: (h, w, C) the observation in [0, 1] units.
+    sigma: its noise std (before clipping), a scalar.
+    noise_fit: lambda, the fraction of the probe the output has fitted: any shape.
+    clipped: whether y was clipped to [0, 1], a scalar.
+
+  Returns:
+    noise_fit's shape.
+  """
+  bias, var = stopping.clipped_noise_moments(y, sigma)
   bias2 = jnp.where(clipped, jnp.mean(bias**2), 0.0)
   var = jnp.where(clipped, jnp.mean(var), sigma**2)
-  return (jnp.mean((measured - target) ** 2) + 2.0 * jnp.mean((measured - reference) * noise)
-          - jnp.mean(noise**2) + scale**2 * (bias2 - var + 2.0 * lam * var))
+  return bias2 - var + 2.0 * noise_fit * var
 
 
 def _variances(state: TrainState, out: Array, config: FitConfig) -> tuple[Array, ...]:

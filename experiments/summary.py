@@ -4,7 +4,8 @@ r"""Markdown tables and figures from the rows of experiments/grid.py.
 
 Tables: the main one (PSNR / SSIM per method and stopping criterion, per image set and sigma),
 the criteria (gap to the oracle peak, iteration error, iterations saved), the K-seed ensembles
-against single seeds, one line per image and method (pages without ablations), and an ablation
+against single seeds, one line per image and method and the discrepancy and staged stops
+with sigma estimated or off by a factor (pages without ablations), and an ablation
 table for each axis (stages, schedule, t_max, fresh_eps, probe, final_share, net, width, loss,
 sigma_estimated) along which rows vary with the rest fixed. Each table names
 the command lines and devices its rows came from. Figures (from the rows' .npz files, where
@@ -308,25 +309,39 @@ def per_image_table(rows: list[dict]) -> str | None:
 SIGMA_FACTORS = (0.9, 0.95, 1.0, 1.05, 1.1)
 
 
-def discrepancy_sigma_table(rows: list[dict]) -> str | None:
-  """The discrepancy stop when sigma is not the one added: estimated from the noisy image
-  (``stopping.estimate_sigma``) or off by a factor (SIGMA_FACTORS), computed after the fact from
-  each fit's traced residual (``curve_psnr_obs_ema``) by ``stopping.detect`` (the first
-  iteration at or below ``stopping.noise_std(y, s)^2``; none: the last), read off its PSNR
-  curve. y is the .npz's 8-bit noisy image (rounding: 0.1% of sigma at 25). Single fits only
-  (the ensembles need the kept images). None without such rows."""
+def sigma_table(rows: list[dict]) -> str | None:
+  """The discrepancy and staged stops when sigma is not the one added: estimated from the noisy
+  image (``stopping.estimate_sigma``) or off by a factor (SIGMA_FACTORS), computed after the
+  fact from each fit's traces by ``stopping.detect`` and read off its PSNR curve. Discrepancy:
+  the first iteration whose traced residual (``curve_psnr_obs_ema``) is at or below
+  ``stopping.noise_std(y, s)^2`` (none: the last). Staged: the traced estimate
+  (``curve_mse_est_ema``) with its sigma terms swapped (``fit.sure_noise_terms``, at the traced
+  probe fit ``curve_noise_fit_ema``; the fit itself, and its probe drawn with the true sigma,
+  unchanged). y is the .npz's 8-bit noisy image (rounding: 0.1% of sigma at 25). Single fits
+  only (the ensembles need the kept images). None without such rows."""
   import jax  # only here: the rest of the page needs no JAX
   import jax.numpy as jnp
-  from dipjax import stopping
+  from dipjax import fit, stopping
 
-  def stops(obs_ema: np.ndarray, noise_std: jax.Array) -> np.ndarray:
-    records = dict(psnr_obs_ema=jnp.asarray(obs_ema),
-                   step=jnp.broadcast_to(jnp.arange(obs_ema.shape[-1]), obs_ema.shape))
-    detect = lambda r: stopping.detect(stopping.discrepancy(), r, noise_std).stop
-    return np.asarray(jax.vmap(detect)(records))
+  def detect(criterion: stopping.Criterion, records: dict, noise_std=jnp.nan) -> np.ndarray:
+    """Stops of (seeds, iters) traces."""
+    records = {k: jnp.asarray(v) for k, v in records.items()}
+    shape = next(iter(records.values())).shape
+    records["step"] = jnp.broadcast_to(jnp.arange(shape[-1]), shape)
+    return np.asarray(jax.vmap(lambda r: stopping.detect(criterion, r, noise_std).stop)(records))
+
+  def stops(name: str, a: dict, y: jax.Array, sigma: float, used: float) -> np.ndarray:
+    if name == "discrepancy":
+      return detect(stopping.discrepancy(), dict(psnr_obs_ema=a["curve_psnr_obs_ema"]),
+                    stopping.noise_std(y, used))
+    lam, clipped = a["curve_noise_fit_ema"], (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)
+    estimate = (a["curve_mse_est_ema"] - fit.sure_noise_terms(y, sigma, lam, clipped)
+                + fit.sure_noise_terms(y, used, lam, clipped))  # the last stage: a = 1
+    final = a["curve_stage"] == a["curve_stage"].max(axis=-1, keepdims=True)
+    return detect(stopping.staged(), dict(mse_est_ema=estimate, final_stage=final))
 
   fits = [r for r in rows if _is_fit(r) and _has_arrays(r)
-          and "discrepancy" in r["config"]["criteria"]]
+          and {"discrepancy", "staged"} & set(r["config"]["criteria"])]
   if not fits:
     return None
   labels = _variant_labels(fits)
@@ -334,32 +349,32 @@ def discrepancy_sigma_table(rows: list[dict]) -> str | None:
   for variant, config in _ordered_variants(fits):
     for column in _columns(fits):
       members = [r for r in fits if _variant(r) == variant and _column(r) == column]
-      if not members:
-        continue
-      results = collections.defaultdict(list)  # sigma used -> (psnr, gap, |dt|, never) per fit
-      ratios = []
-      for row in members:
-        a, sigma = _arrays(row), row["config"]["sigma"] / 255
-        y = jnp.asarray(a["noisy"], jnp.float32) / 255
-        estimate = stopping.estimate_sigma(y)
-        ratios.append(estimate / sigma)
-        clean = a["curve_psnr_clean_ema"]  # (seeds, iters)
-        for label, used in [("estimated", estimate)] + [(f"{f:.2f} σ", f * sigma)
-                                                        for f in SIGMA_FACTORS]:
-          stop = stops(a["curve_psnr_obs_ema"], stopping.noise_std(y, used))
-          never = stop < 0
-          stop = np.where(never, clean.shape[1] - 1, stop)
-          psnr = clean[np.arange(len(stop)), stop]
-          results[label] += zip(psnr, a["oracle_psnr"] - psnr, np.abs(stop - a["oracle_step"]),
-                                never)
-      for label, values in results.items():
-        psnr, gap, dt, never = np.mean(values, axis=0)
-        shown = (f"estimated ({np.min(ratios):.2f}–{np.max(ratios):.2f} σ)"
-                 if label == "estimated" else label)
-        body.append([labels[variant], f"{column[0]} σ={column[1]:g}", shown, f"{psnr:.2f}",
-                     f"{gap:.2f}", f"{dt:.0f}", f"{100 * never:.0f}%"])
-  return _table(["method", "set σ", "σ used", "PSNR at the stop", "gap (dB)", "\\|Δt\\|",
-                 "never reached"], body)
+      for name in [c for c in ("discrepancy", "staged") if c in config["criteria"]]:
+        results = collections.defaultdict(list)  # sigma used -> (psnr, gap, |dt|, never)
+        ratios = []
+        for row in members:
+          a, sigma = _arrays(row), row["config"]["sigma"] / 255
+          y = jnp.asarray(a["noisy"], jnp.float32) / 255
+          estimate = stopping.estimate_sigma(y)
+          ratios.append(estimate / sigma)
+          clean = a["curve_psnr_clean_ema"]  # (seeds, iters)
+          for label, used in [("estimated", estimate)] + [(f"{f:.2f} σ", f * sigma)
+                                                          for f in SIGMA_FACTORS]:
+            stop = stops(name, a, y, sigma, used)
+            never = stop < 0
+            stop = np.where(never, clean.shape[1] - 1, stop)
+            psnr = clean[np.arange(len(stop)), stop]
+            results[label] += zip(psnr, a["oracle_psnr"] - psnr,
+                                  np.abs(stop - a["oracle_step"]), never)
+        for label, values in results.items():
+          psnr, gap, dt, never = np.mean(values, axis=0)
+          shown = (f"estimated ({np.min(ratios):.2f}–{np.max(ratios):.2f} σ)"
+                   if label == "estimated" else label)
+          body.append([labels[variant], f"{column[0]} σ={column[1]:g}", _criterion_name(name),
+                       shown, f"{psnr:.2f}", f"{gap:.2f}", f"{dt:.0f}",
+                       f"{100 * never:.0f}%" if name == "discrepancy" else "—"])
+  return _table(["method", "set σ", "criterion", "σ used", "PSNR at the stop", "gap (dB)",
+                 "\\|Δt\\|", "never reached"], body)
 
 
 def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
@@ -558,13 +573,16 @@ def summarize(paths: list[str], out_md: str, fig_dir: str, title: str,
     parts += ["## Per image", "PSNR (dB) of each image: single fits (mean over the seeds) and "
               "the ensemble at each stop; the oracle column minus another is that criterion's "
               "gap.", _provenance(rows), per_image]
-  sensitivity = None if ablations else discrepancy_sigma_table(rows)
+  sensitivity = None if ablations else sigma_table(rows)
   if sensitivity:
-    parts += ["## The discrepancy stop without the true σ",
-              "Each fit's discrepancy stop recomputed from its traces with σ estimated from the "
-              "noisy image (Donoho's MAD; the range of σ̂/σ over the images in brackets) or off "
-              "by a factor; single fits, mean over fits; never reached: the residual never fell "
-              "to the level (the stop is then the last iteration).",
+    parts += ["## Stops without the true σ",
+              "Each fit's discrepancy and staged stops recomputed from its traces with σ "
+              "estimated from the noisy image (Donoho's MAD; the range of σ̂/σ over the images "
+              "in brackets) or off by a factor: the discrepancy level, and the staged "
+              "estimate's noise terms (the fit itself, its probe drawn with the true σ, "
+              "unchanged; `ablate --sigma_estimated` re-runs fits given σ̂). Single fits, mean "
+              "over fits; never reached: the residual never fell to the level (the stop is then "
+              "the last iteration).",
               _provenance([r for r in rows if _is_fit(r) and _has_arrays(r)]), sensitivity]
   if ablations:
     parts.append("## Ablations")

@@ -191,3 +191,22 @@ def test_sure_mse_tracks_the_error_against_the_clean_stage_target(clipped):
   offset = est - true
   assert np.std(offset) < 0.05 * np.ptp(true), (offset, true)
   assert abs(np.mean(offset)) < 0.2 * np.min(true), (offset, true)
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_sure_noise_terms_swap_sigma(clipped):
+  """sure_mse with another sigma is sure_mse with the first, its noise terms swapped (what the
+  summary's after-the-fact sigma table relies on); unclipped, the terms are sigma^2 (2 lam - 1)."""
+  rng = np.random.default_rng(2)
+  y, f, probe, eps = (jnp.asarray(v, jnp.float32) for v in (
+      rng.uniform(0, 1, (16, 16, 3)), rng.uniform(0, 1, (16, 16, 3)),
+      0.03 * rng.standard_normal((16, 16, 3)), 0.1 * rng.standard_normal((16, 16, 3))))
+  a, s1, s2 = 0.9, 0.1, 0.12
+  noise = a * probe + eps
+  target, reference = a * y + noise, a * y
+  lam = jnp.sum((f - reference) * a * probe) / jnp.sum((a * probe) ** 2)
+  mse = lambda s: fit.sure_mse(f, target, noise, probe, a, s, clipped)
+  terms = lambda s: fit.sure_noise_terms(y, s, lam, clipped)
+  np.testing.assert_allclose(mse(s2), mse(s1) - a**2 * terms(s1) + a**2 * terms(s2), rtol=1e-5)
+  if not clipped:
+    np.testing.assert_allclose(terms(s2), s2**2 * (2 * lam - 1), rtol=1e-5)

@@ -280,14 +280,44 @@ def test_discrepancy_stop_with_sigma_off(tmp_path):
   row = _fit_row("a.png", "dip", [30.0], [0.8], 30.0)
   row["config"].update(seeds=1, criteria=["fixed", "discrepancy"])
   row["arrays"] = str(path)
-  lines = summary.discrepancy_sigma_table([row]).splitlines()
-  cells = {l.split(" | ")[2]: l.split(" | ")[3:] for l in lines[2:]}
+  lines = summary.sigma_table([row]).splitlines()
+  cells = {l.split(" | ")[3]: l.split(" | ")[4:] for l in lines[2:]}
+  assert {l.split(" | ")[2] for l in lines[2:]} == {"discrepancy"}
   assert cells["1.00 σ"] == ["30.00", "0.00", "0", "0% |"]  # t = 51: the peak
   assert cells["1.05 σ"] == ["29.95", "0.05", "5", "0% |"]  # t = 46
   assert cells["1.10 σ"] == ["29.89", "0.11", "11", "0% |"]  # t = 40
   assert cells["0.95 σ"] == ["29.95", "0.05", "5", "0% |"]  # t = 56
   assert cells["0.90 σ"] == ["29.52", "0.48", "48", "100% |"]  # never: the last iteration
   assert any(k.startswith("estimated (") for k in cells)
+
+
+def test_staged_stop_with_sigma_off(tmp_path):
+  """The after-the-fact staged stops on a trace with a known answer. y stays > 4 sigma from 0
+  and 1 (its clipped noise moments are sigma's), so a factor f adds 2 lambda (f^2 - 1) sigma^2
+  to the estimate (plus a constant). With the estimate sigma^2 (t - 50)^2 / 2500 and lambda =
+  t / 100 over the last stage (t >= 10), its minimum moves to t = 50 - 25 (f^2 - 1), rounded:
+  45 at 1.1 sigma, 55 at 0.9 sigma; the PSNR peaks at t = 50."""
+  sigma, t = 25 / 255, np.arange(100)
+  rng = np.random.default_rng(0)
+  noisy = np.round(255 * (0.5 + 0.2 * sigma * rng.standard_normal((64, 64, 1))))
+  path = tmp_path / "a.npz"
+  np.savez(path, noisy=noisy.astype(np.uint8),
+           curve_mse_est_ema=(sigma**2 * (t - 50) ** 2 / 2500)[None].astype(np.float32),
+           curve_noise_fit_ema=(t / 100)[None].astype(np.float32),
+           curve_stage=(t >= 10)[None].astype(np.int32),
+           curve_psnr_clean_ema=(30 - 0.01 * np.abs(t - 50))[None].astype(np.float32),
+           oracle_step=np.array([50]), oracle_psnr=np.array([30.0], np.float32))
+  row = _fit_row("a.png", "staged", [30.0], [0.8], 30.0, schedule="linear", stages=2,
+                 t_max=30, fresh_eps=False)
+  row["config"].update(seeds=1, criteria=["fixed", "staged"])
+  row["arrays"] = str(path)
+  lines = summary.sigma_table([row]).splitlines()
+  assert {l.split(" | ")[2] for l in lines[2:]} == {"staged (probe SURE)"}
+  cells = {l.split(" | ")[3]: l.split(" | ")[4:] for l in lines[2:]}
+  assert cells["1.00 σ"] == ["30.00", "0.00", "0", "— |"]
+  assert cells["1.10 σ"] == ["29.95", "0.05", "5", "— |"]
+  assert cells["0.90 σ"] == ["29.95", "0.05", "5", "— |"]
+  assert cells["1.05 σ"] == ["29.97", "0.03", "3", "— |"]  # 50 - 2.56: t = 47
 
 
 def test_summary_figures_from_grid_rows(resumed, tmp_path):
