@@ -43,8 +43,10 @@ if [[ "${1:-}" != summaries ]]; then
     --out=$OUT/ablations.jsonl; }
   ablate --stages=1,2,3
   ablate --t_max=30,60,120
-  ablate --final_shares=equal,0.5,0.9
-  ablate --fresh_eps=false,true
+  ablate --final_shares=0.5,0.75,0.9  # at 2 stages, equal shares are 0.5
+  # At 2 stages only the first target holds eps (the last is y + probe), and the first stage's
+  # eps is the same draw either way, so fresh eps changes nothing there: 3 stages.
+  ablate --stages=3 --fresh_eps=false,true
   ablate --schedules=linear,cosine
   ablate --probes=0,0.3
   ablate --nets=skip,hourglass,unet
