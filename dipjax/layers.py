@@ -285,12 +285,8 @@ def _bilinear2x_transpose(g: Array) -> Array:
   _, hh, ww, _ = g.shape
   gp = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
   taps = (0.25, 0.75, 0.75, 0.25)
-  out = None
-  for a, wa in enumerate(taps):
-    for b, wb in enumerate(taps):
-      term = (wa * wb) * gp[:, a:a + hh - 1:2, b:b + ww - 1:2]
-      out = term if out is None else out + term
-  return out
+  shifted = [gp[:, a:a + hh - 1:2, b:b + ww - 1:2] for a in range(4) for b in range(4)]
+  return _combine([[wa * wb for wa in taps for wb in taps]], shifted)[0]
 
 
 _bilinear2x.defvjp(lambda x: (_bilinear2x(x), None), lambda _, g: (_bilinear2x_transpose(g),))
