@@ -52,6 +52,9 @@ class FitConfig:
     halt: one of `criteria`; once it fires the remaining iterations are skipped (records NaN).
     loss: training loss by name (:data:`losses.LOSSES`; DIP: 'mse'); 'perceptual' needs
       ``Problem.loss_params``.
+    bounded: skip the iterations past the problem's budget (its last stage's end), so that
+      calls of a fixed length run any budget (``pipeline.restore``); off, a call runs every
+      iteration it is given (one conditional less per iteration).
   """
   learning_rate: float = 0.01
   exp_weight: float = 0.99
@@ -62,6 +65,7 @@ class FitConfig:
   criteria: tuple[stopping.Criterion, ...] = ()
   halt: stopping.Criterion | None = None
   loss: str = "mse"
+  bounded: bool = False
 
   def __post_init__(self):
     losses.get(self.loss)  # a clear error for an unknown name
@@ -506,18 +510,26 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
   return _select(healthy, new, back), record
 
 
-def _halted(state: TrainState, config: FitConfig) -> Array:
-  return state.monitors.fired[config.criteria.index(config.halt)]
+def _finished(state: TrainState, problem: Problem, config: FitConfig) -> Array:
+  """Whether the halting criterion fired or, with config.bounded, the budget is spent."""
+  done = jnp.zeros((), bool)
+  if config.bounded:
+    done = state.step >= problem.ends[-1]
+  if config.halt is not None:
+    done = done | state.monitors.fired[config.criteria.index(config.halt)]
+  return done
 
 
 def _segment(state: TrainState, problem: Problem, net: nn.Module,
              config: FitConfig) -> tuple[TrainState, dict[str, Array]]:
+  """`config.segment` iterations; with a halt or `bounded`, those after it fired or past the
+  budget are skipped (their records undefined: NaN, -1, False)."""
   step = functools.partial(train_step, problem=problem, net=net, config=config)
-  if config.halt is not None:
+  if config.halt is not None or config.bounded:
     run = step
     blank = jax.tree.map(_undefined, jax.eval_shape(run, state)[1])
     skip = lambda s: (s.replace(step=s.step + 1), blank)
-    step = lambda s: jax.lax.cond(_halted(s, config), skip, run, s)
+    step = lambda s: jax.lax.cond(_finished(s, problem, config), skip, run, s)
   state, record = jax.lax.scan(lambda s, _: step(s), state, length=config.segment)
   record["ssim_clean"] = _against_clean(metrics.ssim, state.out, problem.clean)
   record["ssim_clean_ema"] = _against_clean(metrics.ssim, state.ema, problem.clean)

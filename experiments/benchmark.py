@@ -1,7 +1,12 @@
 r"""Speed of DIP fits: dipjax's scanned fit against the PyTorch original, many fits at once.
 
-  python experiments/benchmark.py --quick --json_out=docs/results/benchmark_cpu.json \
-      --markdown_out=docs/results/benchmark_cpu.md
+  python experiments/benchmark.py --quick --out_dir=docs/results
+
+One result file pair per machine: the run is appended to
+<out_dir>/benchmark_<machine>.json (a list of runs, each with its date, device, flags and rows)
+and <out_dir>/benchmark_<machine>.md shows every run of that machine, newest first. The machine
+tag is the accelerator's kind, or on CPU `cpu_` and the widest x86 vector ISA (cpu_avx512,
+cpu_avx2), since the virtual CPUs here report only "AMD EPYC" as their model.
 
 Per configuration (skip net, 5 scales, 4 skip channels, 32-channel noise input, Adam, jitter,
 EMA, divergence roll-back, per-iteration traces):
@@ -15,7 +20,7 @@ EMA, divergence roll-back, per-iteration traces):
   achieved direct-convolution-equivalent GFLOP/s against a 2048² matmul timed in the same run.
 Many fits (--fits at --fits_at): N fits in one `fit.fit_many` call, lowered one after the other
 (batch=1) and vmapped (batch=N), aggregate speed against N single fits. Also the process's peak
-RSS (CPU) or the device's peak memory (GPU). Results print as markdown (--markdown_out) and JSON.
+RSS (CPU) or the device's peak memory (GPU). Results print as markdown and go to --out_dir.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -61,8 +67,13 @@ _LAYERS = flags.DEFINE_list(
     "layers", ["16:128:128", "32:128:128", "64:36:32", "128:36:32", "128:64:64", "128:132:128",
                "256:68:64"],
     "size:C_in:C_out of the 3x3 stride-1 layers timed with each convolution lowering.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
-_MARKDOWN_OUT = flags.DEFINE_string("markdown_out", None, "Write the markdown tables here.")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "Append this run to <out_dir>/benchmark_<machine>.json (a list of runs) and "
+    "rewrite <out_dir>/benchmark_<machine>.md (every run of the machine, newest first).")
+_MACHINE = flags.DEFINE_string(
+    "machine", None, "The machine tag of the result files; default: the accelerator's kind, or "
+    "cpu_avx512 / cpu_avx2 / cpu_<arch> from /proc/cpuinfo.")
+_GRID_FLAGS = ("sizes", "widths", "dtypes", "fits", "fits_at", "layers")
 
 _QUICK_CONFIGS = [(128, 32, "float32"), (128, 128, "float32"), (256, 64, "float32"),
                   (128, 32, "bfloat16")]
@@ -285,12 +296,33 @@ def _torch_dip():
   return torch_dip
 
 
+def _cpuinfo(key: str) -> str | None:
+  """The first `key` line's value in /proc/cpuinfo, or None."""
+  if not os.path.exists("/proc/cpuinfo"):
+    return None
+  with open("/proc/cpuinfo") as f:
+    return next((l.split(":", 1)[1].strip() for l in f if l.split(":")[0].strip() == key), None)
+
+
 def _host() -> str:
-  model = platform.machine()
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
-  return f"{model}, {os.cpu_count()} cores"
+  return f"{_cpuinfo('model name') or platform.machine()}, {os.cpu_count()} cores"
+
+
+def machine_tag() -> str:
+  """The result files' machine: the accelerator's kind, or cpu_ and the widest x86 vector ISA."""
+  if jax.default_backend() != "cpu":
+    return re.sub(r"[^a-z0-9]+", "_", jax.devices()[0].device_kind.lower()).strip("_")
+  cpu_flags = (_cpuinfo("flags") or "").split()
+  isa = ("avx512" if "avx512f" in cpu_flags else "avx2" if "avx2" in cpu_flags
+         else platform.machine().lower())
+  return f"cpu_{isa}"
+
+
+def _grid() -> str:
+  """Which grid a run measured: quick, full (no grid flag given) or custom."""
+  if _QUICK.value:
+    return "quick"
+  return "custom" if any(flags.FLAGS[n].present for n in _GRID_FLAGS) else "full"
 
 
 def _command_flags(args: list[str]) -> str:
@@ -299,7 +331,7 @@ def _command_flags(args: list[str]) -> str:
   for a in args:
     if skip:
       skip = False
-    elif a.startswith(("--json_out", "--markdown_out")):
+    elif a.startswith("--out_dir"):
       skip = "=" not in a
     else:
       kept.append(a)
@@ -362,6 +394,25 @@ def markdown(result: dict) -> str:
   return "\n".join(out) + "\n"
 
 
+def machine_page(runs: list[dict], machine: str) -> str:
+  """Every run of one machine as markdown, newest first."""
+  out = [f"# Benchmark runs on `{machine}`", "",
+         "Written by `experiments/benchmark.py --out_dir=...`, one section per run, newest first; "
+         "the JSON beside this page holds the same runs with per-layer FLOP counts.", ""]
+  for run in sorted(runs, key=lambda r: r["date"], reverse=True):
+    out += [f"## {run['date']} — {run.get('grid', 'quick')}", "", markdown(run)]
+  return "\n".join(out)
+
+
+def _load_runs(path: str) -> list[dict]:
+  """The runs already in a machine's JSON file (a list; a single run's dict is read as one)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    runs = json.load(f)
+  return runs if isinstance(runs, list) else [runs]
+
+
 def main(argv):
   del argv
   if _QUICK.value:
@@ -375,13 +426,17 @@ def main(argv):
   if fits[0] != 1:
     raise app.UsageError("--fits must start with 1 (the reference)")
   torch_dip = _torch_dip()
+  machine = _MACHINE.value or machine_tag()
+  stem = os.path.join(_OUT_DIR.value, f"benchmark_{machine}") if _OUT_DIR.value else None
+  runs = _load_runs(stem + ".json") if stem else []
   result = dict(
-      flags=_command_flags(sys.argv[1:]),
+      flags=_command_flags(sys.argv[1:]), grid=_grid(), machine=machine,
       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       device=f"{jax.devices()[0].device_kind} x{jax.device_count()} ({_host()})",
       jax=jax.__version__, torch=None if torch_dip is None else torch_dip.torch.__version__,
       iters=_ITERS.value, repeats=_REPEATS.value, matmul_gflops=matmul_gflops(),
       memory_gbps=memory_gbps(), peak_memory="", rows=[], layers=[], many_fits=[])
+  runs.append(result)
 
   def done(section: str, new: list[dict], line: str) -> None:
     """Records finished measurements and rewrites the outputs (a cut-off run keeps them).
@@ -392,13 +447,11 @@ def main(argv):
     result["peak_memory"] = _peak_memory()
     jax.clear_caches()
     print(line, flush=True)
-    text = markdown(result)
-    if _MARKDOWN_OUT.value:
-      with open(_MARKDOWN_OUT.value, "w") as f:
-        f.write(text)
-    if _JSON_OUT.value:
-      with open(_JSON_OUT.value, "w") as f:
-        json.dump(result, f, indent=1)
+    if stem:
+      with open(stem + ".md", "w") as f:
+        f.write(machine_page(runs, machine))
+      with open(stem + ".json", "w") as f:
+        json.dump(runs, f, indent=1)
 
   for size, width, dtype in configs:
     r = bench_one(size, width, dtype, _ITERS.value, _REPEATS.value, torch_dip)

@@ -1,6 +1,6 @@
 """What every experiments/ script shares: its start-up and how it reports bad input.
 
-``start(argv, script)`` filters the libraries' INFO chatter out of the log and turns on JAX's
+``start(argv, script)`` keeps the script's and dipjax.pipeline's INFO lines in the log and turns on JAX's
 persistent compilation cache (--cache_dir: a second run of the same command compiles nothing);
 ``join(coordinator, ...)`` makes the process one of a multi-process JAX job. ``errors(name)`` turns a ValueError or
 FileNotFoundError (bad flags, unreadable images) into one line on stderr and exit status 1.
@@ -8,6 +8,7 @@ FileNotFoundError (bad flags, unreadable images) into one line on stderr and exi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging as std_logging
 import os
@@ -18,6 +19,8 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+
+from dipjax import pipeline
 
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", os.path.expanduser("~/.cache/dipjax/jax"),
@@ -31,9 +34,9 @@ def start(argv: list[str], script: str) -> None:
     argv: the arguments absl left over (an error if there are any).
     script: the calling script's __file__, whose INFO lines are kept.
   """
-  path = os.path.abspath(script)
+  paths = (os.path.abspath(script), os.path.abspath(pipeline.__file__))
   logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or record.pathname == path)
+      lambda record: record.levelno >= std_logging.WARNING or record.pathname in paths)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CACHE_DIR.value:
@@ -66,3 +69,16 @@ def errors(name: str) -> Iterator[None]:
   except (ValueError, FileNotFoundError) as e:
     print(f"{name}: error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def cache_events() -> collections.Counter:
+  """Counts JAX's persistent compilation-cache 'hits' and 'misses' from now on."""
+  counts = collections.Counter()
+
+  def listener(event: str, **kwargs) -> None:
+    del kwargs
+    if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+      counts[event.rsplit("_", 1)[-1]] += 1
+
+  jax.monitoring.register_event_listener(listener)
+  return counts

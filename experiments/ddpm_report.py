@@ -27,8 +27,9 @@ Rows go to <out_dir>/rows.jsonl as they finish, keyed by the sha1 of their confi
 includes the weights file's digest): a killed run resumes and never repeats a row. A second
 model may add its rows to the same <out_dir> (e.g. a grey model on Set12:
 ``--weights=<grey.npz> --sets=<Set12> --hybrids= --gen_images=0``): the DIP and BM3D rows are
-shared, and the tables and curves show each model's rows apart. Images and
-DIP checkpoints go to <out_dir>/arrays/<key>.npz. Every run ends by writing <out_dir>/summary.md
+shared, and the tables and curves show each model's rows apart. Images and DIP checkpoints go
+to grid.arrays_dir(<out_dir>/rows.jsonl)/<key>.npz (for docs/results/ddpm/report:
+runs/arrays/ddpm/report/rows/, git-ignored). Every run ends by writing <out_dir>/summary.md
 and <out_dir>/figures/ from all the rows so far (--summary: only that, no weights needed):
 tables per sigma and set, PSNR against NFE and against wall time, the generation table (steps
 to reach --gen_psnr dB to the reference) and an image grid. Times are seconds per image on this
@@ -318,7 +319,7 @@ class Report:
     return self.added
 
   def _arrays(self, key: str) -> str:
-    return os.path.join(self.out_dir, "arrays", key + ".npz")
+    return _arrays_of(self.out_dir, dict(key=key))
 
   def _emit(self, config: dict, make: Callable[[], tuple[dict, dict]]) -> dict:
     """The row of `config`: the one already done, else make() -> (fields, arrays), appended."""
@@ -701,7 +702,7 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
 
 
 def _arrays_of(out_dir: str, row: dict) -> str:
-  return os.path.join(out_dir, "arrays", row["key"] + ".npz")
+  return os.path.join(grid.arrays_dir(os.path.join(out_dir, "rows.jsonl")), row["key"] + ".npz")
 
 
 def _generation_figures(plt, gen: list[dict], out_dir: str, fig_dir: str) -> list[str]:

@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DATA=../shared/data
-OUT=docs/results/ddpm/report  # rows, arrays, summary: committed as they come
+OUT=docs/results/ddpm/report  # rows, summary: committed as they come; arrays (git-ignored):
+                              # runs/arrays/ddpm/report/rows/
 mkdir -p docs/results/ddpm
 
 if [[ "${1:-}" != summary ]]; then

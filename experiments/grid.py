@@ -9,10 +9,11 @@ stages, t_max, fresh_eps, probe and final_share only to the staged methods; noth
 to bm3d); its K seeds
 are fitted together by ``fit.fit_many``. Each finished config is appended to --out as one JSON
 line keyed by the sha1 of its canonical config, with its curves and images in
-``<out stem>_arrays/<key>.npz``; a killed grid resumes where it stopped and never repeats a
-row. The noise of an image depends only on (--noise_seed, its file name, sigma), so every method,
-BM3D included, sees the same noisy input. Before it starts the grid prints its size and an
-estimated time (from the speed of rows already in --out, else a short calibration).
+``arrays_dir(out)/<key>.npz`` (under runs/arrays/, git-ignored, for rows in the repository); a
+killed grid resumes where it stopped and never repeats a row. The noise of an image depends
+only on (--noise_seed, its file name, sigma), so every method, BM3D included, sees the same
+noisy input. Before it starts the grid prints its size and an estimated time (from the speed
+of rows already in --out, else a short calibration).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ DDPM_INPUT_SCHEDULE = "linear"  # ddpm_input's schedule: its input depends on si
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CURVES = ("psnr_clean_ema", "psnr_clean", "psnr_obs_ema", "psnr_target_ema", "stage", "wmv",
           "emv", "noise_fit_ema", "mse_est_ema")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBLEM_STREAM = 1  # fold_in data of the problem key (input z, stage noise), apart from the fits
 CHUNK_ITERS = 100  # iterations per compiled call: gcd(iters, CHUNK_ITERS); calibration: one
 
@@ -593,8 +595,16 @@ def run_config(job: Job, clean: np.ndarray, compiler: Compiler) -> tuple[dict, d
 
 
 def arrays_dir(out: str) -> str:
-  """Where the rows' .npz files go: <out without extension>_arrays/."""
-  return os.path.splitext(out)[0] + "_arrays"
+  """Where the .npz files of the rows in `out` go, never into tracked files: for a rows file in
+  the repository outside runs/, runs/arrays/<its path from the root, docs/results/ and .jsonl
+  left off>/ (docs/results/stopping/rows/x.jsonl: runs/arrays/stopping/rows/x/); else beside
+  it, <out without .jsonl>_arrays/."""
+  stem = os.path.abspath(out).removesuffix(".jsonl")
+  rel = os.path.relpath(stem, REPO)
+  if rel.split(os.sep)[0] in (os.pardir, "runs"):
+    return stem + "_arrays"
+  docs = os.path.join("docs", "results", "")
+  return os.path.join(REPO, "runs", "arrays", rel.removeprefix(docs))
 
 
 def _parse_rows(data: bytes, path: str) -> list[dict]:
@@ -849,7 +859,7 @@ def run_grid(spec: GridSpec, out: str, *, argv: str = "", dry_run: bool = False,
       logging.info("config %d/%d: %s/%s sigma=%g %s", i + 1, len(pending), c["set"], c["image"],
                    c["sigma"], _describe(c))
       row, arrays = run_config(job, cleans[job.path], compiler)
-      npz = os.path.join(arrays_dir(os.path.abspath(out)), job.key + ".npz")
+      npz = os.path.join(arrays_dir(out), job.key + ".npz")
       row.update(arrays=os.path.relpath(npz, base), argv=argv)
       if writer:
         _save_arrays(npz, arrays)

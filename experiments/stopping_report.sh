@@ -9,7 +9,8 @@
 # (5 scales); Adam 0.01, input jitter 1/30, EMA 0.99; 2000 iterations. Every grid resumes where
 # it stopped, so run the script again after an interruption. The rows are kept in the repository
 # (docs/results/stopping/rows/*.jsonl): commit them as they come, so that a run spread over
-# several sessions or machines loses nothing.
+# several sessions or machines loses nothing. Their curves and images (.npz, for the figures) go
+# to runs/arrays/stopping/rows/<name>/, which git ignores: copy them along with the rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

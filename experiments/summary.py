@@ -9,9 +9,9 @@ with sigma estimated or off by a factor (pages without ablations), and an ablati
 table for each axis (stages, schedule, t_max, fresh_eps, probe, final_share, net, width, loss,
 sigma_estimated) along which rows vary with the rest fixed. Each table names
 the command lines and devices its rows came from. Figures (from the rows' .npz files, where
-present): PSNR curves with every criterion's stop, per-stage PSNR of a staged fit (measured and
-estimated without the ground truth), and clean | noisy | DIP | staged | ensemble | BM3D for one
-image.
+present: see grid.arrays_dir): PSNR curves with every criterion's stop, per-stage PSNR of a
+staged fit (measured and estimated without the ground truth), and clean | noisy | DIP | staged
+| ensemble | BM3D for one image.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+import grid
 from dipjax import plots
 
 METHOD_NAMES = dict(dip="DIP", staged="staged", ddpm_input="DDPM input",
@@ -75,7 +76,7 @@ def load_rows(paths: Iterable[str]) -> list[dict]:
         row["config"].setdefault("loss", "mse")
         row["config"].setdefault("sigma_estimated", False)
       if row.get("arrays"):
-        row["arrays"] = os.path.join(os.path.dirname(os.path.abspath(path)), row["arrays"])
+        row["arrays"] = _arrays_path(path, row["arrays"])
       rows.append(row)
   if not rows:
     raise ValueError(f"no rows in {', '.join(paths)}")
@@ -416,6 +417,14 @@ def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
 
 
 # ----------------------------------------------------------------------------- figures
+
+
+def _arrays_path(rows_file: str, arrays: str) -> str:
+  """A row's .npz from here: its path from its rows file's folder, else (rows written before the
+  arrays left docs/results/ for runs/arrays/) the file of that name in grid.arrays_dir."""
+  here = os.path.join(os.path.dirname(os.path.abspath(rows_file)), arrays)
+  moved = os.path.join(grid.arrays_dir(rows_file), os.path.basename(arrays))
+  return moved if not os.path.isfile(here) and os.path.isfile(moved) else here
 
 
 def _has_arrays(row: dict) -> bool:

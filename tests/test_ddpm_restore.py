@@ -263,7 +263,7 @@ def test_restore_cli_ddpm_errors(weights, tmp_path):
       (["--method=ddpm", f"--ddpm_weights={tmp_path / 'missing.npz'}"],
        "no DDPM weights file .*missing.npz: run experiments/train_ddpm.py"),
       (["--method=dip_ddpm", "--task=sr", f"--ddpm_weights={weights[0]}"],
-       "--method dip_ddpm denoises only"),
+       "method 'dip_ddpm' denoises only"),
   ]
   with np.load(weights[0]) as z:  # parameters of the tiny model, a config of another
     arrays = dict(z)

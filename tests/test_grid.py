@@ -101,12 +101,20 @@ def test_rows_hold_stops_scores_and_arrays(resumed):
     assert arrays["curve_stage"][0, [0, 9, 10, 19]].tolist() == [0, 0, 1, 1]
 
 
-def test_dry_run_prints_the_size_and_estimates_from_rows(resumed, capsys):
+BM3D = "needs the optional bm3d package (pip install -e '.[baselines]')"
+
+
+def test_dry_run_prints_the_size(resumed, capsys):
   spec, out, _, _, _ = resumed
   assert grid.run_grid(spec, out, dry_run=True) == []
   printed = capsys.readouterr().out
   assert "grid: 3 configs (3 fit configs = 6 fits of 20 iterations, 0 BM3D)" in printed
   assert "3 already in" in printed and "0 to run" in printed
+
+
+def test_estimates_from_rows_and_calibrations(resumed):
+  pytest.importorskip("bm3d", reason=BM3D)  # a grid with --methods bm3d
+  spec, out, _, _, _ = resumed
   # A bigger grid: rows give the speed of their group, the new group is calibrated.
   wide = dataclasses.replace(spec, methods=("dip", "staged", "bm3d"),
                              schedules=("linear", "cosine"), widths=(4, 8))
@@ -173,7 +181,7 @@ def test_sigma_estimated_axis(tmp_path):
 
 
 def test_bm3d_sees_the_same_noisy_input(tmp_path):
-  pytest.importorskip("bm3d")
+  pytest.importorskip("bm3d", reason=BM3D)
   path = str(_write_images(tmp_path, 1, size=32) / "im0.png")
   job = grid.jobs(grid.GridSpec(images=(path,), methods=("bm3d",), **TINY))[0]
   assert set(job.config) == {"image", "set", "crop", "sigma", "method", "noise_seed"}
@@ -318,6 +326,29 @@ def test_staged_stop_with_sigma_off(tmp_path):
   assert cells["1.10 σ"] == ["29.95", "0.05", "5", "— |"]
   assert cells["0.90 σ"] == ["29.95", "0.05", "5", "— |"]
   assert cells["1.05 σ"] == ["29.97", "0.03", "3", "— |"]  # 50 - 2.56: t = 47
+
+
+def test_arrays_go_under_runs_for_rows_in_the_repository(tmp_path, monkeypatch):
+  assert grid.arrays_dir(os.path.join(ROOT, "docs/results/stopping/rows/x.jsonl")) == (
+      os.path.join(ROOT, "runs/arrays/stopping/rows/x"))
+  assert grid.arrays_dir(os.path.join(ROOT, "runs/grid/r.jsonl")) == (
+      os.path.join(ROOT, "runs/grid/r_arrays"))
+  assert grid.arrays_dir(str(tmp_path / "r.jsonl")) == str(tmp_path / "r_arrays")
+  # summary finds a row's .npz where its rows file says, else (rows from before the move) there.
+  monkeypatch.setattr(grid, "REPO", str(tmp_path))
+  rows = tmp_path / "docs" / "results" / "x.jsonl"
+  rows.parent.mkdir(parents=True)
+  new, old = (tmp_path / "runs/arrays/x/a.npz", rows.parent / "x_arrays/b.npz")
+  for path in (new, old):
+    path.parent.mkdir(parents=True)
+    np.savez(path, noisy=np.zeros(1))
+  row = lambda key, arrays: dict(key=key, config=dict(method="bm3d"), noisy={}, arrays=arrays)
+  rows.write_text("".join(json.dumps(r) + "\n" for r in (
+      row("a", "x_arrays/a.npz"), row("b", "x_arrays/b.npz"), row("c", "x_arrays/c.npz"),
+      row("d", os.path.relpath(new, rows.parent)))))
+  found = [os.path.normpath(r["arrays"]) for r in summary.load_rows([str(rows)])]
+  missing = rows.parent / "x_arrays/c.npz"  # no .npz anywhere: the figures pass it over
+  assert found == [str(new), str(old), str(missing), str(new)]
 
 
 def test_summary_figures_from_grid_rows(resumed, tmp_path):

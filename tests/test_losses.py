@@ -16,6 +16,7 @@ from dipjax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16  # the smallest image that reaches VGG19's block 5
+TORCH = "needs the optional torch package (pip install -e '.[torch]')"
 # torchvision's cfgs["E"] (VGG19): conv widths, "M" a max-pool; features.{i} counts every
 # conv, ReLU and pool, so conv k of the list is features.{2k + pools before it}.
 CFG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
@@ -158,7 +159,7 @@ def test_load_errors_name_the_file(tmp_path, torch_state):
 
 
 def test_vgg19_features_match_torch(params, torch_state):
-  torch = pytest.importorskip("torch")
+  torch = pytest.importorskip("torch", reason=TORCH)
   functional = torch.nn.functional
   x = np.random.default_rng(3).uniform(size=(2, 36, 34, 3)).astype(np.float32)  # F(2x2) tiles
   got = losses.VGG19(outputs=("relu1_2", "relu2_2", "pool2")).apply({"params": params}, x)
@@ -180,7 +181,7 @@ def test_vgg19_features_match_torch(params, torch_state):
 
 
 def test_convert_script_reads_torch_file(tmp_path, torch_state, params, capsys):
-  torch = pytest.importorskip("torch")
+  torch = pytest.importorskip("torch", reason=TORCH)
   pth, out = tmp_path / "vgg19.pth", tmp_path / "out.npz"
   torch.save({k: torch.from_numpy(v) for k, v in torch_state.items()}, pth)
   convert_vgg19.run(str(pth), str(out))

@@ -14,7 +14,8 @@ from dipjax import io
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "restore.py")
 IMAGE = os.path.join(ROOT, "assets", "house.png")
-TINY = ["--crop=32", "--width=4", "--scales=2", "--iters=100", "--log_every=50"]
+TINY = ["--crop=32", "--width=4", "--scales=2", "--iters=100", "--log_every=50", "--method=dip",
+        "--stop="]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,34 @@ def test_denoise_writes_outputs_and_resume_is_exact(tmp_path, cache):
   assert resumed["restored"] == result["restored"] and resumed["stops"] == result["stops"]
 
 
+def test_any_budget_and_checkpoints_between_progress_lines(tmp_path, cache):
+  """--iters 60 with progress every 50 and checkpoints every 20: one compiled call of 20
+  iterations; a run killed after checkpoint 40 and resumed equals the uninterrupted one."""
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  args = [*TINY, "--iters=60", "--checkpoint_every=20", "--method=staged", "--stop=staged"]
+  _restore([*args, f"--out_dir={full}"], cache)
+  result = json.loads((full / "metrics.json").read_text())
+  assert result["iterations_run"] == 60 and result["stage_ends"] == [7, 60]  # 1 + 10% of 58, rounded
+  assert len((full / "trace.csv").read_text().splitlines()) == 1 + 60
+  os.makedirs(cut / "checkpoints")
+  shutil.copytree(full / "checkpoints" / "40", cut / "checkpoints" / "40")
+  proc = _restore([*args, f"--out_dir={cut}", "--resume"], cache)
+  assert "resumed from iteration 40" in proc.stderr
+  np.testing.assert_array_equal(np.load(cut / "restored.npy"), np.load(full / "restored.npy"))
+  assert json.loads((cut / "metrics.json").read_text())["stops"] == result["stops"]
+
+
+def test_budget_not_a_multiple_of_the_progress_interval(tmp_path, cache):
+  out = tmp_path / "out"
+  _restore([*TINY, "--iters=130", f"--out_dir={out}"], cache)
+  result = json.loads((out / "metrics.json").read_text())
+  assert result["iterations_run"] == 130 and result["stage_ends"] == [130]
+  rows = (out / "trace.csv").read_text().splitlines()
+  last = dict(zip(rows[0].split(","), rows[-1].split(",")))
+  assert len(rows) == 1 + 130 and last["ssim_clean_ema"] != ""  # SSIM at the last iteration
+  assert all(last[k] not in ("", "nan") for k in ("loss", "psnr_clean_ema", "psnr_obs"))
+
+
 def test_inpainting_staged_with_ddpm_input(tmp_path, cache):
   mask = np.ones((32, 32), np.float32)
   mask[8:20, 10:22] = 0
@@ -68,7 +97,7 @@ def test_inpainting_staged_with_ddpm_input(tmp_path, cache):
   io.save_image(image, io.center_crop(io.load_image(IMAGE), 32, 32))
   out = tmp_path / "out"
   _restore([*TINY, f"--image={image}", "--task=inpaint", f"--mask={tmp_path / 'mask.png'}",
-            "--method=staged", "--stages=2", "--input=ddpm", "--input_t=50", f"--out_dir={out}"],
+            "--method=staged", "--stages=2", "--final_share=0", "--input=ddpm", "--input_t=50", f"--out_dir={out}"],
            cache)
   result = json.loads((out / "metrics.json").read_text())
   assert result["stage_ends"] == [50, 100]
@@ -97,14 +126,17 @@ def bad_files(tmp_path_factory):
     (["--image=/nonexistent/x.png"], "no such image file"),
     (["--image={d}/notes.png"], "cannot read"),
     (["--task=inpaint", "--mask={d}/mask.png"], "mask"),
-    (["--sigma=-5"], "--sigma must be >= 0"),
-    (["--task=sr", "--factor=3"], "--factor must be 2, 4 or 8"),
+    (["--sigma=-5"], "sigma must be >= 0"),
+    (["--task=sr", "--factor=3"], "factor must be 2, 4 or 8"),
     (["--task=sr", "--factor=4", "--crop=30", "--scales=1"], "not divisible"),
-    (["--method=staged", "--stages=300", "--iters=200"], "cannot exceed --iters"),
-    (["--iters=150", "--log_every=100"], "multiple of --log_every"),
+    (["--method=staged", "--stages=300", "--iters=200"], "cannot exceed iters"),
+    (["--iters=0"], "iters must be positive"),
+    (["--log_every=0"], "chunk must be positive"),
     (["--stop=early"], "Unknown criterion"),
-    (["--halt"], "--halt needs a --stop"),
-    (["--loss=perceptual"], "needs --vgg19"),
+    (["--halt", "--stop="], "halt needs a stop"),
+    (["--method=dip", "--stop=staged"], "stop 'staged' needs method 'staged'"),
+    (["--loss=perceptual"], "needs vgg19"),
+    (["--noisy", "--sigma=10"], "leave --sigma out"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, bad_files, tmp_path, cache):
   out = tmp_path / "out"

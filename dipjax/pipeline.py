@@ -1,0 +1,633 @@
+"""One restoration as one call: build the problem, compile, fit in chunks, stop, unpad, score.
+
+  config = pipeline.RestoreConfig()                  # staged DIP with its own stop (validated)
+  y = pipeline.degrade(config, clean, seed=0)         # synthetic observation: clean + N(0, σ²)
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean)
+  result.image, result.stops["staged"], result.scores["restored"]
+
+:class:`RestoreConfig` holds every setting of a run (task, method, network, input, schedule and
+stages, budget, criteria, DDPM) and is validated once, with a ``ValueError`` naming the field.
+:func:`restore` owns the program around :mod:`dipjax.fit`: problem assembly, the compile (with
+JAX's persistent cache where the caller turned it on), a chunk loop that runs any iteration
+count with one compiled function, progress callbacks, Orbax checkpoint / resume, halting, the
+criteria's stops, the DDPM methods, unpadding and scores against a ground truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dipjax import checkpoint
+from dipjax import fit
+from dipjax import inputs
+from dipjax import io
+from dipjax import losses
+from dipjax import metrics
+from dipjax import nets
+from dipjax import operators
+from dipjax import schedules
+from dipjax import stopping
+from dipjax.ddpm import restore as ddpm_restore
+from dipjax.ddpm import train as ddpm_train
+from dipjax.ddpm import unet as ddpm_unet
+
+TASKS = ("denoise", "inpaint", "sr")
+METHODS = ("dip", "staged", "ddpm", "dip_ddpm", "dip_guided")
+DDPM_METHODS = ("ddpm", "dip_ddpm", "dip_guided")
+HYBRIDS = ("dip_ddpm", "dip_guided")  # a DIP fit, then the DDPM
+INPUTS = ("noise", "meshgrid", "ddpm")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("linear", "cosine")
+# Budgets when `iters` is None. staged: an upper bound, its stop halts the fit (RESULTS:
+# "Ablations", 2 stages, t_max 30, final share 0.9); dip: RESULTS' DIP vs CBM3D table (denoise)
+# and the DIP paper's super-resolution budget; the hybrids: a short fit the DDPM finishes.
+DEFAULT_ITERS = dict(staged=3000, dip=1800, dip_ddpm=300, dip_guided=300, ddpm=0)
+DEFAULT_ITERS_NOISE_FREE = 2000  # dip for sr / inpaint
+DDPM_STREAM = 10  # fold_in data of the DDPM stage's key (apart from the fits')
+SSIM_EVERY = 100  # SSIM is traced once per this many iterations (or per chunk if shorter)
+
+Progress = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreConfig:
+  """Every setting of one restoration; None fields resolve to the method's validated default.
+
+  Attributes:
+    task: 'denoise' | 'inpaint' (needs a mask) | 'sr' (super-resolution by `factor`).
+    sigma: Gaussian noise std in 0-255 units: what :func:`degrade` adds and what :func:`restore`
+      takes as the observation's known level. None: 25 for denoise, 0 otherwise.
+    sigma_known: False: :func:`restore` estimates sigma from the observation (a real photo).
+    factor, kernel: super-resolution factor (2, 4, 8) and down-sampler ('lanczos' | 'box').
+    method: 'staged' (DDPM-staged targets with a probe), 'dip' (fit y), 'ddpm' (dipjax's DDPM
+      alone), 'dip_ddpm' / 'dip_guided' (a DIP fit refined by the DDPM; denoising only).
+      None: 'staged' for denoising, 'dip' for the noise-free tasks.
+    schedule, stages, t_max, fresh_eps, scaled_targets, probe, final_share: the staged
+      targets (:func:`fit.staged_problem`).
+    iters: total fit iterations (any count); None: :data:`DEFAULT_ITERS` of the method.
+    seeds: independent fits, averaged into the restored image.
+    net, width, scales, dtype: the network (:func:`nets.make`); the image is padded to 2^scales.
+    input, input_t, input_fresh, input_extra, reg_noise_std: the network input (DIP noise,
+      meshgrid, or the DDPM-noised observation at timestep input_t; None: matched to sigma).
+    lr, exp_weight, loss, vgg19: Adam step, output EMA weight, training loss, VGG19 weights
+      (.npz) for the perceptual loss.
+    stop: criteria to monitor (:data:`stopping.KINDS`); the restored image is the EMA output at
+      the first one's stop. None: ('staged',) for the staged method with a probe, else none
+      (the last iteration).
+    halt: end the fit when the first criterion fires. None: True when `stop` was defaulted.
+    window: ES-WMV window (with 'es_wmv').
+    ddpm_weights, nfe, ddpm_samples, ddpm_eta, guide_weight: the DDPM methods' U-Net weights
+      (.npz of ``ddpm.train.save_weights``), network evaluations, samples averaged, DDIM eta,
+      dip_guided's constant blending weight (None: inverse-variance weights).
+  """
+  task: str = "denoise"
+  sigma: float | None = None
+  sigma_known: bool = True
+  factor: int = 4
+  kernel: str = "lanczos"
+  method: str | None = None
+  schedule: str = "linear"
+  stages: int = 2
+  t_max: int = 30
+  fresh_eps: bool = False
+  scaled_targets: bool = True
+  probe: float = 0.3
+  final_share: float | None = 0.9
+  iters: int | None = None
+  seeds: int = 1
+  net: str = "skip"
+  width: int = 32
+  scales: int = 5
+  dtype: str = "float32"
+  input: str = "noise"
+  input_t: int | None = None
+  input_fresh: bool = True
+  input_extra: int = 0
+  reg_noise_std: float = 1 / 30
+  lr: float = 0.01
+  exp_weight: float = 0.99
+  loss: str = "mse"
+  vgg19: str | None = None
+  stop: tuple[str, ...] | None = None
+  halt: bool | None = None
+  window: int = 100
+  ddpm_weights: str | None = None
+  nfe: int = 10
+  ddpm_samples: int = 1
+  ddpm_eta: float = 0.0
+  guide_weight: float | None = None
+
+  def __post_init__(self):
+    resolve = lambda name, value: object.__setattr__(self, name, value)
+    if self.task not in TASKS:
+      raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    if self.sigma is None:
+      resolve("sigma", 25.0 if self.task == "denoise" else 0.0)
+    if self.method is None:
+      resolve("method", "staged" if self.task == "denoise" else "dip")
+    if self.iters is None:
+      noise_free = self.method == "dip" and self.task != "denoise"
+      resolve("iters", DEFAULT_ITERS_NOISE_FREE if noise_free else DEFAULT_ITERS.get(
+          self.method, 1))
+    defaulted = self.stop is None
+    if defaulted:
+      has_probe = self.method == "staged" and self.probe > 0 and (
+          self.sigma > 0 or not self.sigma_known)
+      resolve("stop", ("staged",) if has_probe else ())
+    resolve("stop", tuple(self.stop))
+    if self.halt is None:
+      resolve("halt", defaulted and bool(self.stop))
+    for failed, message in self._checks():
+      if failed:
+        raise ValueError(message)
+    for name in self.stop:
+      stopping.get(name)  # a clear error for an unknown name
+
+  def _checks(self) -> list[tuple[bool, str]]:
+    staged, fits = self.method == "staged", self.method != "ddpm"
+    checks = [
+        (self.method not in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+        (self.sigma < 0, f"sigma must be >= 0, got {self.sigma}"),
+        (self.task == "sr" and self.factor not in operators.FACTORS,
+         f"factor must be 2, 4 or 8, got {self.factor}"),
+        (self.kernel not in operators.KERNELS, f"kernel must be one of {operators.KERNELS}"),
+        (self.schedule not in SCHEDULES,
+         f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+        (fits and self.iters < 1, f"iters must be positive, got {self.iters}"),
+        (staged and self.stages < 1, f"stages must be >= 1, got {self.stages}"),
+        (staged and self.stages > self.iters,
+         f"stages ({self.stages}) cannot exceed iters ({self.iters})"),
+        (staged and not 0 < self.t_max <= 1000, f"t_max must lie in [1, 1000], got {self.t_max}"),
+        (self.probe < 0, f"probe must be >= 0, got {self.probe}"),
+        (self.final_share is not None and not 0 < self.final_share < 1,
+         f"final_share must lie in (0, 1), got {self.final_share}"),
+        ("staged" in self.stop and not (staged and self.probe),
+         "stop 'staged' needs method 'staged' with probe > 0"),
+        ("staged" in self.stop and self.sigma_known and not self.sigma,
+         "stop 'staged' needs the noise level: sigma > 0, or sigma_known=False (estimated)"),
+        (len(set(self.stop)) != len(self.stop), f"stop lists a criterion twice: {self.stop}"),
+        (self.seeds < 1, f"seeds must be >= 1, got {self.seeds}"),
+        (self.net not in nets.NETS, f"net must be one of {nets.NETS}, got {self.net!r}"),
+        (self.width < 1 or self.scales < 1, "width and scales must be positive"),
+        (self.dtype not in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+        (self.input not in INPUTS, f"input must be one of {INPUTS}, got {self.input!r}"),
+        (self.input == "ddpm" and self.input_t is None and self.sigma_known and not self.sigma,
+         "input 'ddpm' needs input_t when the noise level is 0 or unknown"),
+        (self.input_extra < 0, f"input_extra must be >= 0, got {self.input_extra}"),
+        (not 0 <= self.exp_weight < 1, f"exp_weight must lie in [0, 1), got {self.exp_weight}"),
+        (self.lr <= 0, f"lr must be positive, got {self.lr}"),
+        (self.reg_noise_std < 0, f"reg_noise_std must be >= 0, got {self.reg_noise_std}"),
+        (self.loss not in losses.LOSSES, f"loss must be one of {tuple(losses.LOSSES)}"),
+        (losses.needs_params(self.loss) and not self.vgg19,
+         f"loss {self.loss!r} needs vgg19 weights (no weights ship with dipjax)"),
+        (self.halt and not self.stop, "halt needs a stop criterion"),
+        (self.window < 1, f"window must be positive, got {self.window}"),
+    ]
+    if self.method in DDPM_METHODS:
+      checks += self._ddpm_checks()
+    return checks
+
+  def _ddpm_checks(self) -> list[tuple[bool, str]]:
+    m = f"method {self.method!r}"
+    return [
+        (self.task != "denoise", f"{m} denoises only, not task {self.task!r}"),
+        (self.sigma_known and not self.sigma, f"{m} needs the noise level: sigma > 0, or "
+         "sigma_known=False (estimated from the observation)"),
+        (not self.ddpm_weights, f"{m} needs ddpm_weights (dipjax ships assets/ddpm_colour.npz)"),
+        (self.nfe < 1, f"nfe must be >= 1, got {self.nfe}"),
+        (self.ddpm_samples < 1, f"ddpm_samples must be >= 1, got {self.ddpm_samples}"),
+        (not 0 <= self.ddpm_eta <= 1, f"ddpm_eta must lie in [0, 1], got {self.ddpm_eta}"),
+        (self.guide_weight is not None and not 0 <= self.guide_weight <= 1,
+         f"guide_weight must lie in [0, 1], got {self.guide_weight}"),
+        (self.method == "ddpm" and bool(self.stop), "method 'ddpm' fits nothing: no stop applies"),
+    ]
+
+  @property
+  def fits(self) -> bool:
+    """Whether the method fits a DIP network (all but 'ddpm')."""
+    return self.method != "ddpm"
+
+  @property
+  def scale(self) -> int:
+    """Network resolution over observation resolution: the SR factor, else 1."""
+    return self.factor if self.task == "sr" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Restoration:
+  """What :func:`restore` returns; images (H, W, C) float32 in [0, 1], unpadded.
+
+  Attributes:
+    image: the restored image: the EMA output at the first criterion's stop (else at the last
+      iteration), averaged over seeds; after the DDPM for the DDPM methods.
+    observation: (h, w, C) the observation y.
+    restored_at: the criterion `image` was taken at, or 'last iteration' (or 'ddpm').
+    sigma: the noise std used, [0, 1] units (given, or estimated from y).
+    stops: per criterion name, (iterations (seeds,) 1-based, EMA images (seeds, H, W, C)).
+    ema, out: (seeds, H, W, C) the EMA and raw outputs after the last iteration run.
+    fit_image: the fit's own restored image before the DDPM (hybrids), else None.
+    trace: per-iteration arrays (seeds, iters) by :class:`fit.Trace` field, SSIM per
+      `trace_every` iterations (seeds, ceil(iters / trace_every)); NaN where not run.
+    trace_every: the SSIM records' spacing.
+    stage_ends: cumulative iteration at which each stage ends.
+    iterations: iterations run (fewer than configured when halted).
+    compile_seconds, fit_seconds: wall time of the fit's compile and of the fit.
+    ddpm: the DDPM stage's settings and timings, or None.
+    scores: with a ground truth, PSNR / SSIM of 'restored', 'degraded' (same-size tasks),
+      'fit' (hybrids), 'per_seed' and 'stops'; else None.
+  """
+  image: np.ndarray
+  observation: np.ndarray
+  restored_at: str
+  sigma: float
+  stops: dict[str, tuple[np.ndarray, np.ndarray]]
+  ema: np.ndarray | None
+  out: np.ndarray | None
+  fit_image: np.ndarray | None
+  trace: dict[str, np.ndarray] | None
+  trace_every: int
+  stage_ends: tuple[int, ...]
+  iterations: int
+  compile_seconds: float
+  fit_seconds: float
+  ddpm: dict | None
+  scores: dict | None
+
+
+def degrade(config: RestoreConfig, clean: np.ndarray, *, seed: int | list[int] | np.ndarray,
+            mask: np.ndarray | None = None) -> np.ndarray:
+  """A synthetic observation of `clean` (H, W, C) for the config's task, (h, w, C) float32.
+
+  Inpainting multiplies by the binarised `mask` (H, W) or (H, W, 1), super-resolution
+  down-samples by `factor`; then Gaussian noise of std `sigma` is added and the result clipped
+  to [0, 1], drawn from ``numpy.random.default_rng(seed)`` (:func:`io.add_noise`).
+  """
+  if not config.sigma_known:
+    raise ValueError("degrade adds noise of a known sigma: sigma_known must be True")
+  y = np.asarray(clean, np.float32)
+  if config.task == "inpaint":
+    y = y * _binary_mask(mask, y.shape)
+  elif config.task == "sr":
+    operators.check_divisible(y.shape, config.factor)
+    y = np.asarray(operators.downsampler(config.factor, config.kernel)(jnp.asarray(y)))
+  if config.sigma:
+    y = io.add_noise(np.random.default_rng(seed), y, config.sigma / 255)
+  return y.astype(np.float32)
+
+
+def _binary_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+  """The inpainting mask as (H, W, 1) float32 in {0, 1}; ValueError if absent or misfit."""
+  if mask is None:
+    raise ValueError("task 'inpaint' needs a mask (1 = known pixel)")
+  mask = np.asarray(mask, np.float32)
+  mask = mask[..., None] if mask.ndim == 2 else mask[..., :1]
+  if mask.shape[:2] != tuple(shape[:2]):
+    raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                     f"{shape[1]}x{shape[0]}")
+  return (mask >= 0.5).astype(np.float32)  # as operators.inpainting binarises
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+  """The observation and ground truth padded to the network's multiple, and the operator."""
+  y: np.ndarray  # (h', w', C) padded observation
+  clean: np.ndarray | None  # (H', W', C) at the network's resolution
+  operator: operators.Operator
+  padding: io.Padding  # of y
+  scale: int
+
+  def unpad(self, x: np.ndarray) -> np.ndarray:
+    """(..., H', W', C) network-resolution images back to the observation's frame."""
+    p = io.Padding(*(self.scale * v for v in dataclasses.astuple(self.padding)))
+    return x[..., p.top:x.shape[-3] - p.bottom, p.left:x.shape[-2] - p.right, :]
+
+
+def _frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None,
+           mask: np.ndarray | None) -> _Frame:
+  y = np.asarray(y, np.float32)
+  if y.ndim != 3 or y.shape[-1] not in (1, 3):
+    raise ValueError(f"the observation must be (h, w, 1) or (h, w, 3), got shape {y.shape}")
+  s = config.scale
+  if clean is not None:
+    clean = np.asarray(clean, np.float32)
+    want = (y.shape[0] * s, y.shape[1] * s, y.shape[2])
+    if clean.shape != want:
+      raise ValueError(f"the ground truth is {clean.shape} but the observation needs {want}")
+  multiple = 2 ** config.scales
+  if config.task == "inpaint":
+    m, _ = io.pad_to_multiple(_binary_mask(mask, y.shape), multiple, mode="constant")
+    op = operators.inpainting(m)
+  elif config.task == "sr":
+    op = operators.downsampler(config.factor, config.kernel)
+  else:
+    op = operators.identity()
+  y, padding = io.pad_to_multiple(y, max(multiple // s, 1))
+  if clean is not None:
+    p = io.Padding(*(s * v for v in dataclasses.astuple(padding)))
+    clean = np.pad(clean, ((p.top, p.bottom), (p.left, p.right), (0, 0)), mode="reflect")
+  return _Frame(y.astype(np.float32), clean, op, padding, s)
+
+
+def noise_sigma(config: RestoreConfig, y: np.ndarray) -> float:
+  """The observation's noise std in [0, 1] units: config.sigma / 255, or estimated from y."""
+  if config.sigma_known:
+    return config.sigma / 255
+  sigma = stopping.estimate_sigma(y)
+  logging.info("noise level estimated from the observation: sigma = %.2f (0-255)", 255 * sigma)
+  if config.method in DDPM_METHODS and sigma <= 0:
+    raise ValueError(f"method {config.method!r} needs the noise level, but the estimate from "
+                     "the observation is 0: give sigma")
+  return sigma
+
+
+def _net_input(key: jax.Array, config: RestoreConfig, frame: _Frame, sigma: float):
+  height, width = (frame.y.shape[0] * frame.scale, frame.y.shape[1] * frame.scale)
+  if config.input == "noise":
+    return inputs.dip_noise(key, height, width, reg_noise_std=config.reg_noise_std)
+  if config.input == "meshgrid":
+    return inputs.meshgrid(height, width, reg_noise_std=config.reg_noise_std)
+  schedule = schedules.get(config.schedule)
+  t = config.input_t
+  if t is None:
+    t = int(schedules.t_for_sigma(schedule, sigma))
+  y = jnp.asarray(frame.y)
+  if frame.scale > 1:
+    y = jax.image.resize(y, (height, width, y.shape[-1]), "bicubic")
+  return inputs.ddpm_noised(key, y, schedule, t, fresh=config.input_fresh,
+                            extra_channels=config.input_extra,
+                            reg_noise_std=config.reg_noise_std)
+
+
+def build_problem(key: jax.Array, config: RestoreConfig, frame: _Frame,
+                  sigma: float) -> fit.Problem:
+  """The fit problem: plain DIP (one for all seeds), or the staged targets stacked per seed
+  (each seed its own probe and stage noise, which average out over the seeds)."""
+  k_input, k_targets = jax.random.split(key)
+  net_input = _net_input(k_input, config, frame, sigma)
+  loss_params = losses.load_vgg19(config.vgg19) if losses.needs_params(config.loss) else None
+  y = jnp.asarray(frame.y)
+  clean = None if frame.clean is None else jnp.asarray(frame.clean)
+  if config.method != "staged":
+    problem = fit.plain_problem(net_input, y, frame.operator, config.iters, clean,
+                                jnp.asarray(sigma, jnp.float32))
+    return problem.replace(loss_params=loss_params)
+  problems = fit.staged_problems(
+      k_targets, config.seeds, net_input, y, frame.operator, config.iters,
+      schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
+      sigma=jnp.asarray(sigma, jnp.float32), probe_ratio=config.probe,
+      fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
+      final_share=config.final_share, clean=clean)
+  return problems.replace(loss_params=fit.stack([loss_params] * config.seeds))
+
+
+def fit_config(config: RestoreConfig, chunk: int) -> fit.FitConfig:
+  """The optimisation settings of a run fitted `chunk` iterations per compiled call (bounded
+  by the budget where `chunk` does not divide it)."""
+  criteria = tuple(stopping.get(name) for name in config.stop)
+  return fit.FitConfig(
+      learning_rate=config.lr, exp_weight=config.exp_weight,
+      segment=math.gcd(chunk, SSIM_EVERY),
+      window=config.window if "es_wmv" in config.stop else 0, criteria=criteria,
+      halt=criteria[0] if config.halt else None, loss=config.loss,
+      bounded=config.iters % chunk != 0)
+
+
+def chunk_length(config: RestoreConfig, chunk: int, checkpoint_every: int = 0) -> int:
+  """Iterations per compiled call: at most `chunk` and `iters`, dividing `checkpoint_every`."""
+  if chunk < 1 or checkpoint_every < 0:
+    raise ValueError(f"chunk must be positive and checkpoint_every >= 0, got {chunk}, "
+                     f"{checkpoint_every}")
+  n = min(chunk, config.iters)
+  return math.gcd(n, checkpoint_every) if checkpoint_every else n
+
+
+def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
+            clean: np.ndarray | None = None, mask: np.ndarray | None = None,
+            progress: Progress | None = None, chunk: int = 100,
+            checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+            resume: bool = False) -> Restoration:
+  """Restores `observation` (h, w, C) in [0, 1] as `config` says.
+
+  Args:
+    config: the run's settings.
+    observation: the degraded image y; (H / factor, W / factor, C) for super-resolution.
+    key: PRNG key of the problem (input, probe, stage noise), the fits and the DDPM stage.
+    clean: the ground truth (H, W, C), to trace and score against; optional.
+    mask: the inpainting mask (h, w) or (h, w, 1), 1 = known pixel.
+    progress: called after every chunk as ``progress(done, iters, latest)``, `latest` the
+      seeds' mean of the last iteration's records plus 'it_per_s'.
+    chunk: iterations per compiled call (progress and checkpoint granularity); any `iters`
+      runs with one compiled function (iterations past the budget are skipped).
+    checkpoint_dir, checkpoint_every: Orbax checkpoints of the fit every that many iterations.
+    resume: continue from the latest checkpoint in `checkpoint_dir` (bit for bit).
+  """
+  frame = _frame(config, observation, clean, mask)
+  ddpm = _load_ddpm(config, frame.y.shape[-1])
+  y = io.unpad(frame.y, frame.padding)
+  sigma = noise_sigma(config, y)
+  k_problem, k_fits = jax.random.split(key)
+  k_ddpm = jax.random.fold_in(key, DDPM_STREAM)
+  if not config.fits:
+    image, info = _ddpm_stage(config, ddpm, y, sigma, None, k_ddpm)
+    return _result(config, frame, y, sigma, image, "ddpm", None, ddpm=info)
+  if resume and not checkpoint_dir:
+    raise ValueError("resume needs a checkpoint_dir")
+  run = _Fit(config, frame, sigma, k_problem, k_fits,
+             chunk_length(config, chunk, checkpoint_every))
+  run.loop(progress, checkpoint_dir, checkpoint_every, resume)
+  fit_image, restored_at = run.restored()
+  image, info = fit_image, None
+  if ddpm is not None:
+    image, info = _ddpm_stage(config, ddpm, y, sigma, fit_image, k_ddpm)
+  return _result(config, frame, y, sigma, image, restored_at, run,
+                 fit_image=fit_image if ddpm is not None else None, ddpm=info)
+
+
+class _Fit:
+  """The seeds' fits of one restoration, run chunk by chunk (:func:`restore`)."""
+
+  def __init__(self, config, frame, sigma, k_problem, k_fits, chunk):
+    self.config, self.frame, self.chunk = config, frame, chunk
+    self.fit_config = fit_config(config, chunk)
+    self.problem = build_problem(k_problem, config, frame, sigma)
+    self.shared = config.method != "staged"
+    self.net = nets.make(config.net, config.width, config.scales,
+                         out_channels=frame.y.shape[-1], dtype=jnp.dtype(config.dtype))
+    self.states = fit.init_many(jax.random.split(k_fits, config.seeds), self.net, self.problem,
+                                self.fit_config, shared=self.shared)
+    every = self.fit_config.segment
+    self.trace = {f.name: np.full((config.seeds, -(-config.iters // every) if f.name.startswith(
+        "ssim") else config.iters), np.nan, np.float32) for f in dataclasses.fields(fit.Trace)}
+    self.compile_seconds = self.fit_seconds = 0.0
+    self.start = 0
+
+  @property
+  def stage_ends(self) -> tuple[int, ...]:
+    ends = self.problem.ends if self.shared else self.problem.ends[0]
+    return tuple(int(e) for e in np.asarray(ends))
+
+  @property
+  def done(self) -> int:
+    return min(int(self.states.step[0]), self.config.iters)
+
+  def loop(self, progress, checkpoint_dir, checkpoint_every, resume) -> None:
+    """Compiles one chunk and runs chunks to the budget or until the halting criterion fires."""
+    if resume:
+      self._resume(checkpoint_dir)
+    t0 = time.perf_counter()
+    run_chunk = fit.compile_many(self.states, self.problem, self.chunk, net=self.net,
+                                 config=self.fit_config, shared=self.shared)
+    t1 = time.perf_counter()
+    self.compile_seconds = t1 - t0
+    logging.info("compiled in %.1f s (%s, %s, %d seed(s), %s width %d)", t1 - t0,
+                 jax.default_backend(), "x".join(map(str, self.states.out.shape[2:0:-1])),
+                 self.config.seeds, self.config.net, self.config.width)
+    halt = self.fit_config.halt
+    while self.done < self.config.iters:
+      lo = self.done
+      self.states, chunk = run_chunk(self.states, self.problem)
+      self._record(lo, chunk)
+      if progress is not None:
+        progress(self.done, self.config.iters, self._latest(time.perf_counter() - t1))
+      if checkpoint_every and self.done % checkpoint_every == 0:
+        checkpoint.save(checkpoint_dir, self.done, {"state": self.states, "trace": self.trace})
+      if halt is not None and bool(np.all(np.asarray(self.states.monitors.fired[:, 0]))):
+        logging.info("%s fired for every seed: halted at iteration %d", halt.name, self.done)
+        break
+    self.fit_seconds = time.perf_counter() - t1
+
+  def _resume(self, checkpoint_dir) -> None:
+    step = checkpoint.latest_step(checkpoint_dir)
+    if step is None:
+      raise ValueError(f"resume: no checkpoint in {checkpoint_dir}")
+    restored = checkpoint.restore(checkpoint_dir, {"state": self.states, "trace": self.trace})
+    self.states = restored["state"]
+    self.trace = {k: np.asarray(v) for k, v in restored["trace"].items()}
+    self.start = self.done
+    logging.info("resumed from iteration %d of %d", step, self.config.iters)
+
+  def _record(self, lo: int, chunk: fit.Trace) -> None:
+    n = self.done - lo
+    every = self.fit_config.segment
+    for name, values in vars(chunk).items():
+      values = np.asarray(values)
+      if name.startswith("ssim"):
+        first, count = lo // every, -(-n // every)
+        self.trace[name][:, first:first + count] = values[:, :count]
+      else:
+        self.trace[name][:, lo:lo + n] = values[:, :n]
+
+  def _latest(self, seconds: float) -> dict[str, float]:
+    i = self.done - 1
+    latest = {k: float(np.nanmean(v[:, i])) for k, v in self.trace.items()
+              if not k.startswith("ssim") and np.isfinite(v[:, i]).any()}
+    latest["it_per_s"] = (self.done - self.start) / seconds if seconds > 0 else float("nan")
+    return latest
+
+  def restored(self) -> tuple[np.ndarray, str]:
+    """The seeds' mean EMA output at the first criterion's stop (else the last), its name."""
+    if self.fit_config.criteria:
+      name = self.fit_config.criteria[0].name
+      return self.frame.unpad(np.asarray(self.states.kept[:, 0])).mean(0), name
+    return self.frame.unpad(np.asarray(self.states.ema)).mean(0), "last iteration"
+
+  def stops(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {name: (np.asarray(step) + 1, self.frame.unpad(np.asarray(kept)))
+            for name, (step, kept) in fit.stops(self.states, self.fit_config).items()}
+
+
+def _load_ddpm(config: RestoreConfig, channels: int):
+  """(params, UNetConfig) of config.ddpm_weights for the DDPM methods, else None."""
+  if config.method not in DDPM_METHODS:
+    return None
+  path = config.ddpm_weights
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no DDPM weights file {path}: run experiments/train_ddpm.py or "
+                            "pass ddpm_weights")
+  params, unet_config = ddpm_train.load_weights(path)
+  ddpm_restore.check_channels(unet_config, channels)
+  return params, unet_config
+
+
+def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
+                x_hat: np.ndarray | None, key: jax.Array) -> tuple[np.ndarray, dict]:
+  """The method's DDPM on y (h, w, C) and, for the hybrids, the fit's estimate x_hat, jitted
+  once: (restored (h, w, C), the stage's settings and timings)."""
+  params, unet_config = ddpm
+  schedule = schedules.get(unet_config.schedule, unet_config.num_steps)
+  method, nfe = config.method, config.nfe
+  kw = dict(samples=config.ddpm_samples, eta=config.ddpm_eta, config=unet_config)
+  est = None if x_hat is None else float(ddpm_restore.estimate_dip_error(x_hat, y, sigma))
+
+  def run(params, key):
+    eps = ddpm_unet.eps_fn(unet_config, params)
+    if method == "ddpm":
+      return ddpm_restore.ddpm_denoise(eps, schedule, y, sigma, nfe, key, **kw)
+    if method == "dip_ddpm":
+      return ddpm_restore.dip_ddpm(eps, schedule, x_hat, est, nfe, key, **kw)
+    return ddpm_restore.dip_guided(eps, schedule, x_hat, y, sigma, nfe, key,
+                                   weight=config.guide_weight, est_mse=est, **kw)
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(run).lower(params, key).compile()
+  t1 = time.perf_counter()
+  restored = np.asarray(compiled(params, key))
+  t2 = time.perf_counter()
+  t_start = int(ddpm_restore.dip_timestep(schedule, est) if method == "dip_ddpm"
+                else ddpm_restore.matched_timestep(schedule, ddpm_restore.observed_sigma(
+                    sigma, y.shape[-1], unet_config)))
+  logging.info("DDPM (%s): t* = %d, %d evaluations in %.2f s (compiled in %.1f s)", method,
+               t_start, nfe, t2 - t1, t1 - t0)
+  return restored, dict(
+      weights=os.path.abspath(config.ddpm_weights), model=json.loads(unet_config.to_json()),
+      t_start=t_start, nfe=nfe, steps=min(nfe, t_start), samples=kw["samples"], eta=kw["eta"],
+      sigma=round(255 * sigma, 4), est_mse=est,
+      guide_weight=config.guide_weight if method == "dip_guided" else None,
+      compile_seconds=round(t1 - t0, 2), seconds=round(t2 - t1, 3))
+
+
+def score(x: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+  """PSNR (dB) and SSIM of x against truth, both (H, W, C) in [0, 1]."""
+  return dict(psnr=float(metrics.psnr(x, truth)), ssim=float(metrics.ssim(x, truth)))
+
+
+def _result(config, frame, y, sigma, image, restored_at, run, fit_image=None,
+            ddpm=None) -> Restoration:
+  stops = run.stops() if run is not None else {}
+  ema = out = None
+  if run is not None:
+    ema = frame.unpad(np.asarray(run.states.ema))
+    out = frame.unpad(np.asarray(run.states.out))
+  scores = None
+  if frame.clean is not None:
+    truth = frame.unpad(frame.clean)
+    scores = dict(restored=score(image, truth))
+    if config.task == "denoise" or frame.scale == 1:
+      scores["degraded"] = score(y, truth)
+    if fit_image is not None:
+      scores["fit"] = score(fit_image, truth)
+    if run is not None:
+      scores["per_seed"] = [dict(output=score(o, truth), ema=score(e, truth))
+                            for o, e in zip(out, ema)]
+      scores["stops"] = {name: dict(per_seed=[score(x, truth) for x in kept],
+                                    mean_of_seeds=score(kept.mean(0), truth))
+                         for name, (_, kept) in stops.items()}
+  return Restoration(
+      image=np.asarray(image, np.float32), observation=y, restored_at=restored_at,
+      sigma=float(sigma), stops=stops, ema=ema, out=out, fit_image=fit_image,
+      trace=None if run is None else run.trace,
+      trace_every=0 if run is None else run.fit_config.segment,
+      stage_ends=() if run is None else run.stage_ends,
+      iterations=0 if run is None else run.done,
+      compile_seconds=0.0 if run is None else run.compile_seconds,
+      fit_seconds=0.0 if run is None else run.fit_seconds, ddpm=ddpm, scores=scores)
