@@ -48,11 +48,18 @@ HYBRIDS = ("dip_ddpm", "dip_guided")  # a DIP fit, then the DDPM
 INPUTS = ("noise", "meshgrid", "ddpm")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("linear", "cosine")
-# Budgets when `iters` is None. staged: an upper bound, its stop halts the fit (RESULTS:
-# "Ablations", 2 stages, t_max 30, final share 0.9); dip: RESULTS' DIP vs CBM3D table (denoise)
-# and the DIP paper's super-resolution budget; the hybrids: a short fit the DDPM finishes.
-DEFAULT_ITERS = dict(staged=3000, dip=1800, dip_ddpm=300, dip_guided=300, ddpm=0)
+# Budgets and widths when `iters` / `width` are None. staged: width 16 (RESULTS, "Ablations of
+# the staged method": the peak of width 32 at 1.5x less cost) and 1500 iterations, so that the
+# no-flag run (256^2, compile included) takes under 3 minutes on a 2-core CPU (1800: 177 s); its
+# stop halts a longer fit. dip: RESULTS' DIP vs CBM3D table (width 32, 1800 it) for denoising
+# and the DIP paper's super-resolution budget (2000 it) otherwise; the hybrids: the DDPM
+# report's 300-iteration fit, which the DDPM finishes.
+DEFAULT_ITERS = dict(staged=1500, dip=1800, dip_ddpm=300, dip_guided=300, ddpm=0)
 DEFAULT_ITERS_NOISE_FREE = 2000  # dip for sr / inpaint
+DEFAULT_WIDTH = dict(staged=16)  # else 32
+# RESULTS, "dipjax's own DDPM": NFE 5 is the DDPM alone's best or within 0.2 dB of it at
+# sigma 25 and 50 on CSet9 and Set12; the report ran dip_ddpm at NFE 5, dip_guided at NFE 20.
+DEFAULT_NFE = dict(ddpm=5, dip_ddpm=5, dip_guided=20)
 DDPM_STREAM = 10  # fold_in data of the DDPM stage's key (apart from the fits')
 SSIM_EVERY = 100  # SSIM is traced once per this many iterations (or per chunk if shorter)
 
@@ -77,6 +84,7 @@ class RestoreConfig:
     iters: total fit iterations (any count); None: :data:`DEFAULT_ITERS` of the method.
     seeds: independent fits, averaged into the restored image.
     net, width, scales, dtype: the network (:func:`nets.make`); the image is padded to 2^scales.
+      width None: :data:`DEFAULT_WIDTH` of the method.
     input, input_t, input_fresh, input_extra, reg_noise_std: the network input (DIP noise,
       meshgrid, or the DDPM-noised observation at timestep input_t; None: matched to sigma).
     lr, exp_weight, loss, vgg19: Adam step, output EMA weight, training loss, VGG19 weights
@@ -88,7 +96,8 @@ class RestoreConfig:
     window: ES-WMV window (with 'es_wmv').
     ddpm_weights, nfe, ddpm_samples, ddpm_eta, guide_weight: the DDPM methods' U-Net weights
       (.npz of ``ddpm.train.save_weights``), network evaluations, samples averaged, DDIM eta,
-      dip_guided's constant blending weight (None: inverse-variance weights).
+      dip_guided's constant blending weight (None: inverse-variance weights). nfe None:
+      :data:`DEFAULT_NFE` of the method.
   """
   task: str = "denoise"
   sigma: float | None = None
@@ -106,7 +115,7 @@ class RestoreConfig:
   iters: int | None = None
   seeds: int = 1
   net: str = "skip"
-  width: int = 32
+  width: int | None = None
   scales: int = 5
   dtype: str = "float32"
   input: str = "noise"
@@ -122,7 +131,7 @@ class RestoreConfig:
   halt: bool | None = None
   window: int = 100
   ddpm_weights: str | None = None
-  nfe: int = 10
+  nfe: int | None = None
   ddpm_samples: int = 1
   ddpm_eta: float = 0.0
   guide_weight: float | None = None
@@ -139,6 +148,10 @@ class RestoreConfig:
       noise_free = self.method == "dip" and self.task != "denoise"
       resolve("iters", DEFAULT_ITERS_NOISE_FREE if noise_free else DEFAULT_ITERS.get(
           self.method, 1))
+    if self.nfe is None:
+      resolve("nfe", DEFAULT_NFE.get(self.method, 5))
+    if self.width is None:
+      resolve("width", DEFAULT_WIDTH.get(self.method, 32))
     defaulted = self.stop is None
     if defaulted:
       has_probe = self.method == "staged" and self.probe > 0 and (
@@ -528,7 +541,9 @@ class _Fit:
         self.trace[name][:, lo:lo + n] = values[:, :n]
 
   def _latest(self, seconds: float) -> dict[str, float]:
-    i = self.done - 1
+    """The seeds' mean records of the last iteration run (before a halt), and the speed."""
+    ran = np.flatnonzero(np.isfinite(self.trace["loss"][:, :self.done]).any(0))
+    i = ran[-1] if ran.size else self.done - 1
     latest = {k: float(np.nanmean(v[:, i])) for k, v in self.trace.items()
               if not k.startswith("ssim") and np.isfinite(v[:, i]).any()}
     latest["it_per_s"] = (self.done - self.start) / seconds if seconds > 0 else float("nan")

@@ -1,9 +1,10 @@
 """What every experiments/ script shares: its start-up and how it reports bad input.
 
-``start(argv, script)`` keeps the script's and dipjax.pipeline's INFO lines in the log and turns on JAX's
-persistent compilation cache (--cache_dir: a second run of the same command compiles nothing);
-``join(coordinator, ...)`` makes the process one of a multi-process JAX job. ``errors(name)`` turns a ValueError or
-FileNotFoundError (bad flags, unreadable images) into one line on stderr and exit status 1.
+``start(argv, script)`` keeps the script's and dipjax.pipeline's INFO lines in the log and
+turns on JAX's persistent compilation cache (--cache_dir: a second run of the same command
+compiles nothing); ``join(coordinator, ...)`` makes the process one of a multi-process JAX job;
+``errors(name)`` turns a ValueError or FileNotFoundError (bad flags, unreadable images) into one
+line on stderr and exit status 1; ``cache_events()`` counts the cache's hits and misses.
 """
 
 from __future__ import annotations

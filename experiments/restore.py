@@ -9,8 +9,8 @@ r"""Restores one image: flags -> dipjax.pipeline.RestoreConfig -> dipjax.pipelin
 
 Writes to --out_dir: restored.png and restored.npy (the seeds' mean EMA output at the first
 --stop criterion's stop; after the DDPM for the DDPM methods; .npy: exact float32),
-degraded.png and degraded.npy (the observation), metrics.json; for the fitting methods also trace.csv, psnr.png and, with
---checkpoint_every, checkpoints/. Every flag and its default: docs/cli.md.
+degraded.png and degraded.npy (the observation), metrics.json; for the fitting methods also
+trace.csv, psnr.png and, with --checkpoint_every, checkpoints/. Every flag: docs/cli.md.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ flags.DEFINE_float("final_share", D["final_share"].default, "Share of --iters fo
 flags.DEFINE_integer("iters", None, f"Total fit iterations, any count {METHOD_DEFAULT}.")
 flags.DEFINE_integer("seeds", D["seeds"].default, "Independent fits, averaged.")
 flags.DEFINE_enum("net", D["net"].default, list(nets.NETS), "Network.")
-flags.DEFINE_integer("width", D["width"].default, "Channels per scale.")
+flags.DEFINE_integer("width", None, f"Channels per scale {METHOD_DEFAULT}.")
 flags.DEFINE_integer("scales", D["scales"].default, "Scales (the image is padded to 2^scales).")
 flags.DEFINE_enum("dtype", D["dtype"].default, list(pipeline.DTYPES),
                   "Network compute dtype (bfloat16: for accelerators; slower on CPU).")
@@ -106,7 +106,7 @@ flags.DEFINE_bool("halt", None, f"End the fit when the first --stop criterion fi
 flags.DEFINE_integer("window", D["window"].default, "ES-WMV window (--stop es_wmv).")
 flags.DEFINE_string("ddpm_weights", os.path.join(ASSETS, "ddpm_colour.npz"),
                     "The DDPM methods' U-Net weights (.npz of experiments/train_ddpm.py).")
-flags.DEFINE_integer("nfe", D["nfe"].default, "DDPM methods: network evaluations.")
+flags.DEFINE_integer("nfe", None, f"DDPM methods: network evaluations {METHOD_DEFAULT}.")
 flags.DEFINE_integer("ddpm_samples", D["ddpm_samples"].default, "DDPM methods: samples averaged.")
 flags.DEFINE_float("ddpm_eta", D["ddpm_eta"].default, "DDPM methods: 0 DDIM .. 1 ancestral.")
 flags.DEFINE_float("guide_weight", None, "dip_guided: a constant blending weight in [0, 1] "
