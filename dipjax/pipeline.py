@@ -276,6 +276,31 @@ class Restoration:
   ddpm: dict | None
   scores: dict | None
 
+  def summary(self) -> dict:
+    """A JSON-able summary: where it stopped, timings, every criterion's stop and the scores
+    (PSNR / SSIM) where a ground truth was given."""
+    scores = self.scores or {}
+    result = dict(restored_at=self.restored_at, sigma_used=round(255 * self.sigma, 4),
+                  **{k: scores[k] for k in ("restored", "degraded") if k in scores})
+    if self.ddpm is not None:
+      result["ddpm"] = dict(self.ddpm, **scores.get("restored", {}))
+    if self.trace is None:
+      return result
+    result.update(
+        iterations_run=self.iterations, stage_ends=list(self.stage_ends),
+        compile_seconds=round(self.compile_seconds, 2), fit_seconds=round(self.fit_seconds, 2),
+        iterations_per_second=round(self.iterations / self.fit_seconds, 3)
+        if self.fit_seconds else None,
+        rolled_back=int(np.nansum(self.trace["rolled_back"])))
+    if "fit" in scores:
+      result["dip"] = scores["fit"]
+    if "per_seed" in scores:
+      result["per_seed"] = scores["per_seed"]
+    result["stops"] = {name: dict(iteration=[int(i) for i in steps],
+                                  **scores.get("stops", {}).get(name, {}))
+                       for name, (steps, _) in self.stops.items()}
+    return result
+
 
 def degrade(config: RestoreConfig, clean: np.ndarray, *, seed: int | list[int] | np.ndarray,
             mask: np.ndarray | None = None) -> np.ndarray:

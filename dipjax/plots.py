@@ -14,6 +14,25 @@ def _pyplot():
   return plt
 
 
+def fit_curves(trace: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """PSNR curves (dB) of fits by label, from per-iteration traces (seeds, n) by
+  :class:`dipjax.fit.Trace` field: against the observation, the ground truth (where traced)
+  and the staged probe's estimate of it (where traced)."""
+  curves = {}
+  seeds = trace["loss"].shape[0]
+  for m in range(seeds):
+    tag = f" (seed {m})" if seeds > 1 else ""
+    if np.isfinite(trace["psnr_clean"][m]).any():
+      curves["output vs clean" + tag] = trace["psnr_clean"][m]
+      curves["EMA vs clean" + tag] = trace["psnr_clean_ema"][m]
+    curves["output vs observation" + tag] = trace["psnr_obs"][m]
+    est = trace["mse_est_ema"][m]
+    if np.isfinite(est).any():
+      curves["EMA vs clean, estimated (staged probe)" + tag] = np.where(
+          est > 0, -10 * np.log10(np.where(est > 0, est, 1.0)), np.nan)
+  return curves
+
+
 def psnr_curves(path: str | os.PathLike, curves: dict[str, np.ndarray],
                 stage_ends: np.ndarray | None = None, title: str = "",
                 stops: dict[str, int] | None = None) -> None:

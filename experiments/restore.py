@@ -180,33 +180,14 @@ def run() -> None:
 
 
 def metrics_json(config: pipeline.RestoreConfig, r: pipeline.Restoration) -> dict:
-  """metrics.json: the settings, timings, every criterion's stop and, with a ground truth,
-  the scores (PSNR / SSIM)."""
-  scores = r.scores or {}
+  """metrics.json: the image, the settings, and the restoration's summary."""
   result = dict(image=os.path.abspath(_IMAGE.value), task=config.task, method=config.method,
                 sigma=config.sigma, device=jax.default_backend(),
-                config=json.loads(json.dumps(vars(config), default=list)),
-                restored_at=r.restored_at, **{k: scores[k] for k in ("restored", "degraded")
-                                             if k in scores})
-  if r.ddpm is not None:
-    result["ddpm"] = dict(r.ddpm, **scores.get("restored", {}))
-  if not config.fits:
-    return result
-  result.update(
-      net=config.net, width=config.width, scales=config.scales, iterations=config.iters,
-      iterations_run=r.iterations, seeds=config.seeds, stage_ends=list(r.stage_ends),
-      loss=config.loss, compile_seconds=round(r.compile_seconds, 2),
-      fit_seconds=round(r.fit_seconds, 2),
-      iterations_per_second=round(r.iterations / r.fit_seconds, 3) if r.fit_seconds else None,
-      rolled_back=int(np.nansum(r.trace["rolled_back"])))
-  if "fit" in scores:
-    result["dip"] = scores["fit"]
-  if "per_seed" in scores:
-    result["per_seed"] = scores["per_seed"]
-  result["stops"] = {name: dict(iteration=[int(i) for i in steps],
-                                **scores.get("stops", {}).get(name, {}))
-                     for name, (steps, _) in r.stops.items()}
-  return result
+                config=json.loads(json.dumps(vars(config))))
+  if config.fits:
+    result.update(net=config.net, width=config.width, scales=config.scales,
+                  iterations=config.iters, seeds=config.seeds, loss=config.loss)
+  return result | r.summary()
 
 
 def write_trace_csv(path: str, r: pipeline.Restoration) -> None:
@@ -223,23 +204,6 @@ def write_trace_csv(path: str, r: pipeline.Restoration) -> None:
         w.writerow([m, i + 1] + [f"{r.trace[k][m, i]:.5g}" for k in names] + ssim)
 
 
-def plot_curves(path: str, config: pipeline.RestoreConfig, r: pipeline.Restoration) -> None:
-  curves = {}
-  for m in range(config.seeds):
-    tag = f" (seed {m})" if config.seeds > 1 else ""
-    if r.scores is not None:
-      curves["output vs clean" + tag] = r.trace["psnr_clean"][m]
-      curves["EMA vs clean" + tag] = r.trace["psnr_clean_ema"][m]
-    curves["output vs observation" + tag] = r.trace["psnr_obs"][m]
-    est = r.trace["mse_est_ema"][m]
-    if np.isfinite(est).any():
-      curves["EMA vs clean, estimated (staged probe)" + tag] = np.where(
-          est > 0, -10 * np.log10(np.where(est > 0, est, 1.0)), np.nan)
-  ends = r.stage_ends if len(r.stage_ends) > 1 else None
-  plots.psnr_curves(path, curves, ends, title=f"{config.task}, {config.method}, "
-                    f"{os.path.basename(_IMAGE.value)}")
-
-
 def write_outputs(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Restoration) -> None:
   os.makedirs(out_dir, exist_ok=True)
   io.save_image(os.path.join(out_dir, "restored.png"), r.image)
@@ -249,7 +213,9 @@ def write_outputs(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Rest
   result = metrics_json(config, r)
   if config.fits:
     write_trace_csv(os.path.join(out_dir, "trace.csv"), r)
-    plot_curves(os.path.join(out_dir, "psnr.png"), config, r)
+    ends = r.stage_ends if len(r.stage_ends) > 1 else None
+    plots.psnr_curves(os.path.join(out_dir, "psnr.png"), plots.fit_curves(r.trace), ends,
+                      title=f"{config.task}, {config.method}, {os.path.basename(_IMAGE.value)}")
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   for name, (steps, _) in r.stops.items():
