@@ -60,7 +60,11 @@ DEFAULT_WIDTH = dict(staged=16)  # else 32
 # RESULTS, "dipjax's own DDPM": NFE 5 is the DDPM alone's best or within 0.2 dB of it at
 # sigma 25 and 50 on CSet9 and Set12; the report ran dip_ddpm at NFE 5, dip_guided at NFE 20.
 DEFAULT_NFE = dict(ddpm=5, dip_ddpm=5, dip_guided=20)
-DDPM_STREAM = 10  # fold_in data of the DDPM stage's key (apart from the fits')
+# One seeding convention (experiments/grid.py's, so the reports' rows are reproduced): from the
+# run's key, the problem (input, probe, stage noise) from fold_in(key, PROBLEM_STREAM), the fits
+# from split(key, seeds), the DDPM stage from fold_in(key, DDPM_STREAM).
+PROBLEM_STREAM = 1
+DDPM_STREAM = 10
 SSIM_EVERY = 100  # SSIM is traced once per this many iterations (or per chunk if shorter)
 
 Progress = Callable[[int, int, dict[str, float]], None]
@@ -336,7 +340,7 @@ def _binary_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Frame:
+class Frame:
   """The observation and ground truth padded to the network's multiple, and the operator."""
   y: np.ndarray  # (h', w', C) padded observation
   clean: np.ndarray | None  # (H', W', C) at the network's resolution
@@ -350,8 +354,11 @@ class _Frame:
     return x[..., p.top:x.shape[-3] - p.bottom, p.left:x.shape[-2] - p.right, :]
 
 
-def _frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None,
-           mask: np.ndarray | None) -> _Frame:
+def frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None = None,
+          mask: np.ndarray | None = None) -> Frame:
+  """The observation y (h, w, C), ground truth (H, W, C) and mask padded to the network's
+  multiple (reflect; the mask with zeros), and the task's operator; ValueError if they do not
+  fit each other."""
   y = np.asarray(y, np.float32)
   if y.ndim != 3 or y.shape[-1] not in (1, 3):
     raise ValueError(f"the observation must be (h, w, 1) or (h, w, 3), got shape {y.shape}")
@@ -373,7 +380,7 @@ def _frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None,
   if clean is not None:
     p = io.Padding(*(s * v for v in dataclasses.astuple(padding)))
     clean = np.pad(clean, ((p.top, p.bottom), (p.left, p.right), (0, 0)), mode="reflect")
-  return _Frame(y.astype(np.float32), clean, op, padding, s)
+  return Frame(y.astype(np.float32), clean, op, padding, s)
 
 
 def noise_sigma(config: RestoreConfig, y: np.ndarray) -> float:
@@ -388,16 +395,21 @@ def noise_sigma(config: RestoreConfig, y: np.ndarray) -> float:
   return sigma
 
 
-def _net_input(key: jax.Array, config: RestoreConfig, frame: _Frame, sigma: float):
+def input_timestep(config: RestoreConfig, sigma: float) -> int:
+  """The timestep of the DDPM-noised input: input_t, or where the schedule's noise is sigma."""
+  if config.input_t is not None:
+    return config.input_t
+  return int(schedules.t_for_sigma(schedules.get(config.schedule), sigma))
+
+
+def _net_input(key: jax.Array, config: RestoreConfig, frame: Frame, sigma: float):
   height, width = (frame.y.shape[0] * frame.scale, frame.y.shape[1] * frame.scale)
   if config.input == "noise":
     return inputs.dip_noise(key, height, width, reg_noise_std=config.reg_noise_std)
   if config.input == "meshgrid":
     return inputs.meshgrid(height, width, reg_noise_std=config.reg_noise_std)
   schedule = schedules.get(config.schedule)
-  t = config.input_t
-  if t is None:
-    t = int(schedules.t_for_sigma(schedule, sigma))
+  t = input_timestep(config, sigma)
   y = jnp.asarray(frame.y)
   if frame.scale > 1:
     y = jax.image.resize(y, (height, width, y.shape[-1]), "bicubic")
@@ -406,10 +418,11 @@ def _net_input(key: jax.Array, config: RestoreConfig, frame: _Frame, sigma: floa
                             reg_noise_std=config.reg_noise_std)
 
 
-def build_problem(key: jax.Array, config: RestoreConfig, frame: _Frame,
+def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
                   sigma: float) -> fit.Problem:
   """The fit problem: plain DIP (one for all seeds), or the staged targets stacked per seed
-  (each seed its own probe and stage noise, which average out over the seeds)."""
+  (each seed its own probe and stage noise, which average out over the seeds). `key`: the
+  problem's (fold_in(run key, PROBLEM_STREAM)); sigma: the noise std in [0, 1] units."""
   k_input, k_targets = jax.random.split(key)
   net_input = _net_input(k_input, config, frame, sigma)
   loss_params = losses.load_vgg19(config.vgg19) if losses.needs_params(config.loss) else None
@@ -422,10 +435,16 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: _Frame,
   problems = fit.staged_problems(
       k_targets, config.seeds, net_input, y, frame.operator, config.iters,
       schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
-      sigma=jnp.asarray(sigma, jnp.float32), probe_ratio=config.probe,
+      sigma=float(sigma), probe_ratio=config.probe,
       fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
       final_share=config.final_share, clean=clean)
   return problems.replace(loss_params=fit.stack([loss_params] * config.seeds))
+
+
+def network(config: RestoreConfig, channels: int):
+  """The config's network (:func:`nets.make`) with `channels` output channels."""
+  return nets.make(config.net, config.width, config.scales, out_channels=channels,
+                   dtype=jnp.dtype(config.dtype))
 
 
 def fit_config(config: RestoreConfig, chunk: int) -> fit.FitConfig:
@@ -469,25 +488,26 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
     checkpoint_dir, checkpoint_every: Orbax checkpoints of the fit every that many iterations.
     resume: continue from the latest checkpoint in `checkpoint_dir` (bit for bit).
   """
-  frame = _frame(config, observation, clean, mask)
-  ddpm = _load_ddpm(config, frame.y.shape[-1])
-  y = io.unpad(frame.y, frame.padding)
+  padded = frame(config, observation, clean, mask)
+  ddpm = _load_ddpm(config, padded.y.shape[-1])
+  y = io.unpad(padded.y, padded.padding)
   sigma = noise_sigma(config, y)
-  k_problem, k_fits = jax.random.split(key)
+  k_problem = jax.random.fold_in(key, PROBLEM_STREAM)
+  k_fits = jax.random.split(key, config.seeds)
   k_ddpm = jax.random.fold_in(key, DDPM_STREAM)
   if not config.fits:
     image, info = _ddpm_stage(config, ddpm, y, sigma, None, k_ddpm)
-    return _result(config, frame, y, sigma, image, "ddpm", None, ddpm=info)
+    return _result(config, padded, y, sigma, image, "ddpm", None, ddpm=info)
   if resume and not checkpoint_dir:
     raise ValueError("resume needs a checkpoint_dir")
-  run = _Fit(config, frame, sigma, k_problem, k_fits,
+  run = _Fit(config, padded, sigma, k_problem, k_fits,
              chunk_length(config, chunk, checkpoint_every))
   run.loop(progress, checkpoint_dir, checkpoint_every, resume)
   fit_image, restored_at = run.restored()
   image, info = fit_image, None
   if ddpm is not None:
     image, info = _ddpm_stage(config, ddpm, y, sigma, fit_image, k_ddpm)
-  return _result(config, frame, y, sigma, image, restored_at, run,
+  return _result(config, padded, y, sigma, image, restored_at, run,
                  fit_image=fit_image if ddpm is not None else None, ddpm=info)
 
 
@@ -499,10 +519,9 @@ class _Fit:
     self.fit_config = fit_config(config, chunk)
     self.problem = build_problem(k_problem, config, frame, sigma)
     self.shared = config.method != "staged"
-    self.net = nets.make(config.net, config.width, config.scales,
-                         out_channels=frame.y.shape[-1], dtype=jnp.dtype(config.dtype))
-    self.states = fit.init_many(jax.random.split(k_fits, config.seeds), self.net, self.problem,
-                                self.fit_config, shared=self.shared)
+    self.net = network(config, frame.y.shape[-1])
+    self.states = fit.init_many(k_fits, self.net, self.problem, self.fit_config,
+                                shared=self.shared)
     every = self.fit_config.segment
     self.trace = {f.name: np.full((config.seeds, -(-config.iters // every) if f.name.startswith(
         "ssim") else config.iters), np.nan, np.float32) for f in dataclasses.fields(fit.Trace)}

@@ -42,10 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dipjax import fit
-from dipjax import inputs
 from dipjax import layers
-from dipjax import nets
-from dipjax import operators
+from dipjax import pipeline
 
 _QUICK = flags.DEFINE_bool(
     "quick", False, "The performance issue's configurations only: 128²/32, 128²/128, 256²/64 "
@@ -81,13 +79,14 @@ _IN_CHANNELS = 32
 
 
 def _setup(size: int, width: int, iters: int, dtype: str = "float32"):
-  """The skip net, config and a denoising problem of one benchmark configuration."""
-  net = nets.make("skip", width=width, scales=5, dtype=jnp.dtype(dtype))
-  config = fit.FitConfig(segment=iters)
-  y = jax.random.uniform(jax.random.PRNGKey(0), (size, size, 3))
-  problem = fit.plain_problem(inputs.dip_noise(jax.random.PRNGKey(1), size, size, _IN_CHANNELS),
-                              y, operators.identity(), iters, clean=y)
-  return net, config, problem
+  """The skip net, fit settings and denoising problem of one benchmark configuration, built by
+  dipjax.pipeline (a uniform random image as observation and ground truth)."""
+  config = pipeline.RestoreConfig(method="dip", width=width, scales=5, dtype=dtype, iters=iters,
+                                  stop=())
+  y = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (size, size, 3)))
+  problem = pipeline.build_problem(jax.random.PRNGKey(1), config,
+                                   pipeline.frame(config, y, y), sigma=0.0)
+  return pipeline.network(config, 3), pipeline.fit_config(config, iters), problem
 
 
 def conv_layers(net: nn.Module, size: int, in_channels: int = _IN_CHANNELS) -> list[dict]:

@@ -47,12 +47,11 @@ import numpy as np
 
 import cli
 from dipjax import fit
-from dipjax import inputs
 from dipjax import io
 from dipjax import losses
 from dipjax import metrics
 from dipjax import nets
-from dipjax import operators
+from dipjax import pipeline
 from dipjax import schedules
 from dipjax import stopping
 
@@ -60,12 +59,10 @@ METHODS = ("dip", "staged", "ddpm_input", "ddpm_input_staged", "bm3d")
 STAGED = ("staged", "ddpm_input_staged")
 DDPM_INPUT = ("ddpm_input", "ddpm_input_staged")
 LOSSES = tuple(name for name in losses.LOSSES if not losses.needs_params(name))  # no weights
-DDPM_INPUT_SCHEDULE = "linear"  # ddpm_input's schedule: its input depends on sigma, not on it
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CURVES = ("psnr_clean_ema", "psnr_clean", "psnr_obs_ema", "psnr_target_ema", "stage", "wmv",
           "emv", "noise_fit_ema", "mse_est_ema")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBLEM_STREAM = 1  # fold_in data of the problem key (input z, stage noise), apart from the fits
 CHUNK_ITERS = 100  # iterations per compiled call: gcd(iters, CHUNK_ITERS); calibration: one
 
 _IMAGES = flags.DEFINE_list("images", None, "Image files or folders (their sorted "
@@ -365,46 +362,40 @@ class Setup:
   shared: bool = True
 
 
+def restore_config(config: dict) -> pipeline.RestoreConfig:
+  """The library's config of a grid config's fits (the axes that do not apply keep their
+  defaults, which those methods ignore)."""
+  staged = config["method"] in STAGED
+  stage_axes = {k: config[k] for k in ("schedule", "stages", "t_max", "fresh_eps", "probe",
+                                       "final_share") if staged}
+  return pipeline.RestoreConfig(
+      sigma=config["sigma"], sigma_known=not config.get("sigma_estimated", False),
+      method="staged" if staged else "dip",
+      input="ddpm" if config["method"] in DDPM_INPUT else "noise", **stage_axes,
+      iters=config["iters"], seeds=config["seeds"], net=config["net"], width=config["width"],
+      scales=config["scales"], reg_noise_std=config["reg_noise_std"], lr=config["lr"],
+      exp_weight=config["exp_weight"], loss=config.get("loss", "mse"),
+      stop=tuple(config["criteria"]), halt=False, window=config.get("window", 100))
+
+
 def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
   """The network, fit settings, problem (y and clean padded to 2^scales) and seed keys of a fit
-  config, built as experiments/restore.py builds them."""
-  method, sigma = config["method"], config["sigma"] / 255
-  info = {}
-  if config.get("sigma_estimated"):
-    sigma = stopping.estimate_sigma(noisy)
-    info["sigma_used"] = round(sigma * 255, 4)
-  y, padding = io.pad_to_multiple(noisy, 2 ** config["scales"])
-  truth, _ = io.pad_to_multiple(clean, 2 ** config["scales"])
-  height, width, channels = y.shape
+  config, built by dipjax.pipeline as restore() builds them (its seeding convention)."""
+  rc = restore_config(config)
+  frame = pipeline.frame(rc, noisy, clean)
+  sigma = pipeline.noise_sigma(rc, noisy)
+  info = {} if rc.sigma_known else dict(sigma_used=round(sigma * 255, 4))
+  if rc.input == "ddpm":
+    info["input_t"] = pipeline.input_timestep(rc, sigma)
   key = jax.random.PRNGKey(config["seed_base"])
-  k_input, k_targets = jax.random.split(jax.random.fold_in(key, PROBLEM_STREAM))
-  if method in DDPM_INPUT:
-    schedule = schedules.get(config.get("schedule", DDPM_INPUT_SCHEDULE))
-    t = int(schedules.t_for_sigma(schedule, sigma))
-    net_input = inputs.ddpm_noised(k_input, jnp.asarray(y), schedule, t,
-                                   reg_noise_std=config["reg_noise_std"])
-    info["input_t"] = t
-  else:
-    net_input = inputs.dip_noise(k_input, height, width, reg_noise_std=config["reg_noise_std"])
-  y, truth = jnp.asarray(y), jnp.asarray(truth)
-  shared = method not in STAGED
-  if shared:
-    problem = fit.plain_problem(net_input, y, operators.identity(), config["iters"], truth, sigma)
-  else:  # each seed its own probe and stage noise, so that they average out in the ensemble
-    problem = fit.staged_problems(
-        k_targets, config["seeds"], net_input, y, operators.identity(), config["iters"],
-        schedule=schedules.get(config["schedule"]), num_stages=config["stages"],
-        t_max=config["t_max"], sigma=sigma, probe_ratio=config["probe"],
-        fresh_noise=config["fresh_eps"], final_share=config["final_share"], clean=truth)
+  problem = pipeline.build_problem(jax.random.fold_in(key, pipeline.PROBLEM_STREAM), rc, frame,
+                                   sigma)
+  shared = rc.method != "staged"
+  if not shared:
     info["stage_ends"] = [int(e) for e in problem.ends[0]]
   chunk = math.gcd(config["iters"], CHUNK_ITERS)
-  criteria = tuple(stopping.get(c) for c in config["criteria"])
-  fit_config = fit.FitConfig(learning_rate=config["lr"], exp_weight=config["exp_weight"],
-                             segment=chunk, window=config.get("window", 0), criteria=criteria,
-                             loss=config.get("loss", "mse"))
-  net = nets.make(config["net"], config["width"], config["scales"], out_channels=channels)
-  keys = jax.random.split(key, config["seeds"])
-  return Setup(net, fit_config, problem, keys, padding, chunk, info, shared)
+  return Setup(pipeline.network(rc, noisy.shape[-1]), pipeline.fit_config(rc, chunk), problem,
+               jax.random.split(key, config["seeds"]), frame.padding, chunk, info, shared)
 
 
 class Compiler:
