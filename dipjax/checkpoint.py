@@ -52,7 +52,7 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return mngr.latest_step()
 
 
-def restore(directory: str | os.PathLike, like: State, step: int | None = None) -> State:
+def load(directory: str | os.PathLike, like: State, step: int | None = None) -> State:
   """Restores checkpoint `step` (default: the latest) into the structure of `like`.
 
   Args:

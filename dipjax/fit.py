@@ -24,11 +24,11 @@ import optax
 
 from dipjax import losses
 from dipjax import metrics
-from dipjax import schedules
+from dipjax import noise
+from dipjax import problems as problems_lib
 from dipjax import stopping
 from dipjax import targets as targets_lib
-from dipjax.inputs import NetInput
-from dipjax.operators import Operator
+from dipjax.problems import Problem
 
 Array = jax.Array
 PyTree = Any
@@ -86,109 +86,6 @@ EMV_BURN_IN = 100  # iterations before ES-EMV's variance is scored (it starts at
 
 
 @flax.struct.dataclass
-class Problem:
-  """What one fit is fitted to (all arrays, so problems can be stacked and vmapped).
-
-  Attributes:
-    inputs: the network input z = base + std * N(0, 1), redrawn every step.
-    targets: (K, h, w, C) stage targets, noisiest first; the last is usually y itself.
-    ends: (K,) int32 cumulative iteration at which each stage ends.
-    observation: (h, w, C) the degraded image y.
-    operator: the forward operator A, image (H, W, C) -> measurement (h, w, C).
-    clean: (H, W, C) ground truth, or None.
-    sigma: () noise std of the observation in [0, 1] units, known or estimated
-      (:func:`stopping.estimate_sigma`), for criteria that use it; None if unknown.
-    stage_noise: (K, h, w, C) the known noise m_k each stage target adds to its noise-free
-      part a_k y (for x_k = sqrt(abar) (y + p) + sqrt(1 - abar) eps: sqrt(abar) p +
-      sqrt(1 - abar) eps; zeros for y itself), to trace how much of it the output has fitted
-      (``noise_fit_ema``); None if unknown.
-    probe: (h, w, C) a known noise image p added to y before staging, in a fixed ratio to the
-      observation's noise (:func:`staged_problem`), so that the fit can estimate its own error
-      (``mse_est_ema``, the 'staged' criterion); None without one.
-    stage_scale: (K,) a_k, the factor of y in each stage target (sqrt(abar_t), or 1); None
-      means all 1.
-    loss_params: the weights the loss needs (VGG19's for 'perceptual',
-      :func:`losses.load_vgg19`), or None. Stacked problems copy them per fit: prefer one
-      shared problem with them.
-  """
-  inputs: NetInput
-  targets: Array
-  ends: Array
-  observation: Array
-  operator: Operator
-  clean: Array | None = None
-  sigma: Array | None = None
-  stage_noise: Array | None = None
-  probe: Array | None = None
-  stage_scale: Array | None = None
-  loss_params: PyTree = None
-
-
-def plain_problem(inputs: NetInput, observation: Array, operator: Operator, iters: int,
-                  clean: Array | None = None, sigma: float | None = None) -> Problem:
-  """Classic DIP: one stage whose target is the observation, for `iters` iterations."""
-  return Problem(inputs, observation[None], jnp.array([iters], jnp.int32), observation,
-                 operator, clean, None if sigma is None else jnp.asarray(sigma, jnp.float32))
-
-
-def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: Operator,
-                   iters: int, *, schedule: schedules.Schedule, num_stages: int, t_max: int,
-                   sigma: float, probe_ratio: float = 0.0, fresh_noise: bool = False,
-                   scaled: bool = True, final_share: float | None = None,
-                   clean: Array | None = None) -> Problem:
-  """DDPM-staged DIP: K targets x_k = a_k (y + p) + b_k eps_k from t_max down to t = 0.
-
-  a_k, b_k are sqrt(abar_t), sqrt(1 - abar_t) (scaled) or 1, noise_level(t)
-  (:func:`targets.staged_targets`). p = probe_ratio * sigma * N(0, 1) is the probe: known
-  noise in a fixed ratio to the observation's own (unknown) noise, present in every stage, so
-  the network fits both at the same rate and the fitted fraction of p tells how much of the
-  unknown noise the output has absorbed (``mse_est_ema``; :mod:`dipjax.stopping` 'staged').
-  probe_ratio = 0: no probe, the last target is y itself.
-
-  Args:
-    key: PRNG key for the probe and the stage noise.
-    inputs, observation (h, w, C), operator, clean: as for :func:`plain_problem`.
-    iters: total iterations, shared over the stages (:func:`targets.stage_lengths`).
-    schedule, num_stages, t_max, fresh_noise, scaled: the stage targets
-      (:func:`targets.stage_timesteps`, :func:`targets.staged_targets`).
-    sigma: the observation's noise std in [0, 1] units, known or estimated.
-    final_share: fraction of `iters` given to the last stage (the rest split equally);
-      None splits all equally (with one stage it has nothing to split).
-  """
-  if probe_ratio < 0:
-    raise ValueError(f"probe_ratio must be >= 0, got {probe_ratio}")
-  weights = None
-  if final_share is not None:
-    if not 0.0 < final_share < 1.0:
-      raise ValueError(f"final_share must lie in (0, 1), got {final_share}")
-    if num_stages > 1:
-      rest = (1.0 - final_share) / (num_stages - 1)
-      weights = np.array([rest] * (num_stages - 1) + [final_share])
-  ends = targets_lib.stage_ends(targets_lib.stage_lengths(iters, num_stages, weights))
-  k_probe, k_stages = jax.random.split(key)
-  y = jnp.asarray(observation, jnp.float32)
-  probe = None
-  if probe_ratio:
-    probe = probe_ratio * sigma * jax.random.normal(k_probe, y.shape, jnp.float32)
-  ts = jnp.asarray(targets_lib.stage_timesteps(num_stages, t_max))
-  stage_targets = targets_lib.staged_targets(k_stages, y if probe is None else y + probe,
-                                             schedule, ts, fresh_noise=fresh_noise,
-                                             scaled=scaled)
-  scale = targets_lib.stage_scales(schedule, ts, scaled=scaled)
-  noise = stage_targets - scale[:, None, None, None] * y
-  return Problem(inputs, stage_targets, jnp.asarray(ends), y, operator, clean,
-                 jnp.asarray(sigma, jnp.float32), noise, probe, scale)
-
-
-def staged_problems(key: Array, num_fits: int, *args, **kwargs) -> Problem:
-  """`num_fits` staged problems stacked along a leading model axis (``fit_many(...,
-  shared=False)``), fit i with key fold_in(key, i): each its own probe and stage noise, which
-  then average out in an ensemble. Other arguments as for :func:`staged_problem`."""
-  return stack([staged_problem(jax.random.fold_in(key, i), *args, **kwargs)
-                for i in range(num_fits)])
-
-
-@flax.struct.dataclass
 class Snapshot:
   params: PyTree
   batch_stats: PyTree
@@ -240,7 +137,7 @@ class Trace:
   `noise_fit_ema` the fraction <A ema - a_k y, m_k> / |m_k|^2 of the stage's known noise m_k the
   EMA output has fitted (0: none, 1: all; NaN without known noise); `mse_est_ema` the MSE of
   A ema against the stage's noise-free target a_k A x, estimated without the ground truth from
-  the probe (:func:`sure_mse`; NaN without a probe or sigma); `final_stage` whether the
+  the probe (:func:`noise.sure_mse`; NaN without a probe or sigma); `final_stage` whether the
   iteration belongs to the last stage.
   """
   loss: Array
@@ -335,72 +232,6 @@ def _select(pred: Array, a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def _noise_fit(measured: Array, reference: Array, noise: Array) -> Array:
-  """Fraction of the known noise `noise` (added to `reference`) that `measured` reproduces."""
-  energy = jnp.sum(noise**2)
-  fitted = jnp.sum((measured - reference) * noise) / jnp.where(energy > 0, energy, 1.0)
-  return jnp.where(energy > 0, fitted, jnp.nan)
-
-
-def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: Array,
-             sigma: Array, clipped: Array | bool = False) -> Array:
-  """Mean squared error of `measured` against the stage's noise-free target a x, without x.
-
-  The stage target is x_k = a (x + e) + m: the observation y = x + e with unknown noise e, and
-  known noise m that contains the probe a p (p = c sigma eps, fixed for the whole fit). With
-  f = `measured`, expanding |f - a x|^2 = |(f - x_k) + a e + m|^2, the cross terms of e with m
-  cancel exactly and
-
-    mean (f - a x)^2 = mean (f - x_k)^2 + 2 mean (f - a y) m - mean m^2
-                       - a^2 mean e^2 + 2 a mean (f - a x) e.
-
-  Only the last two terms are unknown. For white noise e = sigma n they are a^2 sigma^2
-  (2 lambda - 1), where lambda is the fraction of the noise the output has fitted. The network
-  cannot tell the probe from the unknown noise (both white, in every target in a fixed ratio),
-  so it fits both at the same rate, which the probe measures: lambda = mean (f - a y) a p /
-  mean (a p)^2 (SURE, Stein's unbiased risk estimate, with the divergence read off the probe
-  instead of by perturbing the fit). If y was `clipped` to [0, 1], e has a bias mu(x) (fitted
-  like the image) and a variance V(x) (fitted at rate lambda), and the terms are
-  a^2 (mean mu^2 - mean V + 2 lambda mean V). mu and V are ``stopping.clipped_noise_moments`` at
-  x ~ y, the observation: fixed for the fit, so the proxy's error shifts the estimate by a
-  nearly constant amount and leaves its minimum in place. (At x ~ f / a, the current output,
-  a blurry early output moved the estimate: at sigma = 50 on a 128^2 Baboon crop the criterion
-  stopped 1.32 dB below the peak, against 0.04 dB with x ~ y.)
-
-  The sampling error of lambda (chance correlations with p, of order 1 / (c sqrt(N))) is almost
-  fixed for a fit: it shifts the estimate by a nearly constant offset and leaves its minimum
-  where it is (the estimate can even be slightly negative). Shapes: images (h, w, C); scale,
-  sigma, clipped scalars.
-  """
-  reference = target - noise  # a y
-  lam = _noise_fit(measured, reference, scale * probe)
-  return (jnp.mean((measured - target) ** 2) + 2.0 * jnp.mean((measured - reference) * noise)
-          - jnp.mean(noise**2)
-          + scale**2 * sure_noise_terms(jnp.clip(reference / scale, 0.0, 1.0), sigma, lam,
-                                        clipped))
-
-
-def sure_noise_terms(y: Array, sigma: Array, noise_fit: Array, clipped: Array | bool) -> Array:
-  """The unknown noise's terms of :func:`sure_mse` per a^2, the only ones that depend on sigma:
-  sigma^2 (2 lambda - 1), or mean mu^2 - mean V + 2 lambda mean V for a `clipped` y (the
-  censored noise's moments at y). So an estimate made with one sigma is re-made with another
-  by swapping these terms (``experiments/summary.py`` does, after the fact).
-
-  Args:
-    y: (h, w, C) the observation in [0, 1] units.
-    sigma: its noise std (before clipping), a scalar.
-    noise_fit: lambda, the fraction of the probe the output has fitted: any shape.
-    clipped: whether y was clipped to [0, 1], a scalar.
-
-  Returns:
-    noise_fit's shape.
-  """
-  bias, var = stopping.clipped_noise_moments(y, sigma)
-  bias2 = jnp.where(clipped, jnp.mean(bias**2), 0.0)
-  var = jnp.where(clipped, jnp.mean(var), sigma**2)
-  return bias2 - var + 2.0 * noise_fit * var
-
-
 def _variances(state: TrainState, out: Array, config: FitConfig) -> tuple[Array, ...]:
   """ES-WMV's window and variance, ES-EMV's mean and variance after this iteration's output.
 
@@ -433,7 +264,7 @@ def _monitor(state: TrainState, record: dict[str, Array], ema: Array, sigma: Arr
     monitor, better = stopping.update(criterion, monitor, s, state.step)
     monitors.append(monitor)
     kept.append(jnp.where(better, ema, state.kept[i]))
-  return stack(monitors), jnp.stack(kept)
+  return problems_lib.stack(monitors), jnp.stack(kept)
 
 
 def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
@@ -470,14 +301,14 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
   nan = jnp.full((), jnp.nan)
   noise_fit_ema = mse_est_ema = nan
   if problem.stage_noise is not None:
-    noise = problem.stage_noise[stage]
-    noise_fit_ema = _noise_fit(measured_ema, target - noise, noise)
+    known = problem.stage_noise[stage]
+    noise_fit_ema = noise.fitted_fraction(measured_ema, target - known, known)
     if problem.probe is not None and problem.sigma is not None:
       scale = 1.0 if problem.stage_scale is None else problem.stage_scale[stage]
       y = problem.observation
       clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)  # inside [0, 1]: taken as clipped
-      mse_est_ema = sure_mse(measured_ema, target, noise, problem.probe, scale, problem.sigma,
-                             clipped)
+      mse_est_ema = noise.sure_mse(measured_ema, target, known, problem.probe, scale,
+                                   problem.sigma, clipped)
 
   record = dict(
       loss=loss,
@@ -494,7 +325,7 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       noise_fit_ema=noise_fit_ema,
       mse_est_ema=mse_est_ema,
       final_stage=stage == problem.ends.shape[0] - 1)
-  noise_std = None if problem.sigma is None else stopping.noise_std(problem.observation,
+  noise_std = None if problem.sigma is None else noise.noise_std(problem.observation,
                                                                      problem.sigma)
   monitors, kept = _monitor(state, dict(record, step=state.step), ema, noise_std, config)
 
@@ -689,7 +520,3 @@ def stops(state: TrainState, config: FitConfig) -> dict[str, tuple[Array, Array]
   return {c.name: (state.monitors.best_step[..., i], state.kept[..., i, :, :, :])
           for i, c in enumerate(config.criteria)}
 
-
-def stack(trees: list[PyTree]) -> PyTree:
-  """Stacks pytrees of equal structure along a new leading (model) axis."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)

@@ -179,18 +179,3 @@ def unpad(x: np.ndarray, padding: Padding) -> np.ndarray:
   h, w = x.shape[:2]
   return x[padding.top:h - padding.bottom, padding.left:w - padding.right]
 
-
-def add_noise(rng_or_seed: np.random.Generator | int, x: np.ndarray,
-              sigma: float) -> np.ndarray:
-  """clip(x + sigma * N(0, 1), 0, 1) as float32, like the DIP code's ``get_noisy_image``.
-
-  Args:
-    rng_or_seed: a numpy Generator (advanced in place) or an int seed.
-    x: image in [0, 1], any shape.
-    sigma: noise standard deviation in [0, 1] units (e.g. 25 / 255), >= 0.
-  """
-  if sigma < 0:
-    raise ValueError(f"sigma must be >= 0, got {sigma}")
-  rng = np.random.default_rng(rng_or_seed)
-  noise = rng.standard_normal(np.shape(x), dtype=np.float32)
-  return np.clip(np.asarray(x, np.float32) + np.float32(sigma) * noise, 0, 1)

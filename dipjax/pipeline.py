@@ -34,10 +34,12 @@ from dipjax import io
 from dipjax import losses
 from dipjax import metrics
 from dipjax import nets
+from dipjax import noise
 from dipjax import operators
+from dipjax import problems
 from dipjax import schedules
 from dipjax import stopping
-from dipjax.ddpm import restore as ddpm_restore
+from dipjax.ddpm import solvers as ddpm_solvers
 from dipjax.ddpm import train as ddpm_train
 from dipjax.ddpm import unet as ddpm_unet
 
@@ -84,7 +86,7 @@ class RestoreConfig:
       alone), 'dip_ddpm' / 'dip_guided' (a DIP fit refined by the DDPM; denoising only).
       None: 'staged' for denoising, 'dip' for the noise-free tasks.
     schedule, stages, t_max, fresh_eps, scaled_targets, probe, final_share: the staged
-      targets (:func:`fit.staged_problem`).
+      targets (:func:`problems.staged_problem`).
     iters: total fit iterations (any count); None: :data:`DEFAULT_ITERS` of the method.
     seeds: independent fits, averaged into the restored image.
     net, width, scales, dtype: the network (:func:`nets.make`); the image is padded to 2^scales.
@@ -312,7 +314,7 @@ def degrade(config: RestoreConfig, clean: np.ndarray, *, seed: int | list[int] |
 
   Inpainting multiplies by the binarised `mask` (H, W) or (H, W, 1), super-resolution
   down-samples by `factor`; then Gaussian noise of std `sigma` is added and the result clipped
-  to [0, 1], drawn from ``numpy.random.default_rng(seed)`` (:func:`io.add_noise`).
+  to [0, 1], drawn from ``numpy.random.default_rng(seed)`` (:func:`noise.add_noise`).
   """
   if not config.sigma_known:
     raise ValueError("degrade adds noise of a known sigma: sigma_known must be True")
@@ -323,7 +325,7 @@ def degrade(config: RestoreConfig, clean: np.ndarray, *, seed: int | list[int] |
     operators.check_divisible(y.shape, config.factor)
     y = np.asarray(operators.downsampler(config.factor, config.kernel)(jnp.asarray(y)))
   if config.sigma:
-    y = io.add_noise(np.random.default_rng(seed), y, config.sigma / 255)
+    y = noise.add_noise(np.random.default_rng(seed), y, config.sigma / 255)
   return y.astype(np.float32)
 
 
@@ -387,7 +389,7 @@ def noise_sigma(config: RestoreConfig, y: np.ndarray) -> float:
   """The observation's noise std in [0, 1] units: config.sigma / 255, or estimated from y."""
   if config.sigma_known:
     return config.sigma / 255
-  sigma = stopping.estimate_sigma(y)
+  sigma = noise.estimate_sigma(y)
   logging.info("noise level estimated from the observation: sigma = %.2f (0-255)", 255 * sigma)
   if config.method in DDPM_METHODS and sigma <= 0:
     raise ValueError(f"method {config.method!r} needs the noise level, but the estimate from "
@@ -419,7 +421,7 @@ def _net_input(key: jax.Array, config: RestoreConfig, frame: Frame, sigma: float
 
 
 def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
-                  sigma: float) -> fit.Problem:
+                  sigma: float) -> problems.Problem:
   """The fit problem: plain DIP (one for all seeds), or the staged targets stacked per seed
   (each seed its own probe and stage noise, which average out over the seeds). `key`: the
   problem's (fold_in(run key, PROBLEM_STREAM)); sigma: the noise std in [0, 1] units."""
@@ -429,16 +431,16 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
   y = jnp.asarray(frame.y)
   clean = None if frame.clean is None else jnp.asarray(frame.clean)
   if config.method != "staged":
-    problem = fit.plain_problem(net_input, y, frame.operator, config.iters, clean,
+    problem = problems.plain_problem(net_input, y, frame.operator, config.iters, clean,
                                 jnp.asarray(sigma, jnp.float32))
     return problem.replace(loss_params=loss_params)
-  problems = fit.staged_problems(
+  staged = problems.staged_problems(
       k_targets, config.seeds, net_input, y, frame.operator, config.iters,
       schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
       sigma=float(sigma), probe_ratio=config.probe,
       fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
       final_share=config.final_share, clean=clean)
-  return problems.replace(loss_params=fit.stack([loss_params] * config.seeds))
+  return staged.replace(loss_params=problems.stack([loss_params] * config.seeds))
 
 
 def network(config: RestoreConfig, channels: int):
@@ -567,7 +569,7 @@ class _Fit:
     step = checkpoint.latest_step(checkpoint_dir)
     if step is None:
       raise ValueError(f"resume: no checkpoint in {checkpoint_dir}")
-    restored = checkpoint.restore(checkpoint_dir, {"state": self.states, "trace": self.trace})
+    restored = checkpoint.load(checkpoint_dir, {"state": self.states, "trace": self.trace})
     self.states = restored["state"]
     self.trace = {k: np.asarray(v) for k, v in restored["trace"].items()}
     self.start = self.done
@@ -614,7 +616,7 @@ def _load_ddpm(config: RestoreConfig, channels: int):
     raise FileNotFoundError(f"no DDPM weights file {path}: run experiments/train_ddpm.py or "
                             "pass ddpm_weights")
   params, unet_config = ddpm_train.load_weights(path)
-  ddpm_restore.check_channels(unet_config, channels)
+  ddpm_solvers.check_channels(unet_config, channels)
   return params, unet_config
 
 
@@ -626,15 +628,15 @@ def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
   schedule = schedules.get(unet_config.schedule, unet_config.num_steps)
   method, nfe = config.method, config.nfe
   kw = dict(samples=config.ddpm_samples, eta=config.ddpm_eta, config=unet_config)
-  est = None if x_hat is None else float(ddpm_restore.estimate_dip_error(x_hat, y, sigma))
+  est = None if x_hat is None else float(ddpm_solvers.estimate_dip_error(x_hat, y, sigma))
 
   def run(params, key):
     eps = ddpm_unet.eps_fn(unet_config, params)
     if method == "ddpm":
-      return ddpm_restore.ddpm_denoise(eps, schedule, y, sigma, nfe, key, **kw)
+      return ddpm_solvers.ddpm_denoise(eps, schedule, y, sigma, nfe, key, **kw)
     if method == "dip_ddpm":
-      return ddpm_restore.dip_ddpm(eps, schedule, x_hat, est, nfe, key, **kw)
-    return ddpm_restore.dip_guided(eps, schedule, x_hat, y, sigma, nfe, key,
+      return ddpm_solvers.dip_ddpm(eps, schedule, x_hat, est, nfe, key, **kw)
+    return ddpm_solvers.dip_guided(eps, schedule, x_hat, y, sigma, nfe, key,
                                    weight=config.guide_weight, est_mse=est, **kw)
 
   t0 = time.perf_counter()
@@ -642,8 +644,8 @@ def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
   t1 = time.perf_counter()
   restored = np.asarray(compiled(params, key))
   t2 = time.perf_counter()
-  t_start = int(ddpm_restore.dip_timestep(schedule, est) if method == "dip_ddpm"
-                else ddpm_restore.matched_timestep(schedule, ddpm_restore.observed_sigma(
+  t_start = int(ddpm_solvers.dip_timestep(schedule, est) if method == "dip_ddpm"
+                else ddpm_solvers.matched_timestep(schedule, ddpm_solvers.observed_sigma(
                     sigma, y.shape[-1], unet_config)))
   logging.info("DDPM (%s): t* = %d, %d evaluations in %.2f s (compiled in %.1f s)", method,
                t_start, nfe, t2 - t1, t1 - t0)

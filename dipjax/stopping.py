@@ -27,12 +27,12 @@ Criteria (``Criterion.kind``):
                std (:func:`noise_std`: sigma, or less where the observation is clipped).
   staged       the staged-supervision criterion: argmin over the last stage of the EMA
                output's squared error estimated without the ground truth (``mse_est_ema``,
-               :func:`dipjax.fit.sure_mse`). Every stage target carries a known probe noise in a
+               :func:`dipjax.noise.sure_mse`). Every stage target carries a known probe noise in a
                fixed ratio to the observation's noise; how much of the probe the output has
                fitted measures how much of the unknown noise it has fitted, which turns the
                error against the known-noise stage target into an unbiased estimate of the
                error against the clean image (SURE). Needs a fit with a probe
-               (``fit.staged_problem(probe_ratio > 0)``) and sigma (known or estimated).
+               (``problems.staged_problem(probe_ratio > 0)``) and sigma (known or estimated).
 
 Scores are computed from a mapping of per-iteration records (a fit's step record, or the
 arrays of a :class:`dipjax.fit.Trace` plus ``step``), elementwise, so one :func:`score`
@@ -48,7 +48,6 @@ from typing import Mapping
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
@@ -243,62 +242,3 @@ def detect(criterion: Criterion, records: Mapping[str, Array], sigma: Array | fl
                                         (scores, steps))
   return Detection(stop=monitor.best_step, fired_at=fired_at)
 
-
-def estimate_sigma(y: Array | np.ndarray) -> float:
-  """Noise std of an image with additive white Gaussian noise, from the image alone.
-
-  Donoho's MAD estimator on the finest diagonal Haar wavelet coefficients,
-  sigma = median|HH| / 0.6745, per channel, averaged over channels. Image structure biases it
-  slightly upwards (edges leak into HH); on natural images at sigma >= 15/255 it is typically
-  within a few percent.
-
-  Args:
-    y: (H, W, C) image in [0, 1] units, H and W >= 2.
-
-  Returns:
-    sigma in the image's units.
-  """
-  y = np.asarray(y, np.float64)
-  if y.ndim != 3 or y.shape[0] < 2 or y.shape[1] < 2:
-    raise ValueError(f"estimate_sigma needs an image (H, W, C) with H, W >= 2, got {y.shape}")
-  h, w = y.shape[0] // 2 * 2, y.shape[1] // 2 * 2
-  y = y[:h, :w]
-  hh = (y[0::2, 0::2] - y[0::2, 1::2] - y[1::2, 0::2] + y[1::2, 1::2]) / 2.0
-  return float(np.mean(np.median(np.abs(hh), axis=(0, 1)) / 0.6744897501960817))
-
-
-def clipped_noise_moments(x: Array, sigma: Array) -> tuple[Array, Array]:
-  """Mean and variance of the error e = clip(x + sigma n, 0, 1) - x, n ~ N(0, 1), elementwise.
-
-  Clipping (DIP's protocol, and every sensor) makes the noise smaller and biased near 0 and 1:
-  with a = -x / sigma, b = (1 - x) / sigma and Phi, phi the normal cdf and pdf,
-  E e = sigma (phi(a) - phi(b)) - x Phi(a) + (1 - x)(1 - Phi(b)) and
-  E e^2 = sigma^2 (Phi(b) - Phi(a) + a phi(a) - b phi(b)) + x^2 Phi(a) + (1 - x)^2 (1 - Phi(b)).
-  """
-  a, b = -x / sigma, (1.0 - x) / sigma
-  pdf = lambda u: jnp.exp(-0.5 * u * u) / jnp.sqrt(2.0 * jnp.pi)
-  cdf_a, sf_b = jax.scipy.special.ndtr(a), jax.scipy.special.ndtr(-b)
-  mean = sigma * (pdf(a) - pdf(b)) - x * cdf_a + (1.0 - x) * sf_b
-  second = (sigma**2 * (1.0 - cdf_a - sf_b + a * pdf(a) - b * pdf(b)) + x**2 * cdf_a
-            + (1.0 - x) ** 2 * sf_b)
-  return mean, second - mean**2
-
-
-def noise_std(y: Array, sigma: Array | float, proxy: Array | None = None) -> Array:
-  """The std of y's noise e = y - x as the discrepancy principle needs it, sqrt(E mean e^2):
-  () float32. sigma for additive noise; for y inside [0, 1], taken as clipped there (DIP's
-  protocol, and every sensor), the clipped noise's sqrt(mean(bias^2 + variance))
-  (:func:`clipped_noise_moments`) at x ~ `proxy` (default y; a denoised estimate is closer):
-  at sigma = 50/255, 10-25% below sigma^2 in energy on natural images.
-
-  Args:
-    y: (..., H, W, C) the observation in [0, 1] units.
-    sigma: its noise std before clipping, [0, 1] units.
-    proxy: y's shape, a stand-in for the clean image x; None: y.
-  """
-  y = jnp.asarray(y, jnp.float32)
-  sigma = jnp.asarray(sigma, jnp.float32)
-  proxy = y if proxy is None else jnp.clip(jnp.asarray(proxy, jnp.float32), 0.0, 1.0)
-  bias, var = clipped_noise_moments(proxy, jnp.where(sigma > 0, sigma, 1.0))
-  clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0) & (sigma > 0)
-  return jnp.sqrt(jnp.where(clipped, jnp.mean(bias**2 + var), sigma**2))

@@ -67,7 +67,7 @@ from dipjax import fit
 from dipjax import io
 from dipjax import metrics
 from dipjax import schedules
-from dipjax.ddpm import restore as ddpm_restore
+from dipjax.ddpm import solvers as ddpm_solvers
 from dipjax.ddpm import train as ddpm_train
 from dipjax.ddpm import unet as ddpm_unet
 
@@ -223,7 +223,7 @@ def load_model(path: str) -> tuple[Any, ddpm_unet.UNetConfig, str]:
 
 
 class Sampler:
-  """The DDPM restorations of :mod:`dipjax.ddpm.restore` with the weights as an argument,
+  """The DDPM restorations of :mod:`dipjax.ddpm.solvers` with the weights as an argument,
   compiled once per (function, NFE, input shapes) and timed apart from their compile. Keeps the
   `keep` most recently used executables (XLA:CPU's memory-mapping limit, as grid.Compiler)."""
 
@@ -234,11 +234,11 @@ class Sampler:
     eps = functools.partial(ddpm_unet.eps_fn, config)
     s = self.schedule
     self._fns = dict(
-        ddpm=lambda p, y, sigma, key, *, nfe: ddpm_restore.ddpm_denoise(
+        ddpm=lambda p, y, sigma, key, *, nfe: ddpm_solvers.ddpm_denoise(
             eps(p), s, y, sigma, nfe, key, config=config),
-        sdedit=lambda p, x, t, key, *, nfe: ddpm_restore.sdedit(
+        sdedit=lambda p, x, t, key, *, nfe: ddpm_solvers.sdedit(
             eps(p), s, x, t, nfe, key, config=config),
-        dip_guided=lambda p, x, y, sigma, est, key, *, nfe: ddpm_restore.dip_guided(
+        dip_guided=lambda p, x, y, sigma, est, key, *, nfe: ddpm_solvers.dip_guided(
             eps(p), s, x, y, sigma, nfe, key, weight=guide_weight, est_mse=est, config=config))
     self._compiled = collections.OrderedDict()
     self._keep = keep
@@ -298,7 +298,7 @@ class Report:
     self.spec, self.out_dir, self.argv = spec, out_dir, argv
     params, config, self.digest = load_model(weights)
     for path in spec.images:  # fail before any work, not at the first grey / colour image
-      ddpm_restore.check_channels(config, io.load_image(path).shape[-1])
+      ddpm_solvers.check_channels(config, io.load_image(path).shape[-1])
     self.sampler = Sampler(params, config, spec.guide_weight)
     self.compiler = grid.Compiler()
     self.bm3d = importlib.util.find_spec("bm3d") is not None
@@ -372,7 +372,7 @@ class Report:
     key = jax.random.fold_in(jax.random.PRNGKey(spec.noise_seed),
                              zlib.crc32(base["image"].encode()))
     model = dict(base, model=self.digest)
-    t_star = int(ddpm_restore.matched_timestep(schedule, ddpm_restore.observed_sigma(
+    t_star = int(ddpm_solvers.matched_timestep(schedule, ddpm_solvers.observed_sigma(
         s, noisy.shape[-1], self.sampler.config)))
     for nfe in spec.nfes:
       self._emit(dict(model, kind="ddpm", nfe=nfe), functools.partial(
@@ -393,7 +393,7 @@ class Report:
       emas = {k: z[f"ema_{k}"] for k in spec.dip_iters}
     for k, x_hat in emas.items():
       est = dip["checkpoints"][str(k)]["est_mse"]
-      t_prime = int(ddpm_restore.dip_timestep(schedule, est))
+      t_prime = int(ddpm_solvers.dip_timestep(schedule, est))
       extra = dict(est_mse=est, dip_seconds=dip["checkpoints"][str(k)]["seconds"])
       at = dict(model, dip=dip["key"], dip_iters=k)
       for nfe in spec.dip_nfes:
@@ -431,7 +431,7 @@ class Report:
         arrays[f"ema_{done}"] = ema
         checkpoints[str(done)] = dict(
             _quality(ema, clean), seconds=round(elapsed, 3),
-            est_mse=float(ddpm_restore.estimate_dip_error(ema, noisy, sigma)),
+            est_mse=float(ddpm_solvers.estimate_dip_error(ema, noisy, sigma)),
             mse=float(np.mean((ema - clean) ** 2)))
     final = io.unpad(np.asarray(states.ema[0]), s.padding)
     stops = {}
@@ -601,7 +601,7 @@ def tables(data: Rows, gen_psnr: float) -> str:
               "ground truth):", "", _table(["method", "PSNR / SSIM (s / image)"], points), ""]
   gen = data.select("gen")
   if gen:
-    out += [f"## Generation: DDIM from pure noise and from a DIP start", "",
+    out += ["## Generation: DDIM from pure noise and from a DIP start", "",
             f"PSNR (dB) of the NFE-step sample to the reference (most steps, same start), mean "
             f"over {len({r['config']['image'] for r in gen})} image(s); last column: the fewest "
             f"NFE reaching {gen_psnr:g} dB. PSNR to the clean image in parentheses.", ""]

@@ -51,7 +51,9 @@ from dipjax import io
 from dipjax import losses
 from dipjax import metrics
 from dipjax import nets
+from dipjax import noise
 from dipjax import pipeline
+from dipjax import problems
 from dipjax import schedules
 from dipjax import stopping
 
@@ -80,7 +82,7 @@ _PROBES = flags.DEFINE_list("probes", ["0.3"], "Probe noise ratios (staged metho
                             "criterion.")
 _SIGMA_ESTIMATED = flags.DEFINE_list(
     "sigma_estimated", ["false"], "Whether a fit is given the sigma added (false) or its estimate "
-    "from the noisy image (true: stopping.estimate_sigma), for the probe, the staged and the "
+    "from the noisy image (true: noise.estimate_sigma), for the probe, the staged and the "
     "discrepancy criteria; 'false,true' makes it an axis.")
 _FINAL_SHARES = flags.DEFINE_list("final_shares", ["equal"], "Fraction of --iters for the last "
                                   "stage (staged methods); 'equal': all stages equally long.")
@@ -331,7 +333,7 @@ def noisy_image(clean: np.ndarray, image_name: str, sigma: float, noise_seed: in
   """clean + N(0, (sigma / 255)^2), clipped; the same for every method (seeded by the file
   name, sigma and noise_seed)."""
   rng = np.random.default_rng([noise_seed, zlib.crc32(image_name.encode()), round(sigma * 100)])
-  return io.add_noise(rng, clean, sigma / 255)
+  return noise.add_noise(rng, clean, sigma / 255)
 
 
 def _quality(x: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
@@ -354,7 +356,7 @@ class Setup:
   all seeds if `shared`, else stacked per seed), the seeds' keys."""
   net: Any
   config: fit.FitConfig
-  problem: fit.Problem
+  problem: problems.Problem
   keys: jax.Array
   padding: io.Padding
   chunk: int
@@ -435,7 +437,7 @@ def init_states(s: Setup) -> fit.TrainState:
   image shapes, so they are drawn for the plain problem of those shapes: one compiled init
   (slow to compile: net.init) serves plain and staged configs alike."""
   p = s.problem if s.shared else jax.tree.map(lambda x: x[0], s.problem)
-  plain = fit.plain_problem(p.inputs, p.observation, p.operator, 1, p.clean, p.sigma)
+  plain = problems.plain_problem(p.inputs, p.observation, p.operator, 1, p.clean, p.sigma)
   return fit.init_many(s.keys, s.net, plain, s.config)
 
 
@@ -447,7 +449,7 @@ def _to_host(tree: Any) -> Any:
   return jax.device_get(tree)
 
 
-def _ready(s: Setup, compiler: Compiler) -> tuple[fit.TrainState, fit.Problem, Callable, float]:
+def _ready(s: Setup, compiler: Compiler) -> tuple[fit.TrainState, problems.Problem, Callable, float]:
   """Fresh states and the problem as the compiled chunk takes them, the chunk, and the seconds
   spent compiling (0 when reused). In a multi-process run both are host arrays, equal in every
   process, which the chunk shards over the global mesh."""
@@ -506,7 +508,7 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
   records = fit.trace_records(fit.Trace(**{k: jnp.asarray(v) for k, v in trace.items()}))
   observation = s.problem.observation if s.shared else s.problem.observation[0]
   sigma = s.problem.sigma if s.shared else s.problem.sigma[0]  # the fit's (known or estimated)
-  noise_std = stopping.noise_std(observation, sigma)  # as the fit's monitors
+  noise_std = noise.noise_std(observation, sigma)  # as the fit's monitors
   results = dict(oracle_peak=dict(step=peak_step.tolist(), psnr=np.round(peak_psnr, 4).tolist()),
                  rolled_back=np.sum(trace["rolled_back"], axis=1).tolist(), criteria={})
   arrays = {f"curve_{name}": trace[name] for name in CURVES}

@@ -27,6 +27,7 @@ from absl import flags
 import numpy as np
 
 import grid
+from dipjax import noise
 from dipjax import plots
 
 METHOD_NAMES = dict(dip="DIP", staged="staged", ddpm_input="DDPM input",
@@ -312,17 +313,17 @@ SIGMA_FACTORS = (0.9, 0.95, 1.0, 1.05, 1.1)
 
 def sigma_table(rows: list[dict]) -> str | None:
   """The discrepancy and staged stops when sigma is not the one added: estimated from the noisy
-  image (``stopping.estimate_sigma``) or off by a factor (SIGMA_FACTORS), computed after the
+  image (``noise.estimate_sigma``) or off by a factor (SIGMA_FACTORS), computed after the
   fact from each fit's traces by ``stopping.detect`` and read off its PSNR curve. Discrepancy:
   the first iteration whose traced residual (``curve_psnr_obs_ema``) is at or below
-  ``stopping.noise_std(y, s)^2`` (none: the last). Staged: the traced estimate
-  (``curve_mse_est_ema``) with its sigma terms swapped (``fit.sure_noise_terms``, at the traced
+  ``noise.noise_std(y, s)^2`` (none: the last). Staged: the traced estimate
+  (``curve_mse_est_ema``) with its sigma terms swapped (``noise.sure_noise_terms``, at the traced
   probe fit ``curve_noise_fit_ema``; the fit itself, and its probe drawn with the true sigma,
   unchanged). y is the .npz's 8-bit noisy image (rounding: 0.1% of sigma at 25). Single fits
   only (the ensembles need the kept images). None without such rows."""
   import jax  # only here: the rest of the page needs no JAX
   import jax.numpy as jnp
-  from dipjax import fit, stopping
+  from dipjax import stopping
 
   def detect(criterion: stopping.Criterion, records: dict, noise_std=jnp.nan) -> np.ndarray:
     """Stops of (seeds, iters) traces."""
@@ -334,10 +335,10 @@ def sigma_table(rows: list[dict]) -> str | None:
   def stops(name: str, a: dict, y: jax.Array, sigma: float, used: float) -> np.ndarray:
     if name == "discrepancy":
       return detect(stopping.discrepancy(), dict(psnr_obs_ema=a["curve_psnr_obs_ema"]),
-                    stopping.noise_std(y, used))
+                    noise.noise_std(y, used))
     lam, clipped = a["curve_noise_fit_ema"], (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)
-    estimate = (a["curve_mse_est_ema"] - fit.sure_noise_terms(y, sigma, lam, clipped)
-                + fit.sure_noise_terms(y, used, lam, clipped))  # the last stage: a = 1
+    estimate = (a["curve_mse_est_ema"] - noise.sure_noise_terms(y, sigma, lam, clipped)
+                + noise.sure_noise_terms(y, used, lam, clipped))  # the last stage: a = 1
     final = a["curve_stage"] == a["curve_stage"].max(axis=-1, keepdims=True)
     return detect(stopping.staged(), dict(mse_est_ema=estimate, final_stage=final))
 
@@ -356,7 +357,7 @@ def sigma_table(rows: list[dict]) -> str | None:
         for row in members:
           a, sigma = _arrays(row), row["config"]["sigma"] / 255
           y = jnp.asarray(a["noisy"], jnp.float32) / 255
-          estimate = stopping.estimate_sigma(y)
+          estimate = noise.estimate_sigma(y)
           ratios.append(estimate / sigma)
           clean = a["curve_psnr_clean_ema"]  # (seeds, iters)
           for label, used in [("estimated", estimate)] + [(f"{f:.2f} σ", f * sigma)

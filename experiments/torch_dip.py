@@ -9,7 +9,6 @@ the same CPU.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 from torch import nn

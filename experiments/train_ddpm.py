@@ -152,7 +152,7 @@ def _initial_params(config: UNetConfig):
 
 
 def _publish(workdir: str, curve: list[list[float]], png: str, weights: str,
-             state: train.TrainState, config: UNetConfig) -> None:
+             state: train.DDPMTrainState, config: UNetConfig) -> None:
   """Writes the loss curve (loss.json and the PNG) and the EMA weights."""
   with open(os.path.join(workdir, "loss.json"), "w") as f:
     json.dump(curve, f)
@@ -187,13 +187,13 @@ def run() -> None:
                _DATA.value, time.perf_counter() - t0, data.images.nbytes / 2**20)
   _settings_file(workdir, config, train_config)
 
-  init = lambda: train.init_state(jax.random.PRNGKey(_SEED.value), config, train_config, params)
+  init = lambda: train.init_train_state(jax.random.PRNGKey(_SEED.value), config, train_config, params)
   curve = []
   start = checkpoint.latest_step(ckpt_dir)
   if start is None:
     state, start = init(), 0
   else:
-    state = checkpoint.restore(ckpt_dir, {"state": jax.eval_shape(init)})["state"]
+    state = checkpoint.load(ckpt_dir, {"state": jax.eval_shape(init)})["state"]
     with open(os.path.join(workdir, "loss.json")) as f:
       curve = [entry for entry in json.load(f) if entry[0] <= start]
     logging.info("resumed from step %d of %d", start, _STEPS.value)

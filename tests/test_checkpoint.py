@@ -50,8 +50,8 @@ def test_save_restore_bit_exact(tmp_path):
   checkpoint.save(tmp_path, 1, s1)
   checkpoint.save(tmp_path, 2, s2)
   assert checkpoint.latest_step(tmp_path) == 2
-  _assert_identical(checkpoint.restore(tmp_path, _state(0)), s2)
-  _assert_identical(checkpoint.restore(tmp_path, _state(0), step=1), s1)
+  _assert_identical(checkpoint.load(tmp_path, _state(0)), s2)
+  _assert_identical(checkpoint.load(tmp_path, _state(0), step=1), s1)
 
 
 def test_relative_directory(tmp_path, monkeypatch):
@@ -66,7 +66,7 @@ def test_keep_prunes(tmp_path):
   assert checkpoint.latest_step(tmp_path) == 30
   assert sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit()) == [20, 30]
   with pytest.raises(FileNotFoundError, match="step 10"):
-    checkpoint.restore(tmp_path, _state(0), step=10)
+    checkpoint.load(tmp_path, _state(0), step=10)
 
 
 def test_save_over_existing_step_is_an_error(tmp_path):
@@ -78,17 +78,17 @@ def test_save_over_existing_step_is_an_error(tmp_path):
 def test_mismatched_structure(tmp_path):
   checkpoint.save(tmp_path, 1, _state(1))
   with pytest.raises(ValueError, match="does not match this network/configuration"):
-    checkpoint.restore(tmp_path, _state(0, extra_layer=True))
+    checkpoint.load(tmp_path, _state(0, extra_layer=True))
   wrong_shape = _state(0).replace(key=jnp.zeros((4,), jnp.uint32))
   with pytest.raises(ValueError, match="does not match this network/configuration"):
-    checkpoint.restore(tmp_path, wrong_shape)
+    checkpoint.load(tmp_path, wrong_shape)
 
 
 def test_no_checkpoint(tmp_path):
   assert checkpoint.latest_step(tmp_path) is None
   assert checkpoint.latest_step(tmp_path / "missing") is None
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    checkpoint.restore(tmp_path, _state(0))
+    checkpoint.load(tmp_path, _state(0))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    checkpoint.restore(tmp_path / "missing", _state(0))
+    checkpoint.load(tmp_path / "missing", _state(0))
   assert not (tmp_path / "missing").exists()

@@ -16,7 +16,7 @@ from dipjax import checkpoint
 from dipjax import schedules
 from dipjax.ddpm import diffusion
 from dipjax.ddpm import train
-from dipjax.ddpm.unet import UNet, UNetConfig
+from dipjax.ddpm.unet import EpsUNet, UNetConfig
 
 CONFIG = UNetConfig(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=True,
                     norm_groups=4)
@@ -59,7 +59,7 @@ def train_fn():
 @pytest.fixture(scope="module")
 def initial():
   # Committed to the device, as restored checkpoints are: both then hit one compiled train_fn.
-  return jax.device_put(train.init_state(jax.random.PRNGKey(0), CONFIG, TRAIN), jax.devices()[0])
+  return jax.device_put(train.init_train_state(jax.random.PRNGKey(0), CONFIG, TRAIN), jax.devices()[0])
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +210,12 @@ def test_load_dataset_errors(tmp_path, images):
 def test_unet_is_fully_convolutional(trained):
   """Trained on 16x16 patches, it runs at 8x24 (one compile: each size is one)."""
   state = trained[0]
-  out = jax.jit(lambda x: UNet(CONFIG).apply({"params": state.params}, x, jnp.array([10, 500])))(
+  out = jax.jit(lambda x: EpsUNet(CONFIG).apply({"params": state.params}, x, jnp.array([10, 500])))(
       jnp.ones((2, 8, 24, 3)))
   assert out.shape == (2, 8, 24, 3) and bool(jnp.all(jnp.isfinite(out)))
   assert float(jnp.std(out)) > 0
   with pytest.raises(ValueError, match="multiples of 2"):
-    UNet(CONFIG).apply({"params": state.params}, jnp.ones((1, 15, 16, 3)), jnp.zeros(1))
+    EpsUNet(CONFIG).apply({"params": state.params}, jnp.ones((1, 15, 16, 3)), jnp.zeros(1))
 
 
 def test_training_loss_decreases(trained):
@@ -232,7 +232,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(initial, trained, data, tra
                                                      tmp_path):
   uninterrupted, half, losses = trained
   checkpoint.save(tmp_path, CHUNK, {"state": half})
-  restored = checkpoint.restore(tmp_path, {"state": initial})["state"]
+  restored = checkpoint.load(tmp_path, {"state": initial})["state"]
   resumed, second = train_fn(restored, data)
   np.testing.assert_array_equal(second, losses[CHUNK:])
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
@@ -247,17 +247,17 @@ def test_grey_model_from_colour_predicts_the_channel_mean(trained):
   assert grey.image_channels == 1 and train.adapt_channels(params, CONFIG, 3)[1] == CONFIG
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 1))
   t = jnp.array([30, 700])
-  colour = UNet(CONFIG).apply({"params": params}, jnp.broadcast_to(x, (2, 8, 8, 3)), t)
-  eps = UNet(grey).apply({"params": grey_params}, x, t)
+  colour = EpsUNet(CONFIG).apply({"params": params}, jnp.broadcast_to(x, (2, 8, 8, 3)), t)
+  eps = EpsUNet(grey).apply({"params": grey_params}, x, t)
   assert float(jnp.std(colour)) > 0.01
   np.testing.assert_allclose(eps, jnp.mean(colour, -1, keepdims=True), atol=2e-5)
-  state = train.init_state(jax.random.PRNGKey(1), grey, TRAIN, grey_params)
+  state = train.init_train_state(jax.random.PRNGKey(1), grey, TRAIN, grey_params)
   for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(grey_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="only a colour"):
     train.adapt_channels(grey_params, grey, 3)
   with pytest.raises(ValueError, match="initial parameters"):
-    train.init_state(jax.random.PRNGKey(1), CONFIG, TRAIN, grey_params)
+    train.init_train_state(jax.random.PRNGKey(1), CONFIG, TRAIN, grey_params)
 
 
 def test_weights_round_trip(trained, tmp_path):

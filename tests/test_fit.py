@@ -12,9 +12,10 @@ from dipjax import fit
 from dipjax import inputs
 from dipjax import metrics
 from dipjax import nets
+from dipjax import noise
 from dipjax import operators
+from dipjax import problems
 from dipjax import schedules
-from dipjax import stopping
 from dipjax import targets
 
 SIZE, SEG = 32, 50
@@ -33,7 +34,7 @@ def problem():
   clean = _clean()
   noisy = np.clip(clean + np.random.default_rng(0).normal(0, 25 / 255, clean.shape), 0, 1)
   net_input = inputs.dip_noise(jax.random.PRNGKey(0), SIZE, SIZE, channels=8)
-  return fit.plain_problem(net_input, jnp.asarray(noisy, jnp.float32), operators.identity(),
+  return problems.plain_problem(net_input, jnp.asarray(noisy, jnp.float32), operators.identity(),
                            4 * SEG, clean=jnp.asarray(clean))
 
 
@@ -58,7 +59,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(problem, tmp_path):
   straight, _ = _run(init(), problem, 2)
   half, _ = _run(init(), problem, 1)
   checkpoint.save(tmp_path, SEG, half)
-  resumed, _ = _run(checkpoint.restore(tmp_path, init()), problem, 1)
+  resumed, _ = _run(checkpoint.load(tmp_path, init()), problem, 1)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
 
@@ -96,7 +97,7 @@ def test_many_fits_reject_a_batch_that_does_not_divide(problem):
 def test_many_fits_over_stacked_problems(problem):
   sched = schedules.linear()
   ts = jnp.asarray(targets.stage_timesteps(2, 50))
-  stacked = fit.stack([
+  stacked = problems.stack([
       problem.replace(targets=targets.staged_targets(jax.random.PRNGKey(k), problem.observation,
                                                      sched, ts),
                       ends=jnp.asarray(targets.stage_ends([SEG // 2, SEG // 2])))
@@ -137,7 +138,7 @@ def test_losses_are_checked(problem):
 def test_staged_problem_targets_probe_and_budgets():
   y = jnp.asarray(_clean())
   sched, sigma = schedules.linear(), 0.1
-  p = fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+  p = problems.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
                          schedule=sched, num_stages=3, t_max=60, sigma=sigma, probe_ratio=0.3,
                          final_share=0.5)
   scale = np.sqrt(np.asarray(sched.alphas_cumprod)[[60, 30, 0]])
@@ -147,15 +148,15 @@ def test_staged_problem_targets_probe_and_budgets():
   np.testing.assert_allclose(p.targets[-1], y + p.probe, atol=1e-6)  # t = 0: y + probe
   np.testing.assert_allclose(p.stage_noise, p.targets - scale[:, None, None, None] * y,
                              atol=1e-6)
-  plain = fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+  plain = problems.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
                              schedule=sched, num_stages=1, t_max=0, sigma=sigma)
   assert plain.probe is None
   np.testing.assert_array_equal(plain.targets, y[None])
   with pytest.raises(ValueError, match="probe_ratio"):
-    fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+    problems.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
                        schedule=sched, num_stages=2, t_max=9, sigma=sigma, probe_ratio=-1)
   with pytest.raises(ValueError, match="final_share"):
-    fit.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
+    problems.staged_problem(jax.random.PRNGKey(0), None, y, operators.identity(), 400,
                        schedule=sched, num_stages=2, t_max=9, sigma=sigma, final_share=1.5)
 
 
@@ -173,16 +174,16 @@ def test_sure_mse_tracks_the_error_against_the_clean_stage_target(clipped):
   bias = 0.0
   if clipped:
     y = np.clip(y, 0, 1)
-    bias = np.asarray(stopping.clipped_noise_moments(jnp.asarray(x, jnp.float32), sigma)[0])
+    bias = np.asarray(noise.clipped_noise_moments(jnp.asarray(x, jnp.float32), sigma)[0])
   probe = 0.3 * sigma * probe_eps
-  noise = a * probe + b * eps  # the known noise of the stage target
-  target = a * y + noise
+  known = a * probe + b * eps  # the known noise of the stage target
+  target = a * y + known
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   smooth = 0.05 * np.cos(9 * yy)[..., None]
   est, true = [], []
   for lam in np.linspace(0.0, 0.6, 13):
     f = a * (x + bias) + (1 - lam) ** 4 * smooth + lam * (target - a * (x + bias))
-    est.append(float(fit.sure_mse(f32(f), f32(target), f32(noise), f32(probe), f32(a),
+    est.append(float(noise.sure_mse(f32(f), f32(target), f32(known), f32(probe), f32(a),
                                   f32(sigma), clipped)))
     true.append(float(np.mean((f - a * x) ** 2)))
   est, true = np.array(est), np.array(true)
@@ -202,11 +203,11 @@ def test_sure_noise_terms_swap_sigma(clipped):
       rng.uniform(0, 1, (16, 16, 3)), rng.uniform(0, 1, (16, 16, 3)),
       0.03 * rng.standard_normal((16, 16, 3)), 0.1 * rng.standard_normal((16, 16, 3))))
   a, s1, s2 = 0.9, 0.1, 0.12
-  noise = a * probe + eps
-  target, reference = a * y + noise, a * y
+  known = a * probe + eps
+  target, reference = a * y + known, a * y
   lam = jnp.sum((f - reference) * a * probe) / jnp.sum((a * probe) ** 2)
-  mse = lambda s: fit.sure_mse(f, target, noise, probe, a, s, clipped)
-  terms = lambda s: fit.sure_noise_terms(y, s, lam, clipped)
+  mse = lambda s: noise.sure_mse(f, target, known, probe, a, s, clipped)
+  terms = lambda s: noise.sure_noise_terms(y, s, lam, clipped)
   np.testing.assert_allclose(mse(s2), mse(s1) - a**2 * terms(s1) + a**2 * terms(s2), rtol=1e-5)
   if not clipped:
     np.testing.assert_allclose(terms(s2), s2**2 * (2 * lam - 1), rtol=1e-5)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dipjax import io
-from dipjax import stopping
+from dipjax import noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,8 +151,9 @@ def test_ddpm_input_and_staged_problems(tmp_path):
   assert staged.targets.shape == (2, 3, 16, 16, 3) and staged.stage_noise.shape == (2, 3, 16, 16, 3)
   np.testing.assert_allclose(staged.stage_noise[:, -1], staged.probe, atol=1e-6)  # t = 0
   assert not np.allclose(staged.probe[0], staged.probe[1])
-  noise = staged.stage_noise[0]
-  assert not np.allclose(noise[0] / np.std(noise[0]), noise[1] / np.std(noise[1]))  # fresh eps
+  stage_noise = staged.stage_noise[0]
+  assert not np.allclose(stage_noise[0] / np.std(stage_noise[0]),
+                         stage_noise[1] / np.std(stage_noise[1]))  # fresh eps
   # The staged criterion needs the probe: it is scored on staged fits only.
   assert [c.kind for c in built["staged"].config.criteria][-1] == "staged"
   assert "staged" not in [c.kind for c in built["dip"].config.criteria]
@@ -174,7 +175,7 @@ def test_sigma_estimated_axis(tmp_path):
            for name, j in (("known", known), ("estimated", estimated))}
   assert "sigma_used" not in built["known"].info
   sigma_hat = built["estimated"].info["sigma_used"]
-  assert sigma_hat == pytest.approx(stopping.estimate_sigma(noisy) * 255, abs=1e-3)
+  assert sigma_hat == pytest.approx(noise.estimate_sigma(noisy) * 255, abs=1e-3)
   assert sigma_hat != 25 and 10 < sigma_hat < 40  # a 32x32 crop: a rough estimate
   np.testing.assert_allclose(built["estimated"].problem.sigma, sigma_hat / 255, rtol=1e-4)
   np.testing.assert_allclose(built["known"].problem.sigma, 25 / 255, rtol=1e-6)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from dipjax import io
+from dipjax import noise
 
 
 def _rand(shape, seed=0):
@@ -182,12 +183,12 @@ def test_crop_to_multiple():
 
 def test_add_noise():
   x = np.full((16, 16, 3), 0.5, np.float32)
-  a = io.add_noise(0, x, 25 / 255)
-  np.testing.assert_array_equal(a, io.add_noise(np.random.default_rng(0), x, 25 / 255))
-  assert a.dtype == np.float32 and not np.array_equal(a, io.add_noise(1, x, 25 / 255))
+  a = noise.add_noise(0, x, 25 / 255)
+  np.testing.assert_array_equal(a, noise.add_noise(np.random.default_rng(0), x, 25 / 255))
+  assert a.dtype == np.float32 and not np.array_equal(a, noise.add_noise(1, x, 25 / 255))
   assert 0.08 < np.std(a - x) < 0.12
-  big = io.add_noise(0, x, 2.0)
+  big = noise.add_noise(0, x, 2.0)
   assert big.min() == 0 and big.max() == 1
-  np.testing.assert_array_equal(io.add_noise(0, x, 0.0), x)
+  np.testing.assert_array_equal(noise.add_noise(0, x, 0.0), x)
   with pytest.raises(ValueError, match="sigma"):
-    io.add_noise(0, x, -0.1)
+    noise.add_noise(0, x, -0.1)

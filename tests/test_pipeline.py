@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dipjax import io
+from dipjax import noise
 from dipjax import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def test_bad_fields_raise_one_clear_error(fields, message):
 
 def test_degrade_seeding_and_shapes(clean):
   y = pipeline.degrade(pipeline.RestoreConfig(), clean, seed=3)
-  np.testing.assert_array_equal(y, io.add_noise(3, clean, 25 / 255))
+  np.testing.assert_array_equal(y, noise.add_noise(3, clean, 25 / 255))
   sr = pipeline.degrade(pipeline.RestoreConfig(task="sr", factor=2), clean, seed=0)
   assert sr.shape == (16, 16, 3)
   mask = np.zeros((32, 32), np.float32)

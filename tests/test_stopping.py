@@ -9,7 +9,9 @@ from dipjax import fit
 from dipjax import inputs
 from dipjax import metrics
 from dipjax import nets
+from dipjax import noise
 from dipjax import operators
+from dipjax import problems
 from dipjax import schedules
 from dipjax import stopping
 
@@ -109,7 +111,7 @@ def test_clipped_noise_moments_match_sampling():
   rng = np.random.default_rng(0)
   x = np.array([0.0, 0.03, 0.5, 0.9, 1.0])
   e = np.clip(x + 0.1 * rng.standard_normal((400_000, 5)), 0, 1) - x
-  mean, var = stopping.clipped_noise_moments(jnp.asarray(x, jnp.float32), 0.1)
+  mean, var = noise.clipped_noise_moments(jnp.asarray(x, jnp.float32), 0.1)
   np.testing.assert_allclose(mean, e.mean(0), atol=1e-3)
   np.testing.assert_allclose(var, e.var(0), rtol=1e-2, atol=1e-5)
 
@@ -121,20 +123,20 @@ def test_noise_std_of_clipped_and_unclipped_observations():
   clipped = np.clip(x + e, 0, 1)
   true = np.sqrt(np.mean((clipped - x) ** 2))
   assert true**2 < 0.7 * (50 / 255) ** 2
-  assert float(stopping.noise_std(clipped, 50 / 255, proxy=x)) == pytest.approx(true, rel=0.02)
-  assert float(stopping.noise_std(x + e, 50 / 255)) == pytest.approx(50 / 255)  # not clipped
+  assert float(noise.noise_std(clipped, 50 / 255, proxy=x)) == pytest.approx(true, rel=0.02)
+  assert float(noise.noise_std(x + e, 50 / 255)) == pytest.approx(50 / 255)  # not clipped
 
 
 def test_estimate_sigma_on_noise_and_on_a_smooth_image():
   rng = np.random.default_rng(2)
   flat = 0.5 + 0.1 * rng.standard_normal((128, 128, 3))
-  assert stopping.estimate_sigma(flat) == pytest.approx(0.1, rel=0.03)
+  assert noise.estimate_sigma(flat) == pytest.approx(0.1, rel=0.03)
   u, v = np.meshgrid(np.linspace(0, 1, 96), np.linspace(0, 1, 96))
   smooth = (0.3 + 0.4 * np.sin(3 * u) * v)[..., None]
   noisy = smooth + 25 / 255 * rng.standard_normal(smooth.shape)
-  assert stopping.estimate_sigma(noisy) == pytest.approx(25 / 255, rel=0.05)
+  assert noise.estimate_sigma(noisy) == pytest.approx(25 / 255, rel=0.05)
   with pytest.raises(ValueError, match="H, W, C"):
-    stopping.estimate_sigma(np.zeros((8, 8)))
+    noise.estimate_sigma(np.zeros((8, 8)))
 
 
 # One tiny staged fit (2 stages, with a probe) monitored online by every criterion, halted by
@@ -153,7 +155,7 @@ def monitored():
   sigma = 0.1
   noisy = jnp.asarray(clean + sigma * rng.standard_normal(clean.shape), jnp.float32)
   net = nets.make("skip", width=4, scales=2)
-  problem = fit.staged_problem(
+  problem = problems.staged_problem(
       jax.random.PRNGKey(2), inputs.dip_noise(jax.random.PRNGKey(0), SIZE, SIZE, channels=4),
       noisy, operators.identity(), ITERS, schedule=schedules.linear(), num_stages=2, t_max=20,
       sigma=sigma, probe_ratio=0.3, final_share=0.75, clean=jnp.asarray(clean))

@@ -5,7 +5,7 @@ Conventions. dipjax images are float32 in [0, 1], (H, W, C); the DDPM works in [
 :func:`to_model` and :func:`from_model` convert, here and nowhere else. Timesteps follow
 ``schedules``: t = 0 is clean (alphas_cumprod[0] = 1), t = 1..T are the DDPM's steps. An
 epsilon predictor is any callable ``eps_fn(x, t) -> eps`` with x (N, H, W, C) and t (N,) int32,
-e.g. ``lambda x, t: UNet(config).apply(params, x, t)``, or an oracle in tests.
+e.g. ``lambda x, t: EpsUNet(config).apply(params, x, t)``, or an oracle in tests.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _x0_eps(eps_fn: EpsFn, schedule: Schedule, x: Array, t: Array, clip_x0: bool
 def _scan_steps(step, x_start: Array, timesteps: Array, key: Array) -> Array:
   """Runs step(x, t, s, key) -> x over t = timesteps[i], s = timesteps[i + 1] (0 after the
   last), one key each. A step between equal timesteps (a traced sequence longer than t*,
-  :func:`dipjax.ddpm.restore.timesteps`) is the identity and is skipped, network included."""
+  :func:`dipjax.ddpm.solvers.timesteps`) is the identity and is skipped, network included."""
   timesteps = jnp.asarray(timesteps, jnp.int32)
   nexts = jnp.concatenate([timesteps[1:], jnp.zeros((1,), jnp.int32)])
   keys = jax.random.split(key, timesteps.shape[0])
@@ -183,7 +183,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, x_start: Array, timesteps: Ar
       from noise, where early predictions overshoot; a no-op for predictions inside the range.
     x0_fn: an optional ``x0_fn(x0 (N, H, W, C), t () int32) -> x0`` applied to every predicted
       x0 (after clipping), eps being recomputed from its result: a hook for data consistency
-      (:func:`dipjax.ddpm.restore.dip_guided`). None: the plain sampler.
+      (:func:`dipjax.ddpm.solvers.dip_guided`). None: the plain sampler.
 
   Returns:
     x_0, (N, H, W, C) in [-1, 1] units (the last step returns its predicted x0).

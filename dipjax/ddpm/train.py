@@ -5,7 +5,7 @@ function of a key (:func:`sample_batch`: random crops with horizontal flips thro
 ``lax.dynamic_slice``), so k training steps run as one ``lax.scan`` (:func:`make_train_fn`)
 with no host data per step. Adam (optional linear warm-up, global-norm clipping) with an EMA of
 the parameters; the EMA weights ship as one ``.npz`` (:func:`save_weights`). Resumable
-checkpoints of the whole :class:`TrainState` go through :mod:`dipjax.checkpoint`.
+checkpoints of the whole :class:`DDPMTrainState` go through :mod:`dipjax.checkpoint`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from jax import lax
 from dipjax import io
 from dipjax import schedules
 from dipjax.ddpm import diffusion
-from dipjax.ddpm.unet import UNet, UNetConfig, eps_fn
+from dipjax.ddpm.unet import EpsUNet, UNetConfig, eps_fn
 
 Array = jax.Array
 PyTree = Any
@@ -88,7 +88,7 @@ class Dataset:
 
 
 @flax.struct.dataclass
-class TrainState:
+class DDPMTrainState:
   """step: () int32 steps done; params, ema_params: U-Net parameters and their EMA; opt_state:
   the optax state; key: raw uint32 PRNG key of the next step."""
   step: Array
@@ -162,7 +162,7 @@ def sample_batch(key: Array, data: Dataset, batch_size: int, patch_size: int) ->
   return jax.vmap(crop)(jax.random.split(key, batch_size))
 
 
-def optimizer(train: TrainConfig) -> optax.GradientTransformation:
+def ddpm_optimizer(train: TrainConfig) -> optax.GradientTransformation:
   """Adam with linear warm-up and global-norm gradient clipping as configured.
 
   On parameters raveled into one vector (``optax.flatten``): the same maths, one fused update
@@ -174,8 +174,8 @@ def optimizer(train: TrainConfig) -> optax.GradientTransformation:
   return optax.flatten(optax.chain(*clip, optax.adam(lr)))
 
 
-def init_state(key: Array, config: UNetConfig, train: TrainConfig,
-               params: PyTree | None = None) -> TrainState:
+def init_train_state(key: Array, config: UNetConfig, train: TrainConfig,
+               params: PyTree | None = None) -> DDPMTrainState:
   """A fresh state from a raw PRNG key: U-Net parameters initialised on a patch-sized input
   (ValueError if train.patch_size is not a multiple of config.multiple), or `params` when given
   (fine-tuning: e.g. :func:`adapt_channels` of a trained model); EMA = parameters, step 0.
@@ -188,14 +188,14 @@ def init_state(key: Array, config: UNetConfig, train: TrainConfig,
 
   def init(k):
     rbg = jax.random.wrap_key_data(jax.random.bits(k, (4,), jnp.uint32), impl="rbg")
-    return UNet(config).init(rbg, jnp.zeros((1, size, size, c)),
+    return EpsUNet(config).init(rbg, jnp.zeros((1, size, size, c)),
                              jnp.zeros((1,), jnp.int32))["params"]
 
   if params is None:
     params = jax.jit(init)(k_params)
   else:
     _check_params(traverse_util.flatten_dict(params, sep="/"), config, "initial parameters")
-  return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer(train).init(params),
+  return DDPMTrainState(step=jnp.int32(0), params=params, opt_state=ddpm_optimizer(train).init(params),
                     ema_params=params, key=k_train)
 
 
@@ -229,8 +229,8 @@ def adapt_channels(params: PyTree, config: UNetConfig, channels: int) -> tuple[P
   return traverse_util.unflatten_dict(out, sep="/"), grey
 
 
-def train_step(state: TrainState, data: Dataset, config: UNetConfig,
-               train: TrainConfig) -> tuple[TrainState, Array]:
+def ddpm_train_step(state: DDPMTrainState, data: Dataset, config: UNetConfig,
+               train: TrainConfig) -> tuple[DDPMTrainState, Array]:
   """One Adam step on the epsilon loss of a fresh batch; returns (new state, () loss)."""
   schedule = schedules.get(config.schedule, config.num_steps)
   key, k_batch, k_loss = jax.random.split(state.key, 3)
@@ -238,20 +238,20 @@ def train_step(state: TrainState, data: Dataset, config: UNetConfig,
   loss_fn = lambda params: diffusion.eps_loss(eps_fn(config, params), schedule, x0, k_loss,
                                               train.t_hi, train.frac_hi)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = optimizer(train).update(grads, state.opt_state, state.params)
+  updates, opt_state = ddpm_optimizer(train).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   d = train.ema_decay
   ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-  return TrainState(state.step + 1, params, opt_state, ema, key), loss
+  return DDPMTrainState(state.step + 1, params, opt_state, ema, key), loss
 
 
 def make_train_fn(config: UNetConfig, train: TrainConfig,
-                  num_steps: int) -> Callable[[TrainState, Dataset], tuple[TrainState, Array]]:
-  """The jitted ``(state, data) -> (state, losses (num_steps,))``: :func:`train_step` scanned
+                  num_steps: int) -> Callable[[DDPMTrainState, Dataset], tuple[DDPMTrainState, Array]]:
+  """The jitted ``(state, data) -> (state, losses (num_steps,))``: :func:`ddpm_train_step` scanned
   num_steps times (num_steps = 1 is the single jitted step)."""
 
   def run(state, data):
-    return lax.scan(lambda s, _: train_step(s, data, config, train), state, None,
+    return lax.scan(lambda s, _: ddpm_train_step(s, data, config, train), state, None,
                     length=num_steps)
 
   return jax.jit(run)
@@ -259,7 +259,7 @@ def make_train_fn(config: UNetConfig, train: TrainConfig,
 
 def _expected_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
   size = config.multiple
-  params = jax.eval_shape(lambda: UNet(config).init(
+  params = jax.eval_shape(lambda: EpsUNet(config).init(
       jax.random.PRNGKey(0), jnp.zeros((1, size, size, config.image_channels)),
       jnp.zeros((1,), jnp.int32)))["params"]
   return {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}

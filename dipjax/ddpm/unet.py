@@ -152,7 +152,7 @@ class Attention(nn.Module):
     return x + Conv(c, 1, zero_init=True)(out)
 
 
-class UNet(nn.Module):
+class EpsUNet(nn.Module):
   """eps_theta(x_t, t): x (N, H, W, image_channels) in [-1, 1], t (N,) int (or a scalar, used
   for every image) -> eps (N, H, W, image_channels); H, W multiples of config.multiple."""
   config: UNetConfig
@@ -161,9 +161,9 @@ class UNet(nn.Module):
   def __call__(self, x: Array, t: Array) -> Array:
     cfg = self.config
     if x.ndim != 4 or x.shape[-1] != cfg.image_channels:
-      raise ValueError(f"UNet: expected (N, H, W, {cfg.image_channels}) input, got {x.shape}")
+      raise ValueError(f"EpsUNet: expected (N, H, W, {cfg.image_channels}) input, got {x.shape}")
     if x.shape[1] % cfg.multiple or x.shape[2] % cfg.multiple:
-      raise ValueError(f"UNet: H and W must be multiples of {cfg.multiple}, got "
+      raise ValueError(f"EpsUNet: H and W must be multiples of {cfg.multiple}, got "
                        f"{x.shape[1]}x{x.shape[2]}")
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     temb = timestep_embedding(t, cfg.channels)
@@ -198,5 +198,5 @@ class UNet(nn.Module):
 
 def eps_fn(config: UNetConfig, params) -> Callable[[Array, Array], Array]:
   """The U-Net with `params` as the samplers' ``eps_fn(x (N, H, W, C), t (N,)) -> eps``."""
-  model = UNet(config)
+  model = EpsUNet(config)
   return lambda x, t: model.apply({"params": params}, x, t)

@@ -29,8 +29,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from dipjax import noise
 from dipjax import schedules
-from dipjax import stopping
 from dipjax.ddpm import diffusion
 from dipjax.ddpm.diffusion import EpsFn
 from dipjax.ddpm.unet import UNetConfig
@@ -69,9 +69,9 @@ def estimate_dip_error(x_hat: Array, y: Array, sigma: Array | float,
 
   For y = x + e, E mean (x_hat - y)^2 = mean (x_hat - x)^2 + E mean e^2 - 2 mean (x_hat - x) e:
   unbiased while x_hat has fitted none of the noise, too low once it has fitted some. E mean e^2
-  is ``stopping.noise_std(y, sigma, proxy=x_hat)^2``: sigma^2, or for y inside [0, 1]
+  is ``noise.noise_std(y, sigma, proxy=x_hat)^2``: sigma^2, or for y inside [0, 1]
   (taken as clipped) the clipped noise's energy, 10-25% less at sigma = 50. A staged fit's
-  SURE estimate, which also accounts for the fitted noise (``fit.sure_mse``: its trace
+  SURE estimate, which also accounts for the fitted noise (``noise.sure_mse``: its trace
   ``mse_est_ema`` at the stop), can be passed to :func:`dip_ddpm` / :func:`dip_guided` as
   est_mse instead when available.
 
@@ -81,8 +81,8 @@ def estimate_dip_error(x_hat: Array, y: Array, sigma: Array | float,
     floor: the smallest estimate returned (> 0).
   """
   x_hat = jnp.asarray(x_hat, jnp.float32)
-  noise = jnp.square(stopping.noise_std(y, sigma, proxy=x_hat))
-  return jnp.maximum(jnp.mean(jnp.square(x_hat - jnp.asarray(y, jnp.float32))) - noise, floor)
+  energy = jnp.square(noise.noise_std(y, sigma, proxy=x_hat))
+  return jnp.maximum(jnp.mean(jnp.square(x_hat - jnp.asarray(y, jnp.float32))) - energy, floor)
 
 
 def timesteps(t_start: Array | int, nfe: int) -> Array:

@@ -1,4 +1,4 @@
-"""dipjax.ddpm.restore: exact with an oracle eps predictor (any NFE), padding and grey images
+"""dipjax.ddpm.solvers: exact with an oracle eps predictor (any NFE), padding and grey images
 through a colour model, the DIP error estimate; experiments/restore.py's DDPM methods and
 experiments/ddpm_report.py end to end with one tiny random U-Net saved for the module."""
 
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from dipjax import io
+from dipjax import noise
 from dipjax import schedules
 from dipjax.ddpm import diffusion
-from dipjax.ddpm import restore
+from dipjax.ddpm import solvers
 from dipjax.ddpm import train
-from dipjax.ddpm.unet import UNet, UNetConfig
+from dipjax.ddpm.unet import EpsUNet, UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESTORE = os.path.join(ROOT, "experiments", "restore.py")
@@ -33,7 +34,7 @@ def weights(tmp_path_factory):
   """A tiny random U-Net as a weights file: (path, params). Drawn on the host (nothing to
   compile): kernels N(0, 1 / fan_in), zero-initialised ones included (so that eps != 0),
   biases N(0, 0.01^2), GroupNorm scales 1."""
-  shapes = jax.eval_shape(lambda: UNet(CONFIG).init(
+  shapes = jax.eval_shape(lambda: EpsUNet(CONFIG).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)))["params"]
   rng = np.random.default_rng(0)
 
@@ -66,33 +67,33 @@ def _image(shape, seed=0, lo=0.05, hi=0.95):
 
 
 def _noisy(x, sigma=SIGMA, seed=1):
-  return io.add_noise(seed, x, sigma)
+  return noise.add_noise(seed, x, sigma)
 
 
 def test_matched_timestep():
   sigmas = np.array([0.0, 0.2, 1, 5, 15, 25, 50, 100]) / 255
-  t = np.asarray(restore.matched_timestep(SCHEDULE, sigmas))
+  t = np.asarray(solvers.matched_timestep(SCHEDULE, sigmas))
   levels = np.asarray(schedules.noise_level(SCHEDULE, np.arange(SCHEDULE.num_steps + 1)))
   for sigma, t_star in zip(sigmas, t):
     # In the model's [-1, 1] the noise std is 2 sigma: the closest level over t in [1, T].
     assert t_star == 1 + np.argmin(np.abs(levels[1:] - 2 * sigma))
   assert t[0] == t[1] == 1 and np.all(np.diff(t) >= 0)
   assert t[5] == 57 and t[6] == 115  # sigma = 25 and 50, linear schedule
-  assert restore.matched_timestep(SCHEDULE, 100.0) == SCHEDULE.num_steps  # beyond sigma_T
-  np.testing.assert_array_equal(restore.dip_timestep(SCHEDULE, np.square(sigmas)), t)
+  assert solvers.matched_timestep(SCHEDULE, 100.0) == SCHEDULE.num_steps  # beyond sigma_T
+  np.testing.assert_array_equal(solvers.dip_timestep(SCHEDULE, np.square(sigmas)), t)
 
 
 @pytest.mark.parametrize("t_start,nfe", [(57, 1), (57, 5), (115, 50), (1000, 7), (3, 3)])
 def test_timesteps_is_timestep_sequence(t_start, nfe):
-  np.testing.assert_array_equal(jax.jit(restore.timesteps, static_argnums=1)(t_start, nfe),
+  np.testing.assert_array_equal(jax.jit(solvers.timesteps, static_argnums=1)(t_start, nfe),
                                 diffusion.timestep_sequence(t_start, nfe))
 
 
 def test_timesteps_repeat_beyond_t_start():
-  ts = np.asarray(restore.timesteps(3, 5))
+  ts = np.asarray(solvers.timesteps(3, 5))
   assert ts[0] == 3 and ts.min() == 1 and np.all(np.diff(ts) <= 0)
   with pytest.raises(ValueError, match="nfe"):
-    restore.timesteps(10, 0)
+    solvers.timesteps(10, 0)
 
 
 def test_sampler_skips_repeated_timesteps():
@@ -106,7 +107,7 @@ def test_sampler_skips_repeated_timesteps():
   x = jnp.linspace(-1.0, 1.0, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
   key = jax.random.PRNGKey(0)
   run = jax.jit(lambda ts: diffusion.ddim_sample(eps_fn, SCHEDULE, x, ts, key))
-  repeated = jax.block_until_ready(run(restore.timesteps(3, 5)))
+  repeated = jax.block_until_ready(run(solvers.timesteps(3, 5)))
   assert sorted(calls) == [1, 2, 3]
   np.testing.assert_allclose(repeated, run(jnp.array([3, 2, 1])), atol=1e-6)
 
@@ -119,9 +120,9 @@ def _denoise_fns(x0, y, sigma, est):
   eps = _oracle(x0)
   out = {}
   for nfe in (1, 3, 20):
-    out[f"ddpm{nfe}"] = restore.ddpm_denoise(eps, SCHEDULE, y, sigma, nfe, key)
-    out[f"sdedit{nfe}"] = restore.dip_ddpm(eps, SCHEDULE, y, est, nfe, key, samples=2)
-  out["deterministic"] = restore.dip_ddpm(eps, SCHEDULE, y, est, 4, key, fresh_noise=False,
+    out[f"ddpm{nfe}"] = solvers.ddpm_denoise(eps, SCHEDULE, y, sigma, nfe, key)
+    out[f"sdedit{nfe}"] = solvers.dip_ddpm(eps, SCHEDULE, y, est, nfe, key, samples=2)
+  out["deterministic"] = solvers.dip_ddpm(eps, SCHEDULE, y, est, 4, key, fresh_noise=False,
                                           eta=0.5)
   return out
 
@@ -139,17 +140,17 @@ def test_dip_guided_weight_one_is_the_dip_estimate_and_zero_plain_ddim():
   y = _noisy(x0)
   eps = _oracle(_image((6, 10, 3), seed=3))  # a wrong model: the outputs differ
   key = jax.random.PRNGKey(0)
-  run = jax.jit(lambda w: restore.dip_guided(eps, SCHEDULE, x_hat, y, SIGMA, 4, key, weight=w),
+  run = jax.jit(lambda w: solvers.dip_guided(eps, SCHEDULE, x_hat, y, SIGMA, 4, key, weight=w),
                 static_argnums=0)
   np.testing.assert_allclose(run(1.0), x_hat, atol=1e-6)
-  plain = restore.ddpm_denoise(eps, SCHEDULE, y, SIGMA, 4, key)
+  plain = solvers.ddpm_denoise(eps, SCHEDULE, y, SIGMA, 4, key)
   np.testing.assert_allclose(run(0.0), plain, atol=1e-6)
   guided = run(None)  # inverse-variance weights from the discrepancy estimate
   assert np.abs(guided - plain).max() > 1e-3 and np.abs(guided - x_hat).max() > 1e-3
-  w = np.asarray(restore.guide_weight(SCHEDULE, np.arange(1, 101), 1e-3))
+  w = np.asarray(solvers.guide_weight(SCHEDULE, np.arange(1, 101), 1e-3))
   assert np.all(np.diff(w) > 0) and w[0] < 0.05 and 0.5 < w[-1] < 1
   with pytest.raises(ValueError, match="weight"):
-    restore.dip_guided(eps, SCHEDULE, x_hat, y, SIGMA, 4, key, weight=1.5)
+    solvers.dip_guided(eps, SCHEDULE, x_hat, y, SIGMA, 4, key, weight=1.5)
 
 
 def test_padding_to_the_multiple_and_grey_through_colour():
@@ -160,30 +161,30 @@ def test_padding_to_the_multiple_and_grey_through_colour():
   framed, padding = io.pad_to_multiple(colour, 4)
   assert framed.shape == (12, 16, 3) and padding.top == 1 and padding.left == 1
   key = jax.random.PRNGKey(0)
-  out = restore.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 2, key,
+  out = solvers.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 2, key,
                              config=config)
   np.testing.assert_allclose(out, colour, atol=1e-5)
   # A grey image through a colour model: its channel replicated in, the channel mean out.
   grey = colour.mean(-1, keepdims=True)
-  out = restore.dip_ddpm(_oracle(framed), SCHEDULE, grey, 1e-3, 2, key, config=config)
+  out = solvers.dip_ddpm(_oracle(framed), SCHEDULE, grey, 1e-3, 2, key, config=config)
   assert out.shape == (9, 14, 1)
   np.testing.assert_allclose(out, grey, atol=1e-5)
-  out = restore.ddpm_denoise(_oracle(np.repeat(io.pad_to_multiple(grey, 4)[0], 3, -1)),
+  out = solvers.ddpm_denoise(_oracle(np.repeat(io.pad_to_multiple(grey, 4)[0], 3, -1)),
                              SCHEDULE, _noisy(grey), SIGMA, 2, key, config=config)
   np.testing.assert_allclose(out, grey, atol=1e-5)
   # Its noise, the same in every channel, made white: std sqrt(3) sigma in each channel.
   flat = np.full((64, 64, 1), 0.5, np.float32)
   noisy = flat + SIGMA * np.random.default_rng(0).standard_normal(flat.shape).astype(np.float32)
-  x, t, _ = restore._observed_start(SCHEDULE, noisy, SIGMA, key, 1, config)
+  x, t, _ = solvers._observed_start(SCHEDULE, noisy, SIGMA, key, 1, config)
   e = np.asarray(x[0]).reshape(-1, 3) / np.sqrt(SCHEDULE.alphas_cumprod[t]) / 2  # [0, 1] units
   np.testing.assert_allclose(np.cov(e.T), 3 * SIGMA**2 * np.eye(3), atol=0.1 * SIGMA**2)
-  assert t == restore.matched_timestep(SCHEDULE, np.sqrt(3) * SIGMA) == restore.matched_timestep(
-      SCHEDULE, restore.observed_sigma(SIGMA, 1, config))
+  assert t == solvers.matched_timestep(SCHEDULE, np.sqrt(3) * SIGMA) == solvers.matched_timestep(
+      SCHEDULE, solvers.observed_sigma(SIGMA, 1, config))
   with pytest.raises(ValueError, match="3-channel"):
-    restore.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 2, key,
+    solvers.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 2, key,
                          config=UNetConfig(channels=8, norm_groups=4, image_channels=1))
   with pytest.raises(ValueError, match="nfe"):
-    restore.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 0, key)
+    solvers.ddpm_denoise(_oracle(framed), SCHEDULE, _noisy(colour), SIGMA, 0, key)
 
 
 def test_tiny_unet_on_an_odd_grey_image(weights):
@@ -191,8 +192,8 @@ def test_tiny_unet_on_an_odd_grey_image(weights):
   grey = _image((13, 10, 1))
   y = _noisy(grey)
   x_hat = np.clip(grey + 0.02, 0, 1)
-  eps = lambda p: (lambda x, t: UNet(CONFIG).apply({"params": p}, x, t))
-  run = jax.jit(lambda p, key: restore.dip_guided(eps(p), SCHEDULE, x_hat, y, SIGMA, 3, key,
+  eps = lambda p: (lambda x, t: EpsUNet(CONFIG).apply({"params": p}, x, t))
+  run = jax.jit(lambda p, key: solvers.dip_guided(eps(p), SCHEDULE, x_hat, y, SIGMA, 3, key,
                                                   samples=2, eta=1.0, config=CONFIG))
   a, b = run(params, jax.random.PRNGKey(0)), run(params, jax.random.PRNGKey(1))
   assert a.shape == (13, 10, 1) and np.all(np.isfinite(a))
@@ -206,10 +207,10 @@ def test_estimate_dip_error():
   sigma = 0.05
   y = clean + sigma * rng.standard_normal(clean.shape).astype(np.float32)  # unclipped
   x_hat = clean + 0.03 * rng.standard_normal(clean.shape).astype(np.float32)
-  est = float(restore.estimate_dip_error(x_hat, y, sigma))
+  est = float(solvers.estimate_dip_error(x_hat, y, sigma))
   true = float(np.mean((x_hat - clean) ** 2))
   assert abs(est - true) < 0.05 * true
-  assert float(restore.estimate_dip_error(y, y, sigma, floor=1e-5)) == pytest.approx(1e-5)
+  assert float(solvers.estimate_dip_error(y, y, sigma, floor=1e-5)) == pytest.approx(1e-5)
 
 
 def test_estimate_dip_error_of_clipped_noise():
@@ -222,7 +223,7 @@ def test_estimate_dip_error_of_clipped_noise():
   x_hat = np.clip(clean + 0.05 * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
   true = float(np.mean((x_hat - clean) ** 2))
   assert np.mean((x_hat - y) ** 2) < sigma**2  # so sigma^2 would give the floor
-  assert abs(float(restore.estimate_dip_error(x_hat, y, sigma)) - true) < 0.03 * sigma**2
+  assert abs(float(solvers.estimate_dip_error(x_hat, y, sigma)) - true) < 0.03 * sigma**2
 
 
 def _run(script, *args, check=True):
