@@ -24,7 +24,7 @@ Criteria (``Criterion.kind``):
                within `patience` iterations.
   discrepancy  Morozov's discrepancy principle: the first iteration where the EMA output's
                mean squared residual to the observation drops to tau * s^2, s the noise's
-               std (:func:`noise_std`: sigma, or less where the observation is clipped).
+               std (:func:`dipjax.noise.noise_std`: sigma, or less where it is clipped).
   staged       the staged-supervision criterion: argmin over the last stage of the EMA
                output's squared error estimated without the ground truth (``mse_est_ema``,
                :func:`dipjax.noise.sure_mse`). Every stage target carries a known probe noise in a
@@ -37,13 +37,14 @@ Criteria (``Criterion.kind``):
 Scores are computed from a mapping of per-iteration records (a fit's step record, or the
 arrays of a :class:`dipjax.fit.Trace` plus ``step``), elementwise, so one :func:`score`
 serves both uses. sigma, the noise std of the observation in [0, 1] units, is known or
-estimated with :func:`estimate_sigma`.
+estimated with :func:`dipjax.noise.estimate_sigma`. Every kind is one entry of
+:data:`REGISTRY` (its score and published settings); :func:`get` builds a criterion by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -51,15 +52,13 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-KINDS = ("fixed", "oracle", "es_wmv", "es_emv", "plateau", "discrepancy", "staged")
-
-
 @dataclasses.dataclass(frozen=True)
 class Criterion:
-  """A stopping rule (hashable: it is part of the static fit configuration).
+  """A stopping rule (hashable: it is part of the static fit configuration); build it with
+  :func:`get`.
 
   Attributes:
-    kind: one of KINDS.
+    kind: one of :data:`KINDS`.
     patience: defined iterations without a new minimum before it fires; None never fires.
     min_delta: relative improvement a new minimum needs (plateau).
     tau: discrepancy level as a multiple of sigma^2.
@@ -70,7 +69,7 @@ class Criterion:
   tau: float = 1.0
 
   def __post_init__(self):
-    if self.kind not in KINDS:
+    if self.kind not in REGISTRY:
       raise ValueError(f"Unknown criterion {self.kind!r}; valid kinds are {list(KINDS)}.")
     if self.patience is not None and self.patience < 0:
       raise ValueError(f"patience must be >= 0 or None, got {self.patience}.")
@@ -84,47 +83,49 @@ class Criterion:
     return self.kind
 
 
-def fixed() -> Criterion:
-  return Criterion("fixed")
+Score = Callable[[Criterion, Mapping[str, Array], Array], Array]
 
 
-def oracle() -> Criterion:
-  return Criterion("oracle")
-
-
-def es_wmv(patience: int = 1000) -> Criterion:
-  return Criterion("es_wmv", patience=patience)
-
-
-def es_emv(patience: int = 1000) -> Criterion:
-  return Criterion("es_emv", patience=patience)
-
-
-def plateau(patience: int = 500, min_delta: float = 1e-3) -> Criterion:
-  return Criterion("plateau", patience=patience, min_delta=min_delta)
-
-
-def discrepancy(tau: float = 1.0) -> Criterion:
-  return Criterion("discrepancy", patience=0, tau=tau)
-
-
-def staged(patience: int | None = 500) -> Criterion:
-  """The estimate is smooth (an EMA output's error), so a shorter patience than ES-WMV's
-  suffices to end a fit well past its minimum."""
-  return Criterion("staged", patience=patience)
-
-
-def get(name: str) -> Criterion:
-  """The criterion of that kind with its published / default settings."""
-  makers = dict(fixed=fixed, oracle=oracle, es_wmv=es_wmv, es_emv=es_emv, plateau=plateau,
-                discrepancy=discrepancy, staged=staged)
-  if name not in makers:
-    raise ValueError(f"Unknown criterion {name!r}; valid names are {list(makers)}.")
-  return makers[name]()
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """A registered criterion kind: its per-iteration score (lower is better, NaN undefined) of
+  (criterion, records, sigma), and its published settings (:class:`Criterion` fields)."""
+  score: Score
+  settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _mse_from_psnr(psnr: Array) -> Array:
   return 10.0 ** (-psnr / 10.0)
+
+
+def _discrepancy(criterion: Criterion, records: Mapping[str, Array], sigma: Array) -> Array:
+  residual = _mse_from_psnr(records["psnr_obs_ema"])
+  crossed = residual <= criterion.tau * jnp.asarray(sigma, jnp.float32) ** 2
+  return jnp.where(crossed, 0.0, jnp.nan)
+
+
+# Every criterion, in one table: adding one is one entry (and, for a new traced quantity, its
+# record in fit.train_step). The staged criterion's patience is shorter than ES-WMV's: its
+# score is smooth (an EMA output's error), so 500 iterations end a fit well past its minimum.
+REGISTRY: dict[str, Kind] = {
+    "fixed": Kind(lambda c, r, sigma: -jnp.asarray(r["step"], jnp.float32)),
+    "oracle": Kind(lambda c, r, sigma: -r["psnr_clean_ema"]),
+    "es_wmv": Kind(lambda c, r, sigma: r["wmv"], dict(patience=1000)),
+    "es_emv": Kind(lambda c, r, sigma: r["emv"], dict(patience=1000)),
+    "plateau": Kind(lambda c, r, sigma: r["loss"], dict(patience=500, min_delta=1e-3)),
+    "discrepancy": Kind(_discrepancy, dict(patience=0)),
+    "staged": Kind(lambda c, r, sigma: jnp.where(r["final_stage"], r["mse_est_ema"], jnp.nan),
+                   dict(patience=500)),
+}
+KINDS = tuple(REGISTRY)
+
+
+def get(name: str, **settings: Any) -> Criterion:
+  """The criterion `name` with its published settings, any of them overridden by `settings`
+  (e.g. ``get('es_wmv', patience=500)``)."""
+  if name not in REGISTRY:
+    raise ValueError(f"Unknown criterion {name!r}; valid names are {list(KINDS)}.")
+  return Criterion(name, **{**REGISTRY[name].settings, **settings})
 
 
 def score(criterion: Criterion, records: Mapping[str, Array], sigma: Array | float) -> Array:
@@ -132,28 +133,13 @@ def score(criterion: Criterion, records: Mapping[str, Array], sigma: Array | flo
 
   Args:
     records: per-iteration values of the fit's trace fields ('step', 'loss', 'psnr_obs_ema',
-      'psnr_clean_ema', 'wmv', 'emv', 'mse_est_ema' with 'final_stage'; where present, 'rolled_back' set or 'loss' NaN make an
-      iteration undefined), scalars or arrays of one shape.
+      'psnr_clean_ema', 'wmv', 'emv', 'mse_est_ema' with 'final_stage'; where present,
+      'rolled_back' set or 'loss' NaN make an iteration undefined), scalars or arrays of one
+      shape.
     sigma: noise std of the observation in [0, 1] units (used by 'discrepancy', which wants
-      :func:`noise_std` of a clipped observation; NaN if unknown).
+      :func:`dipjax.noise.noise_std` of a clipped observation; NaN if unknown).
   """
-  kind = criterion.kind
-  if kind == "fixed":
-    s = -jnp.asarray(records["step"], jnp.float32)
-  elif kind == "oracle":
-    s = -records["psnr_clean_ema"]
-  elif kind == "es_wmv":
-    s = records["wmv"]
-  elif kind == "es_emv":
-    s = records["emv"]
-  elif kind == "plateau":
-    s = records["loss"]
-  elif kind == "staged":
-    s = jnp.where(records["final_stage"], records["mse_est_ema"], jnp.nan)
-  else:
-    residual = _mse_from_psnr(records["psnr_obs_ema"])
-    crossed = residual <= criterion.tau * jnp.asarray(sigma, jnp.float32) ** 2
-    s = jnp.where(crossed, 0.0, jnp.nan)
+  s = REGISTRY[criterion.kind].score(criterion, records, sigma)
   if "rolled_back" in records:  # a rolled-back iteration's output was discarded
     s = jnp.where(records["rolled_back"], jnp.nan, s)
   if "loss" in records:  # NaN: an iteration a halted fit skipped

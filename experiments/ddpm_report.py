@@ -5,11 +5,11 @@ and BM3D, on the CPU protocol of experiments/stopping_report.sh; and the generat
   python experiments/ddpm_report.py --out_dir=runs/ddpm_report --summary
   python experiments/ddpm_report.py --quick --out_dir=runs/ddpm_quick   # 2 images, few settings
 
-Protocol: 128x128 centre crops of ../shared/data/CSet9 and Set12 (``grid.load_clean``), the
-noise of ``grid.noisy_image`` (seeded by the file name, sigma and --noise_seed; clipped), so every
-method sees the noisy inputs of the stopping report; the DIP fits as ``grid.setup`` builds them
-(skip net, width 32, 5 scales, Adam 0.01, jitter 1/30, EMA 0.99), one seed. For each image and
-sigma, rows of these kinds:
+Protocol: 128x128 centre crops of ../shared/data/CSet9 and Set12 (``common.load_clean``), the
+noise of ``common.noisy_image`` (seeded by the file name, sigma and --noise_seed; clipped), so
+every method sees the noisy inputs of the stopping report; the DIP fits as ``fits.setup`` builds
+them for grid.py (skip net, width 32, 5 scales, Adam 0.01, jitter 1/30, EMA 0.99), one seed. For
+each image and sigma, rows of these kinds:
 
   ddpm        the DDPM alone (``ddpm_denoise``) for each of --nfes: t*, PSNR/SSIM, seconds.
   dip         one DIP fit to max(--dip_iters): its EMA output at each of --dip_iters (PSNR/SSIM,
@@ -28,13 +28,12 @@ includes the weights file's digest): a killed run resumes and never repeats a ro
 model may add its rows to the same <out_dir> (e.g. a grey model on Set12:
 ``--weights=<grey.npz> --sets=<Set12> --hybrids= --gen_images=0``): the DIP and BM3D rows are
 shared, and the tables and curves show each model's rows apart. Images and DIP checkpoints go
-to grid.arrays_dir(<out_dir>/rows.jsonl)/<key>.npz (for docs/results/ddpm/report:
+to common.arrays_dir(<out_dir>/rows.jsonl)/<key>.npz (for docs/results/ddpm/report:
 runs/arrays/ddpm/report/rows/, git-ignored). Every run ends by writing <out_dir>/summary.md
 and <out_dir>/figures/ from all the rows so far (--summary: only that, no weights needed):
 tables per sigma and set, PSNR against NFE and against wall time, the generation table (steps
 to reach --gen_psnr dB to the reference) and an image grid. Times are seconds per image on this
-machine, compiles excluded (reported apart). --noise_seed is grid.py's flag (importing grid.py
-defines its flags; any other of them is refused).
+machine, compiles excluded (reported apart).
 """
 
 from __future__ import annotations
@@ -62,7 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import cli
-import grid
+import common
+import fits
+import grid_spec
 from dipjax import fit
 from dipjax import io
 from dipjax import metrics
@@ -76,9 +77,8 @@ DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 HYBRIDS = ("dip_ddpm", "dip_guided")
 CRITERIA = ("oracle", "discrepancy", "es_wmv")
 # The DIP fit settings of experiments/grid.py (and so of the stopping report), as its defaults.
-PROTOCOL = {f.name: f.default for f in dataclasses.fields(grid.GridSpec)
+PROTOCOL = {f.name: f.default for f in dataclasses.fields(grid_spec.GridSpec)
             if f.default is not dataclasses.MISSING}
-SHARED_GRID_FLAGS = ("noise_seed",)  # grid.py's flags the report reads
 QUICK = dict(images_per_set=1, nfes=["1", "5", "20"], dip_iters=["100", "300"],
              dip_nfes=["1", "5"], gen_images=1, gen_t=["100", "250"], gen_nfes=["1", "5"],
              gen_ref_nfe=20)
@@ -100,6 +100,8 @@ _GUIDE_WEIGHT = flags.DEFINE_float("guide_weight", None, "dip_guided's constant 
                                    "(default: the inverse-variance weights).")
 _DIP_WIDTH = flags.DEFINE_integer("dip_width", PROTOCOL["widths"][0], "DIP skip net width.")
 _DIP_SCALES = flags.DEFINE_integer("dip_scales", PROTOCOL["scales"], "DIP skip net scales.")
+_NOISE_SEED = flags.DEFINE_integer("noise_seed", PROTOCOL["noise_seed"], "Seed of the noise "
+                                    "added to every image (grid.py's --noise_seed).")
 _GEN_IMAGES = flags.DEFINE_integer("gen_images", 2, "Images of the generation question.")
 _GEN_T = flags.DEFINE_list("gen_t", ["100", "250", "500"], "Timesteps of the DIP starts.")
 _GEN_NFES = flags.DEFINE_list("gen_nfes", ["1", "2", "5", "10", "20", "50"],
@@ -165,7 +167,7 @@ class ReportSpec:
   @property
   def chunk(self) -> int:
     """Iterations per compiled DIP call: every checkpoint is a chunk boundary."""
-    return math.gcd(*self.dip_iters, grid.CHUNK_ITERS)
+    return math.gcd(*self.dip_iters, fits.CHUNK_ITERS)
 
 
 def _flag(name: str) -> Any:
@@ -176,18 +178,14 @@ def _flag(name: str) -> Any:
 
 def _numbers(name: str, kind: type = int) -> tuple:
   """A list flag (with --quick's default) as numbers, with a one-line error naming it."""
-  values = _flag(name)
-  try:
-    return tuple(kind(v) for v in values)
-  except ValueError:
-    raise ValueError(f"--{name}: cannot read {values} as {kind.__name__}s") from None
+  return common.parse_list(name, _flag(name), kind)
 
 
 def spec_from_flags() -> ReportSpec:
   per_set = _flag("images_per_set")
   images = []
   for entry in _SETS.value:
-    found = grid.expand_images([entry])
+    found = common.expand_images([entry])
     images += found[:per_set] if per_set else found
   return ReportSpec(
       images=tuple(images), size=_SIZE.value,
@@ -196,16 +194,7 @@ def spec_from_flags() -> ReportSpec:
       hybrids=tuple(_HYBRIDS.value), guide_weight=_GUIDE_WEIGHT.value,
       dip_width=_DIP_WIDTH.value, dip_scales=_DIP_SCALES.value,
       gen_images=_flag("gen_images"), gen_t=_numbers("gen_t"), gen_nfes=_numbers("gen_nfes"),
-      gen_ref_nfe=_flag("gen_ref_nfe"), noise_seed=flags.FLAGS.noise_seed)
-
-
-def _reject_grid_flags() -> None:
-  """grid.py's flags exist here too (importing it defines them); all but --noise_seed mean
-  nothing to the report, so giving one is an error rather than silently ignored."""
-  given = [f.name for f in flags.FLAGS.get_flags_for_module(grid)
-           if f.present and f.name not in SHARED_GRID_FLAGS]
-  if given:
-    raise ValueError(f"--{given[0]} is a flag of grid.py, not of this report (see --help)")
+      gen_ref_nfe=_flag("gen_ref_nfe"), noise_seed=_NOISE_SEED.value)
 
 
 # ----------------------------------------------------------------------------- the DDPM
@@ -225,7 +214,7 @@ def load_model(path: str) -> tuple[Any, ddpm_unet.UNetConfig, str]:
 class Sampler:
   """The DDPM restorations of :mod:`dipjax.ddpm.solvers` with the weights as an argument,
   compiled once per (function, NFE, input shapes) and timed apart from their compile. Keeps the
-  `keep` most recently used executables (XLA:CPU's memory-mapping limit, as grid.Compiler)."""
+  `keep` most recently used executables (XLA:CPU's memory-mapping limit, as fits.Compiler)."""
 
   def __init__(self, params: Any, config: ddpm_unet.UNetConfig, guide_weight: float | None,
                keep: int = 16):
@@ -270,20 +259,8 @@ def _quality(x: np.ndarray, clean: np.ndarray) -> dict[str, float]:
               ssim=round(float(metrics.ssim(x, clean)), 5))
 
 
-def _uint8(x: np.ndarray) -> np.ndarray:
-  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """np.savez_compressed, atomically."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    np.savez_compressed(f, **arrays)
-  os.replace(path + ".tmp", path)
-
-
 def _dip_config(base: dict, spec: ReportSpec) -> dict:
-  """The DIP fit as grid.setup takes it: plain DIP, one seed, grid.py's settings."""
+  """The DIP fit as fits.setup takes it: plain DIP, one seed, grid.py's settings."""
   return dict(base, method="dip", scales=spec.dip_scales, seeds=1, seed_base=0,
               iters=spec.dip_total, lr=PROTOCOL["lr"], reg_noise_std=PROTOCOL["reg_noise_std"],
               exp_weight=PROTOCOL["exp_weight"], window=PROTOCOL["window"],
@@ -300,7 +277,7 @@ class Report:
     for path in spec.images:  # fail before any work, not at the first grey / colour image
       ddpm_solvers.check_channels(config, io.load_image(path).shape[-1])
     self.sampler = Sampler(params, config, spec.guide_weight)
-    self.compiler = grid.Compiler()
+    self.compiler = fits.Compiler()
     self.bm3d = importlib.util.find_spec("bm3d") is not None
     if not self.bm3d:
       logging.warning("the bm3d package is not installed: no BM3D rows")
@@ -309,10 +286,10 @@ class Report:
   def run(self) -> int:
     """Runs every pending row; returns how many were added."""
     spec = self.spec
-    with grid.Results(os.path.join(self.out_dir, "rows.jsonl")) as results:
+    with common.Results(os.path.join(self.out_dir, "rows.jsonl")) as results:
       self._results, self._rows = results, {row["key"]: row for row in results.rows}
       for index, path in enumerate(spec.images):
-        clean = grid.load_clean(path, spec.size)
+        clean = common.load_clean(path, spec.size)
         for sigma in spec.sigmas:
           self._image(path, clean, sigma,
                       gen=index < spec.gen_images and sigma == spec.sigmas[0])
@@ -323,12 +300,12 @@ class Report:
 
   def _emit(self, config: dict, make: Callable[[], tuple[dict, dict]]) -> dict:
     """The row of `config`: the one already done, else make() -> (fields, arrays), appended."""
-    key = grid.row_key(config)
+    key = common.row_key(config)
     if key in self._rows:
       return self._rows[key]
     t0 = time.perf_counter()
     fields, arrays = make()
-    _save_npz(self._arrays(key), arrays)
+    common.save_arrays(self._arrays(key), arrays)
     row = dict(key=key, kind=config["kind"], config=config, **fields,
                device=dict(backend=jax.default_backend(), kind=jax.devices()[0].device_kind),
                wall_s=round(time.perf_counter() - t0, 2), argv=self.argv,
@@ -349,7 +326,7 @@ class Report:
     return dict(_quality(out, clean), seconds=round(seconds, 4), compile_s=round(compile_s, 2),
                 t_start=t_start, steps=min(nfe, t_start),
                 model_channels=self.sampler.config.image_channels, **extra), dict(
-                    output=_uint8(out), output_float=out)
+                    output=common.uint8(out), output_float=out)
 
   def _sample_uint8(self, *args, **kwargs) -> tuple[dict, dict]:
     """:meth:`_sample` keeping the output as uint8 only (what the figures need)."""
@@ -367,7 +344,7 @@ class Report:
     base = dict(image=os.path.basename(path),
                 set=os.path.basename(os.path.dirname(os.path.abspath(path))), crop=spec.size,
                 sigma=float(sigma), noise_seed=spec.noise_seed)
-    noisy = grid.noisy_image(clean, base["image"], sigma, spec.noise_seed)
+    noisy = common.noisy_image(clean, base["image"], sigma, spec.noise_seed)
     s = sigma / 255
     key = jax.random.fold_in(jax.random.PRNGKey(spec.noise_seed),
                              zlib.crc32(base["image"].encode()))
@@ -382,9 +359,9 @@ class Report:
     if self.bm3d:
       def bm3d():
         t0 = time.perf_counter()
-        out = grid.bm3d_denoise(noisy, s)
+        out = common.bm3d_denoise(noisy, s)
         return dict(_quality(out, clean), seconds=round(time.perf_counter() - t0, 3)), dict(
-            output=_uint8(out))
+            output=common.uint8(out))
       self._emit(dict(base, kind="bm3d"), bm3d)
 
     dip_config = dict(_dip_config(base, spec), kind="dip")
@@ -411,10 +388,10 @@ class Report:
   def _fit(self, config: dict, clean: np.ndarray, noisy: np.ndarray) -> tuple[dict, dict]:
     """One DIP fit in chunks, its EMA output kept at every checkpoint: (row fields, arrays)."""
     spec = self.spec
-    s = grid.setup(config, clean, noisy)
+    s = fits.setup(config, clean, noisy)
     s = dataclasses.replace(s, config=dataclasses.replace(s.config, segment=spec.chunk),
                             chunk=spec.chunk)
-    states = grid.init_states(s)
+    states = fits.init_states(s)
     t0 = time.perf_counter()
     run, fresh = self.compiler.get(s, states)
     compile_s = time.perf_counter() - t0 if fresh else 0.0
@@ -440,7 +417,7 @@ class Report:
       image = final if step < 0 else io.unpad(np.asarray(kept[0]), s.padding)
       stops[name] = dict(_quality(image, clean), no_stop=step < 0,
                          iteration=(spec.dip_total - 1 if step < 0 else step) + 1)
-      arrays[f"stop_{name}"] = _uint8(image)
+      arrays[f"stop_{name}"] = common.uint8(image)
     arrays["curve"] = np.concatenate(curve)
     return dict(checkpoints=checkpoints, stops=stops, compile_s=round(compile_s, 2),
                 seconds=round(elapsed, 3), noisy=_quality(noisy, clean)), arrays
@@ -457,7 +434,7 @@ class Report:
                     **({"dip": dip_key} if start == "dip" else {}))
       sample = functools.partial(self._sdedit, image, t, key, clean)
 
-      def reference(sample=sample, start_image=_uint8(image if start == "dip" else clean)):
+      def reference(sample=sample, start_image=common.uint8(image if start == "dip" else clean)):
         fields, arrays = sample(spec.gen_ref_nfe)
         return fields, dict(arrays, start=start_image)  # start: the grid's first column
 
@@ -483,11 +460,6 @@ def _pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
-
-
-def _table(header: list[str], body: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def _mean(values: list[float]) -> float:
@@ -546,6 +518,106 @@ def _total(rows: list[dict]) -> list[dict]:
   return [dict(r, seconds=r["seconds"] + r["dip_seconds"]) for r in rows]
 
 
+def _ddpm_table(data: Rows, here: dict) -> list[str]:
+  """The DDPM alone at `here` (sigma, set): per model and NFE, t*, PSNR / SSIM, seconds."""
+  ddpm, models = [], data.models("ddpm", **here)
+  for model, label in models:
+    for nfe in data.values("ddpm", "nfe", model=model, **here):
+      rows = data.select("ddpm", nfe=nfe, model=model, **here)
+      ddpm.append([label] * bool(label) + [
+          str(nfe), str(rows[0]["t_start"]), _cell(rows),
+          f"{_mean([r['seconds'] for r in rows]):.3f}"])
+  if not ddpm:
+    return []
+  header = ["model"] * any(label for _, label in models) + [
+      "NFE", "t*", "PSNR / SSIM", "s / image"]
+  return ["DDPM alone (DDIM from t* matched to σ), mean over images:", "",
+          common.md_table(header, ddpm), ""]
+
+
+def _hybrid_table(data: Rows, here: dict) -> list[str]:
+  """DIP -> DDPM at `here`: per DIP budget, DIP alone, its error estimate, and each hybrid."""
+  dips = data.select("dip", **here)
+  nfes = sorted(set(data.values("dip_ddpm", "nfe", **here))
+                | set(data.values("dip_guided", "nfe", **here)))
+  hybrid_models = sorted(set(data.models("dip_ddpm", **here))
+                         | set(data.models("dip_guided", **here)))
+  body = []
+  for k in data.values("dip_ddpm", "dip_iters", **here) or data.values(
+      "dip_guided", "dip_iters", **here):
+    at = _dip_at(dips, k)
+    row = [str(k), _cell(at, timed=True),
+           f"{_mean([a['est_mse'] for a in at]) * 255 ** 2:.1f} / "
+           f"{_mean([a['mse'] for a in at]) * 255 ** 2:.1f}" if at else "–"]
+    for model, _ in hybrid_models:
+      for kind in HYBRIDS:
+        for nfe in nfes:
+          row.append(_cell(_total(data.select(kind, nfe=nfe, dip_iters=k, model=model,
+                                              **here)), timed=True))
+    body.append(row)
+  if not body:
+    return []
+  header = ["DIP its", "DIP alone", "est. / true MSE (0-255²)"] + [
+      f"{kind} NFE {nfe}" + (f", {label}" if label else "")
+      for _, label in hybrid_models for kind in HYBRIDS for nfe in nfes]
+  return ["DIP → DDPM: the DDPM on the DIP fit's EMA output after k iterations (t' from the"
+          " discrepancy estimate for dip_ddpm; t* with the DIP guide for dip_guided); PSNR /"
+          " SSIM (total s / image, DIP + DDPM):", "", common.md_table(header, body), ""]
+
+
+def _reference_table(data: Rows, here: dict) -> list[str]:
+  """DIP at its stops, (C)BM3D and the noisy input at `here`."""
+  dips = data.select("dip", **here)
+  points = [[f"DIP, {c} stop", _cell(_dip_stop(dips, c), timed=True)] for c in CRITERIA]
+  points.append(["(C)BM3D", _cell(data.select("bm3d", **here), timed=True)])
+  points.append(["noisy input", _cell([dict(r["noisy"], seconds=0) for r in dips])])
+  return ["Reference points (DIP: one fit of the largest budget; the oracle stop needs the "
+          "ground truth):", "", common.md_table(["method", "PSNR / SSIM (s / image)"], points),
+          ""]
+
+
+def _generation_row(data: Rows, start: str, t: int, model: str, label: str, nfes: list[int],
+                    gen_psnr: float) -> list[str]:
+  """One start's PSNR to the reference per NFE, the reference's to the clean image, and the
+  fewest NFE reaching gen_psnr."""
+  row, reached = [f"{start}, t = {t}" + (f", {label}" if label else "")], None
+  for nfe in nfes:
+    rows = [r for r in data.select("gen", start=start, t_start=t, nfe=nfe, model=model)
+            if "reference" in r]
+    if not rows:
+      row.append("–")
+      continue
+    to_ref = _mean([r["reference"]["psnr"] for r in rows])
+    row.append(f"{to_ref:.1f} ({_mean([r['psnr'] for r in rows]):.1f})")
+    if reached is None and to_ref >= gen_psnr:
+      reached = nfe
+  ref = [r for r in data.select("gen", start=start, t_start=t, model=model)
+         if "reference" not in r]
+  row.append(f"({_mean([r['psnr'] for r in ref]):.1f})" if ref else "–")
+  row.append(str(reached) if reached is not None else f"> {nfes[-1]}" if nfes else "–")
+  return row
+
+
+def _generation_table(data: Rows, gen_psnr: float) -> list[str]:
+  """The generation question: per start, the steps needed to reach the reference."""
+  gen = data.select("gen")
+  if not gen:
+    return []
+  nfes = sorted({r["config"]["nfe"] for r in gen if "reference_nfe" in r["config"]})
+  starts = sorted({(r["config"]["start"], r["config"]["t_start"]) for r in gen},
+                  key=lambda st: (st[0] != "noise", st[1]))
+  body = [_generation_row(data, start, t, model, label, nfes, gen_psnr)
+          for (start, t), (model, label) in itertools.product(starts, data.models("gen"))]
+  ref_nfe = sorted({r["config"]["nfe"] for r in gen if "reference_nfe" not in r["config"]})
+  return ["## Generation: DDIM from pure noise and from a DIP start", "",
+          f"PSNR (dB) of the NFE-step sample to the reference (most steps, same start), mean "
+          f"over {len({r['config']['image'] for r in gen})} image(s); last column: the fewest "
+          f"NFE reaching {gen_psnr:g} dB. PSNR to the clean image in parentheses.", "",
+          common.md_table(["start"] + [f"NFE {n}" for n in nfes] + [
+              f"reference (NFE {'/'.join(map(str, ref_nfe))})", f"NFE to {gen_psnr:g} dB"],
+              body), ""]
+
+
 def tables(data: Rows, gen_psnr: float) -> str:
   """The markdown body: per sigma and set, the DDPM alone, DIP -> DDPM, the reference points;
   then the generation question."""
@@ -557,79 +629,73 @@ def tables(data: Rows, gen_psnr: float) -> str:
       here = dict(sigma=sigma, set=name)
       n = data.images(**here)
       out.append(f"### {name}, σ = {sigma:g} ({n} image{'s' if n > 1 else ''})")
-      ddpm, models = [], data.models("ddpm", **here)
-      for model, label in models:
-        for nfe in data.values("ddpm", "nfe", model=model, **here):
-          rows = data.select("ddpm", nfe=nfe, model=model, **here)
-          ddpm.append([label] * bool(label) + [
-              str(nfe), str(rows[0]["t_start"]), _cell(rows),
-              f"{_mean([r['seconds'] for r in rows]):.3f}"])
-      if ddpm:
-        header = ["model"] * any(label for _, label in models) + [
-            "NFE", "t*", "PSNR / SSIM", "s / image"]
-        out += ["DDPM alone (DDIM from t* matched to σ), mean over images:", "",
-                _table(header, ddpm), ""]
-      dips = data.select("dip", **here)
-      nfes = sorted(set(data.values("dip_ddpm", "nfe", **here))
-                    | set(data.values("dip_guided", "nfe", **here)))
-      hybrid_models = sorted(set(data.models("dip_ddpm", **here))
-                             | set(data.models("dip_guided", **here)))
-      body = []
-      for k in data.values("dip_ddpm", "dip_iters", **here) or data.values(
-          "dip_guided", "dip_iters", **here):
-        at = _dip_at(dips, k)
-        row = [str(k), _cell(at, timed=True),
-               f"{_mean([a['est_mse'] for a in at]) * 255 ** 2:.1f} / "
-               f"{_mean([a['mse'] for a in at]) * 255 ** 2:.1f}" if at else "–"]
-        for model, _ in hybrid_models:
-          for kind in HYBRIDS:
-            for nfe in nfes:
-              row.append(_cell(_total(data.select(kind, nfe=nfe, dip_iters=k, model=model,
-                                                  **here)), timed=True))
-        body.append(row)
-      if body:
-        header = ["DIP its", "DIP alone", "est. / true MSE (0-255²)"] + [
-            f"{kind} NFE {nfe}" + (f", {label}" if label else "")
-            for _, label in hybrid_models for kind in HYBRIDS for nfe in nfes]
-        out += ["DIP → DDPM: the DDPM on the DIP fit's EMA output after k iterations (t' from the"
-                " discrepancy estimate for dip_ddpm; t* with the DIP guide for dip_guided); PSNR /"
-                " SSIM (total s / image, DIP + DDPM):", "", _table(header, body), ""]
-      points = [[f"DIP, {c} stop", _cell(_dip_stop(dips, c), timed=True)] for c in CRITERIA]
-      points.append(["(C)BM3D", _cell(data.select("bm3d", **here), timed=True)])
-      points.append(["noisy input", _cell([dict(r["noisy"], seconds=0) for r in dips])])
-      out += ["Reference points (DIP: one fit of the largest budget; the oracle stop needs the "
-              "ground truth):", "", _table(["method", "PSNR / SSIM (s / image)"], points), ""]
-  gen = data.select("gen")
-  if gen:
-    out += ["## Generation: DDIM from pure noise and from a DIP start", "",
-            f"PSNR (dB) of the NFE-step sample to the reference (most steps, same start), mean "
-            f"over {len({r['config']['image'] for r in gen})} image(s); last column: the fewest "
-            f"NFE reaching {gen_psnr:g} dB. PSNR to the clean image in parentheses.", ""]
-    nfes = sorted({r["config"]["nfe"] for r in gen if "reference_nfe" in r["config"]})
-    body = []
-    starts = sorted({(r["config"]["start"], r["config"]["t_start"]) for r in gen},
-                    key=lambda st: (st[0] != "noise", st[1]))
-    for (start, t), (model, label) in itertools.product(starts, data.models("gen")):
-      row, reached = [f"{start}, t = {t}" + (f", {label}" if label else "")], None
-      for nfe in nfes:
-        rows = [r for r in data.select("gen", start=start, t_start=t, nfe=nfe, model=model)
-                if "reference" in r]
-        if not rows:
-          row.append("–")
-          continue
-        to_ref = _mean([r["reference"]["psnr"] for r in rows])
-        row.append(f"{to_ref:.1f} ({_mean([r['psnr'] for r in rows]):.1f})")
-        if reached is None and to_ref >= gen_psnr:
-          reached = nfe
-      ref = [r for r in data.select("gen", start=start, t_start=t, model=model)
-             if "reference" not in r]
-      row.append(f"({_mean([r['psnr'] for r in ref]):.1f})" if ref else "–")
-      row.append(str(reached) if reached is not None else f"> {nfes[-1]}" if nfes else "–")
-      body.append(row)
-    ref_nfe = sorted({r["config"]["nfe"] for r in gen if "reference_nfe" not in r["config"]})
-    out += [_table(["start"] + [f"NFE {n}" for n in nfes] + [
-        f"reference (NFE {'/'.join(map(str, ref_nfe))})", f"NFE to {gen_psnr:g} dB"], body), ""]
-  return "\n".join(out)
+      out += _ddpm_table(data, here) + _hybrid_table(data, here) + _reference_table(data, here)
+  return "\n".join(out + _generation_table(data, gen_psnr))
+
+
+def _series(data: Rows, here: dict) -> dict[str, list[tuple[float, float, float]]]:
+  """Per curve label (the DDPM alone per model, each hybrid per DIP budget and model): its
+  (NFE, mean PSNR, mean seconds) points at `here` (set, sigma)."""
+  series = collections.OrderedDict()
+  for model, label in data.models("ddpm", **here):
+    name = "DDPM alone" + (f", {label}" if label else "")
+    for nfe in data.values("ddpm", "nfe", model=model, **here):
+      rows = data.select("ddpm", nfe=nfe, model=model, **here)
+      series.setdefault(name, []).append(
+          (nfe, _mean([r["psnr"] for r in rows]), _mean([r["seconds"] for r in rows])))
+  for kind in HYBRIDS:
+    for model, label in data.models(kind, **here):
+      for k in data.values(kind, "dip_iters", model=model, **here):
+        for nfe in data.values(kind, "nfe", dip_iters=k, model=model, **here):
+          rows = _total(data.select(kind, nfe=nfe, dip_iters=k, model=model, **here))
+          series.setdefault(f"{kind}, DIP {k} its" + (f", {label}" if label else ""),
+                            []).append((nfe, _mean([r["psnr"] for r in rows]),
+                                        _mean([r["seconds"] for r in rows])))
+  return series
+
+
+def _denoising_figures(plt, data: Rows, here: dict, fig_dir: str) -> list[str]:
+  """PSNR vs NFE and vs wall time at `here` (set, sigma); returns the two files."""
+  title = f"Denoising, {here['set']} ({data.images(**here)} images), σ = {here['sigma']:g}"
+  series = _series(data, here)
+  dips = data.select("dip", **here)
+  flat = {f"DIP {c} stop": _mean([r["psnr"] for r in _dip_stop(dips, c)]) for c in CRITERIA}
+  bm3d = data.select("bm3d", **here)
+  if bm3d:
+    flat["(C)BM3D"] = _mean([r["psnr"] for r in bm3d])
+  written = []
+  for name, x_index, xlabel in (("nfe", 0, "NFE (network evaluations)"),
+                                ("time", 2, "wall time per image (s, DIP + DDPM)")):
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for label, points in series.items():
+      points = sorted(points)
+      ax.plot([p[x_index] for p in points], [p[1] for p in points], marker="o", label=label,
+              linewidth=1)
+    if name == "time":
+      ks = sorted({int(k) for r in dips for k in r["checkpoints"]})
+      at = [_dip_at(dips, k) for k in ks]
+      ax.plot([_mean([a["seconds"] for a in a_k]) for a_k in at],
+              [_mean([a["psnr"] for a in a_k]) for a_k in at], marker="s", color="black",
+              label="DIP alone (its)", linewidth=1)
+      if bm3d:
+        ax.scatter([_mean([r["seconds"] for r in bm3d])], [flat["(C)BM3D"]], marker="*",
+                   s=120, color="red", label="(C)BM3D", zorder=3)
+    else:
+      for i, (label, value) in enumerate(flat.items()):
+        if math.isfinite(value):
+          ax.axhline(value, linestyle="--", linewidth=1, color=f"C{(i + len(series)) % 10}",
+                     label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("PSNR (dB), mean over images")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(os.path.join(fig_dir, f"psnr_vs_{name}_{here['set']}_s{here['sigma']:g}.png"))
+    fig.savefig(written[-1])
+    plt.close(fig)
+  return written
 
 
 def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
@@ -639,60 +705,7 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
   os.makedirs(fig_dir, exist_ok=True)
   written = []
   for set_name, sigma in sorted({(r["config"]["set"], r["config"]["sigma"]) for r in data.rows}):
-    here = dict(set=set_name, sigma=sigma)
-    title = f"Denoising, {set_name} ({data.images(**here)} images), σ = {sigma:g}"
-    series = collections.OrderedDict()  # label -> [(nfe, psnr, seconds)]
-    for model, label in data.models("ddpm", **here):
-      name = "DDPM alone" + (f", {label}" if label else "")
-      for nfe in data.values("ddpm", "nfe", model=model, **here):
-        rows = data.select("ddpm", nfe=nfe, model=model, **here)
-        series.setdefault(name, []).append(
-            (nfe, _mean([r["psnr"] for r in rows]), _mean([r["seconds"] for r in rows])))
-    for kind in HYBRIDS:
-      for model, label in data.models(kind, **here):
-        for k in data.values(kind, "dip_iters", model=model, **here):
-          for nfe in data.values(kind, "nfe", dip_iters=k, model=model, **here):
-            rows = _total(data.select(kind, nfe=nfe, dip_iters=k, model=model, **here))
-            series.setdefault(f"{kind}, DIP {k} its" + (f", {label}" if label else ""),
-                              []).append((nfe, _mean([r["psnr"] for r in rows]),
-                                          _mean([r["seconds"] for r in rows])))
-    dips = data.select("dip", **here)
-    flat = {f"DIP {c} stop": _mean([r["psnr"] for r in _dip_stop(dips, c)]) for c in CRITERIA}
-    bm3d = data.select("bm3d", **here)
-    if bm3d:
-      flat["(C)BM3D"] = _mean([r["psnr"] for r in bm3d])
-    for name, x_index, xlabel in (("nfe", 0, "NFE (network evaluations)"),
-                                  ("time", 2, "wall time per image (s, DIP + DDPM)")):
-      fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-      for label, points in series.items():
-        points = sorted(points)
-        ax.plot([p[x_index] for p in points], [p[1] for p in points], marker="o", label=label,
-                linewidth=1)
-      if name == "time":
-        ks = sorted({int(k) for r in dips for k in r["checkpoints"]})
-        at = [_dip_at(dips, k) for k in ks]
-        ax.plot([_mean([a["seconds"] for a in a_k]) for a_k in at],
-                [_mean([a["psnr"] for a in a_k]) for a_k in at], marker="s", color="black",
-                label="DIP alone (its)", linewidth=1)
-        if bm3d:
-          ax.scatter([_mean([r["seconds"] for r in bm3d])], [flat["(C)BM3D"]], marker="*",
-                     s=120, color="red", label="(C)BM3D", zorder=3)
-      else:
-        for i, (label, value) in enumerate(flat.items()):
-          if math.isfinite(value):
-            ax.axhline(value, linestyle="--", linewidth=1, color=f"C{(i + len(series)) % 10}",
-                       label=label)
-      ax.set_xscale("log")
-      ax.set_xlabel(xlabel)
-      ax.set_ylabel("PSNR (dB), mean over images")
-      ax.set_title(title)
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-      fig.tight_layout()
-      path = os.path.join(fig_dir, f"psnr_vs_{name}_{set_name}_s{sigma:g}.png")
-      fig.savefig(path)
-      plt.close(fig)
-      written.append(path)
+    written += _denoising_figures(plt, data, dict(set=set_name, sigma=sigma), fig_dir)
   gen_models = data.models("gen")  # the figures show the first model's samples
   gen = [r for r in data.select("gen", model=gen_models[0][0])
          if os.path.exists(_arrays_of(out_dir, r))] if gen_models else []
@@ -702,7 +715,7 @@ def figures(data: Rows, out_dir: str, fig_dir: str) -> list[str]:
 
 
 def _arrays_of(out_dir: str, row: dict) -> str:
-  return os.path.join(grid.arrays_dir(os.path.join(out_dir, "rows.jsonl")), row["key"] + ".npz")
+  return os.path.join(common.arrays_dir(os.path.join(out_dir, "rows.jsonl")), row["key"] + ".npz")
 
 
 def _generation_figures(plt, gen: list[dict], out_dir: str, fig_dir: str) -> list[str]:
@@ -764,7 +777,7 @@ def _generation_figures(plt, gen: list[dict], out_dir: str, fig_dir: str) -> lis
 def summarize(out_dir: str, gen_psnr: float) -> str:
   """Writes <out_dir>/summary.md and figures/ from the rows; returns the markdown path."""
   path = os.path.join(out_dir, "rows.jsonl")
-  rows = grid.read_rows(path)
+  rows = common.read_rows(path)
   if not rows:
     raise ValueError(f"no rows in {path}: run the report first")
   data = Rows(rows)
@@ -794,7 +807,6 @@ def summarize(out_dir: str, gen_psnr: float) -> str:
 def main(argv):
   cli.start(argv, __file__)
   with cli.errors("ddpm_report.py"):
-    _reject_grid_flags()
     if not _SUMMARY.value:
       spec = spec_from_flags()
       report = Report(spec, _OUT_DIR.value, _WEIGHTS.value, argv="python " + shlex.join(sys.argv))

@@ -21,6 +21,7 @@ from absl import flags
 import jax
 import numpy as np
 
+import common
 from dipjax import io
 from dipjax import metrics
 
@@ -40,13 +41,10 @@ _TABLE = flags.DEFINE_string("table", None, "Also write the markdown table to th
 
 
 def _bm3d(noisy: np.ndarray, sigma: float) -> tuple[np.ndarray, float]:
-  import bm3d  # optional extra
+  """(C)BM3D's output and its seconds."""
   t0 = time.perf_counter()
-  if noisy.shape[-1] == 3:
-    out = bm3d.bm3d_rgb(noisy, sigma)
-  else:
-    out = bm3d.bm3d(noisy[..., 0], sigma)[..., None]
-  return np.clip(out, 0, 1).astype(np.float32), time.perf_counter() - t0
+  out = common.bm3d_denoise(noisy, sigma)
+  return out, time.perf_counter() - t0
 
 
 def main(argv):

@@ -9,7 +9,7 @@ with sigma estimated or off by a factor (pages without ablations), and an ablati
 table for each axis (stages, schedule, t_max, fresh_eps, probe, final_share, net, width, loss,
 sigma_estimated) along which rows vary with the rest fixed. Each table names
 the command lines and devices its rows came from. Figures (from the rows' .npz files, where
-present: see grid.arrays_dir): PSNR curves with every criterion's stop, per-stage PSNR of a
+present: see common.arrays_dir): PSNR curves with every criterion's stop, per-stage PSNR of a
 staged fit (measured and estimated without the ground truth), and clean | noisy | DIP | staged
 | ensemble | BM3D for one image.
 """
@@ -20,22 +20,25 @@ import collections
 import json
 import os
 import sys
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-import grid
+import common
 from dipjax import noise
 from dipjax import plots
+from dipjax import stopping
+from grid_spec import STAGED
 
 METHOD_NAMES = dict(dip="DIP", staged="staged", ddpm_input="DDPM input",
                     ddpm_input_staged="DDPM input + staged", bm3d="(C)BM3D")
 CRITERION_NAMES = dict(fixed="fixed budget", oracle="oracle", es_wmv="ES-WMV", es_emv="ES-EMV",
                        plateau="loss plateau", discrepancy="discrepancy",
                        staged="staged (probe SURE)")
-STAGED = ("staged", "ddpm_input_staged")
 AXES = ("stages", "schedule", "t_max", "fresh_eps", "probe", "final_share", "net", "width",
         "loss", "sigma_estimated")
 PLACE = ("image", "set", "sigma")  # where a row is; the rest of its config is its variant
@@ -151,11 +154,6 @@ def _ordered_variants(rows: list[dict]) -> list[tuple[str, dict]]:
 # ----------------------------------------------------------------------------- tables
 
 
-def _table(header: list[str], body: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
-
-
 def _provenance(rows: list[dict]) -> str:
   """The command lines and devices that produced `rows`."""
   commands = list(dict.fromkeys(row.get("argv") or "(no command line stored)" for row in rows))
@@ -220,7 +218,7 @@ def main_table(rows: list[dict]) -> str:
       if config["seeds"] > 1:
         ensembles.append([f"{labels[variant]}, {config['seeds']}-seed ensemble",
                           _criterion_name(criterion)] + cells(members, _ensemble, criterion))
-  return _table(header, body + ensembles + baselines)
+  return common.md_table(header, body + ensembles + baselines)
 
 
 def criteria_table(rows: list[dict]) -> str:
@@ -247,7 +245,7 @@ def criteria_table(rows: list[dict]) -> str:
       no_stop = sum(r["criteria"][criterion]["no_stop"] for r in members)
       line.append(f"{100 * np.mean(fired):.0f}%" + (f" ({no_stop} no stop)" if no_stop else ""))
       body.append(line)
-  return _table(header, body)
+  return common.md_table(header, body)
 
 
 def ensemble_table(rows: list[dict]) -> str | None:
@@ -271,7 +269,7 @@ def ensemble_table(rows: list[dict]) -> str | None:
                     f"({np.mean(gains(here), axis=0)[0]:+.2f})" if here else "—")
       total = np.mean(gains(members), axis=0)
       body.append(line + [f"{total[0]:+.2f}", f"{total[1]:+.4f}"])
-  return _table(header, body)
+  return common.md_table(header, body)
 
 
 PER_IMAGE_CRITERIA = ("oracle", "es_wmv", "discrepancy", "staged")
@@ -305,10 +303,54 @@ def per_image_table(rows: list[dict]) -> str | None:
                 + [cell(c[n]["ensemble"]["psnr"] if n in c and k > 1 else None)
                    for n in ensembles]
                 + [cell(bm3d.get(place))])
-  return _table(header, body)
+  return common.md_table(header, body)
 
 
 SIGMA_FACTORS = (0.9, 0.95, 1.0, 1.05, 1.1)
+
+
+def _detect(criterion: stopping.Criterion, records: dict, noise_std: Any = np.nan
+            ) -> np.ndarray:
+  """Stops of (seeds, iters) traces by ``stopping.detect``."""
+  records = {k: jnp.asarray(v) for k, v in records.items()}
+  shape = next(iter(records.values())).shape
+  records["step"] = jnp.broadcast_to(jnp.arange(shape[-1]), shape)
+  return np.asarray(jax.vmap(lambda r: stopping.detect(criterion, r, noise_std).stop)(records))
+
+
+def _stops_with(name: str, a: dict, y: jax.Array, sigma: float, used: float) -> np.ndarray:
+  """The discrepancy or staged stops of a fit's traces `a` with sigma `used` in place of the
+  true `sigma`."""
+  if name == "discrepancy":
+    return _detect(stopping.get("discrepancy"), dict(psnr_obs_ema=a["curve_psnr_obs_ema"]),
+                   noise.noise_std(y, used))
+  lam, clipped = a["curve_noise_fit_ema"], (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)
+  estimate = (a["curve_mse_est_ema"] - noise.sure_noise_terms(y, sigma, lam, clipped)
+              + noise.sure_noise_terms(y, used, lam, clipped))  # the last stage: a = 1
+  final = a["curve_stage"] == a["curve_stage"].max(axis=-1, keepdims=True)
+  return _detect(stopping.get("staged"), dict(mse_est_ema=estimate, final_stage=final))
+
+
+def _sigma_results(members: list[dict], name: str) -> tuple[dict[str, list], list[float]]:
+  """For the criterion `name` of the fits of `members`: per sigma used (its label), (PSNR at
+  the stop, gap, |dt|, never reached) of each fit; and each row's estimated sigma / sigma."""
+  results = collections.defaultdict(list)  # sigma used -> (psnr, gap, |dt|, never)
+  ratios = []
+  for row in members:
+    a, sigma = _arrays(row), row["config"]["sigma"] / 255
+    y = jnp.asarray(a["noisy"], jnp.float32) / 255
+    estimate = noise.estimate_sigma(y)
+    ratios.append(estimate / sigma)
+    clean = a["curve_psnr_clean_ema"]  # (seeds, iters)
+    for label, used in [("estimated", estimate)] + [(f"{f:.2f} σ", f * sigma)
+                                                    for f in SIGMA_FACTORS]:
+      stop = _stops_with(name, a, y, sigma, used)
+      never = stop < 0
+      stop = np.where(never, clean.shape[1] - 1, stop)
+      psnr = clean[np.arange(len(stop)), stop]
+      results[label] += zip(psnr, a["oracle_psnr"] - psnr,
+                            np.abs(stop - a["oracle_step"]), never)
+  return results, ratios
 
 
 def sigma_table(rows: list[dict]) -> str | None:
@@ -321,27 +363,6 @@ def sigma_table(rows: list[dict]) -> str | None:
   probe fit ``curve_noise_fit_ema``; the fit itself, and its probe drawn with the true sigma,
   unchanged). y is the .npz's 8-bit noisy image (rounding: 0.1% of sigma at 25). Single fits
   only (the ensembles need the kept images). None without such rows."""
-  import jax  # only here: the rest of the page needs no JAX
-  import jax.numpy as jnp
-  from dipjax import stopping
-
-  def detect(criterion: stopping.Criterion, records: dict, noise_std=jnp.nan) -> np.ndarray:
-    """Stops of (seeds, iters) traces."""
-    records = {k: jnp.asarray(v) for k, v in records.items()}
-    shape = next(iter(records.values())).shape
-    records["step"] = jnp.broadcast_to(jnp.arange(shape[-1]), shape)
-    return np.asarray(jax.vmap(lambda r: stopping.detect(criterion, r, noise_std).stop)(records))
-
-  def stops(name: str, a: dict, y: jax.Array, sigma: float, used: float) -> np.ndarray:
-    if name == "discrepancy":
-      return detect(stopping.discrepancy(), dict(psnr_obs_ema=a["curve_psnr_obs_ema"]),
-                    noise.noise_std(y, used))
-    lam, clipped = a["curve_noise_fit_ema"], (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)
-    estimate = (a["curve_mse_est_ema"] - noise.sure_noise_terms(y, sigma, lam, clipped)
-                + noise.sure_noise_terms(y, used, lam, clipped))  # the last stage: a = 1
-    final = a["curve_stage"] == a["curve_stage"].max(axis=-1, keepdims=True)
-    return detect(stopping.staged(), dict(mse_est_ema=estimate, final_stage=final))
-
   fits = [r for r in rows if _is_fit(r) and _has_arrays(r)
           and {"discrepancy", "staged"} & set(r["config"]["criteria"])]
   if not fits:
@@ -352,22 +373,7 @@ def sigma_table(rows: list[dict]) -> str | None:
     for column in _columns(fits):
       members = [r for r in fits if _variant(r) == variant and _column(r) == column]
       for name in [c for c in ("discrepancy", "staged") if c in config["criteria"]]:
-        results = collections.defaultdict(list)  # sigma used -> (psnr, gap, |dt|, never)
-        ratios = []
-        for row in members:
-          a, sigma = _arrays(row), row["config"]["sigma"] / 255
-          y = jnp.asarray(a["noisy"], jnp.float32) / 255
-          estimate = noise.estimate_sigma(y)
-          ratios.append(estimate / sigma)
-          clean = a["curve_psnr_clean_ema"]  # (seeds, iters)
-          for label, used in [("estimated", estimate)] + [(f"{f:.2f} σ", f * sigma)
-                                                          for f in SIGMA_FACTORS]:
-            stop = stops(name, a, y, sigma, used)
-            never = stop < 0
-            stop = np.where(never, clean.shape[1] - 1, stop)
-            psnr = clean[np.arange(len(stop)), stop]
-            results[label] += zip(psnr, a["oracle_psnr"] - psnr,
-                                  np.abs(stop - a["oracle_step"]), never)
+        results, ratios = _sigma_results(members, name)
         for label, values in results.items():
           psnr, gap, dt, never = np.mean(values, axis=0)
           shown = (f"estimated ({np.min(ratios):.2f}–{np.max(ratios):.2f} σ)"
@@ -375,8 +381,8 @@ def sigma_table(rows: list[dict]) -> str | None:
           body.append([labels[variant], f"{column[0]} σ={column[1]:g}", _criterion_name(name),
                        shown, f"{psnr:.2f}", f"{gap:.2f}", f"{dt:.0f}",
                        f"{100 * never:.0f}%" if name == "discrepancy" else "—"])
-  return _table(["method", "set σ", "criterion", "σ used", "PSNR at the stop", "gap (dB)",
-                 "\\|Δt\\|", "never reached"], body)
+  return common.md_table(["method", "set σ", "criterion", "σ used", "PSNR at the stop",
+                          "gap (dB)", "\\|Δt\\|", "never reached"], body)
 
 
 def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
@@ -400,20 +406,20 @@ def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
       body, used = [], []
       for column in _columns(members):
         here = [r for r in members if _column(r) == column]
-        common = set.intersection(*({r["config"]["image"] for r in here
+        shared = set.intersection(*({r["config"]["image"] for r in here
                                      if r["config"][axis] == v} for v in values))
         for v in values:
-          chosen = [r for r in here if r["config"][axis] == v and r["config"]["image"] in common]
+          chosen = [r for r in here if r["config"][axis] == v and r["config"]["image"] in shared]
           used += chosen
           shown = "equal stages" if v is None and axis == "final_share" else str(v)
-          body.append([f"{column[0]} σ={column[1]:g}", shown, str(len(common))] + [
+          body.append([f"{column[0]} σ={column[1]:g}", shown, str(len(shared))] + [
               f"{np.mean([_single(r, c)[0] for r in chosen]):.2f}"
               if chosen and all(c in r["criteria"] for r in chosen) else "—"
               for c in criteria])
       fixed = ", ".join(f"{k}={v}" for k, v in json.loads(rest).items())
       heading = f"### Ablation: {axis}\n\nFixed: {fixed}. Mean PSNR (dB) of single fits."
       header = ["set σ", axis, "images"] + [_criterion_name(c) for c in criteria]
-      out.append((heading, _table(header, body), used))
+      out.append((heading, common.md_table(header, body), used))
   return out
 
 
@@ -422,9 +428,9 @@ def ablation_tables(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
 
 def _arrays_path(rows_file: str, arrays: str) -> str:
   """A row's .npz from here: its path from its rows file's folder, else (rows written before the
-  arrays left docs/results/ for runs/arrays/) the file of that name in grid.arrays_dir."""
+  arrays left docs/results/ for runs/arrays/) the file of that name in common.arrays_dir."""
   here = os.path.join(os.path.dirname(os.path.abspath(rows_file)), arrays)
-  moved = os.path.join(grid.arrays_dir(rows_file), os.path.basename(arrays))
+  moved = os.path.join(common.arrays_dir(rows_file), os.path.basename(arrays))
   return moved if not os.path.isfile(here) and os.path.isfile(moved) else here
 
 
@@ -552,7 +558,7 @@ def cost_table(rows: list[dict]) -> str:
                  f"{sum(walls) / 3600:.2f}", f"{np.median(walls):.0f}",
                  f"{np.median(per_kit):.1f}" if per_kit else "–"])
   body.append(["all", str(len(rows)), "", "", f"**{total / 3600:.2f}**", "", ""])
-  return _table(["method", "configs", "fits", "fit-iterations", "hours (measured)",
+  return common.md_table(["method", "configs", "fits", "fit-iterations", "hours (measured)",
                  "median s / config", "median s / 1000 fit-its"], body)
 
 

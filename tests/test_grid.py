@@ -36,6 +36,9 @@ def _load(name):
 
 grid = _load("grid")
 summary = _load("summary")
+# The shared modules the scripts import (loaded with them; the same objects).
+common, estimates, fits, grid_spec = (sys.modules[name] for name in
+                                      ("common", "estimates", "fits", "grid_spec"))
 
 TINY = dict(crop=0, widths=(4,), scales=2, seeds=2, iters=20, window=5,
             criteria=("fixed", "oracle", "es_wmv", "discrepancy"))
@@ -54,10 +57,11 @@ def _write_images(folder, n, size=16):
 def resumed(tmp_path_factory):
   """A 3-config grid killed after its first config and mid-write of a row, then resumed."""
   tmp = tmp_path_factory.mktemp("grid")
-  spec = grid.GridSpec(images=grid.expand_images([str(_write_images(tmp / "Tiny", 1))]),
-                       methods=("staged",), stages=(2,), t_max=(5, 10, 15), **TINY)
+  images = common.expand_images([str(_write_images(tmp / "Tiny", 1))])
+  spec = grid_spec.GridSpec(images=images, methods=("staged",), stages=(2,), t_max=(5, 10, 15),
+                            **TINY)
   out = str(tmp / "results.jsonl")
-  compiler = grid.Compiler()
+  compiler = fits.Compiler()
   first = grid.run_grid(spec, out, argv="first", limit=1, compiler=compiler)
   with open(out) as f:
     first_line = f.read()
@@ -77,12 +81,12 @@ def test_resume_after_interruption_has_no_duplicate_rows(resumed):
   assert len(first) == 1 and len(rest) == 2  # the finished config was not recomputed
   assert first[0]["key"] not in {r["key"] for r in rest}
   assert [r["argv"] for r in rows] == ["first", "second", "second"]
-  assert grid.run_grid(spec, out, compiler=grid.Compiler()) == []  # nothing left to do
+  assert grid.run_grid(spec, out, compiler=fits.Compiler()) == []  # nothing left to do
 
 
 def test_rows_hold_stops_scores_and_arrays(resumed):
   spec, out, _, _, _ = resumed
-  rows = grid.read_rows(out)
+  rows = common.read_rows(out)
   assert [r["config"]["t_max"] for r in rows] == [5, 10, 15]
   for row in rows:
     assert row["stage_ends"] == [10, 20] and row["device"]["backend"] == "cpu"
@@ -120,10 +124,10 @@ def test_estimates_from_rows_and_calibrations(resumed):
                              schedules=("linear", "cosine"), widths=(4, 8))
   jobs = grid.jobs(wide)
   assert len(jobs) == 2 + 2 * 2 * 3 + 1  # dip: widths; staged: widths x schedules x t_max; bm3d
-  rows = grid.read_rows(out)
+  rows = common.read_rows(out)
   pending = [j for j in jobs if j.key not in {r["key"] for r in rows}]
   measured = []
-  seconds, notes = grid.estimate(pending, {p: (256, 3) for p in wide.images}, rows,
+  seconds, notes = estimates.estimate(pending, {p: (256, 3) for p in wide.images}, rows,
                                  lambda job: measured.append(job) or (10.0, 5.0))
   assert len(measured) == 4  # plain widths 4 and 8, staged width 8, BM3D
   staged_ms = np.median([r["ms_per_it"] for r in rows if r["config"]["method"] == "staged"])
@@ -136,13 +140,13 @@ def test_estimates_from_rows_and_calibrations(resumed):
 
 def test_ddpm_input_and_staged_problems(tmp_path):
   clean = io.load_image(_write_images(tmp_path, 1) / "im0.png")
-  noisy = grid.noisy_image(clean, "im0.png", 25, 0)
-  np.testing.assert_array_equal(noisy, grid.noisy_image(clean, "im0.png", 25, 0))
-  assert not np.array_equal(noisy, grid.noisy_image(clean, "im0.png", 50, 0))
+  noisy = common.noisy_image(clean, "im0.png", 25, 0)
+  np.testing.assert_array_equal(noisy, common.noisy_image(clean, "im0.png", 25, 0))
+  assert not np.array_equal(noisy, common.noisy_image(clean, "im0.png", 50, 0))
   tiny = dict(TINY, criteria=TINY["criteria"] + ("staged",))
-  spec = grid.GridSpec(images=(str(tmp_path / "im0.png"),), methods=grid.METHODS[:4],
-                       stages=(3,), t_max=(30,), fresh_eps=(True,), **tiny)
-  built = {j.config["method"]: grid.setup(j.config, clean, noisy) for j in grid.jobs(spec)}
+  spec = grid_spec.GridSpec(images=(str(tmp_path / "im0.png"),), methods=grid_spec.METHODS[:4],
+                            stages=(3,), t_max=(30,), fresh_eps=(True,), **tiny)
+  built = {j.config["method"]: fits.setup(j.config, clean, noisy) for j in grid.jobs(spec)}
   assert built["ddpm_input"].problem.inputs.base.shape == (16, 16, 3)
   assert built["ddpm_input"].info["input_t"] == built["ddpm_input_staged"].info["input_t"] > 0
   assert built["dip"].problem.inputs.base.shape == (16, 16, 32)
@@ -165,13 +169,13 @@ def test_sigma_estimated_axis(tmp_path):
   """--sigma_estimated=false,true: the known sigma keeps the config (and row key) it had before
   the axis existed; the estimated one gives the fit sigma from the noisy image alone."""
   clean = io.load_image(_write_images(tmp_path, 1, size=32) / "im0.png")
-  noisy = grid.noisy_image(clean, "im0.png", 25, 0)
-  spec = grid.GridSpec(images=(str(tmp_path / "im0.png"),), methods=("staged",), stages=(2,),
-                       t_max=(30,), sigma_estimated=(False, True), **TINY)
+  noisy = common.noisy_image(clean, "im0.png", 25, 0)
+  spec = grid_spec.GridSpec(images=(str(tmp_path / "im0.png"),), methods=("staged",),
+                            stages=(2,), t_max=(30,), sigma_estimated=(False, True), **TINY)
   known, estimated = grid.jobs(spec)
   assert "sigma_estimated" not in known.config and estimated.config["sigma_estimated"]
   assert known.key == grid.jobs(dataclasses.replace(spec, sigma_estimated=(False,)))[0].key
-  built = {name: grid.setup(j.config, clean, noisy)
+  built = {name: fits.setup(j.config, clean, noisy)
            for name, j in (("known", known), ("estimated", estimated))}
   assert "sigma_used" not in built["known"].info
   sigma_hat = built["estimated"].info["sigma_used"]
@@ -184,11 +188,11 @@ def test_sigma_estimated_axis(tmp_path):
 def test_bm3d_sees_the_same_noisy_input(tmp_path):
   pytest.importorskip("bm3d", reason=BM3D)
   path = str(_write_images(tmp_path, 1, size=32) / "im0.png")
-  job = grid.jobs(grid.GridSpec(images=(path,), methods=("bm3d",), **TINY))[0]
+  job = grid.jobs(grid_spec.GridSpec(images=(path,), methods=("bm3d",), **TINY))[0]
   assert set(job.config) == {"image", "set", "crop", "sigma", "method", "noise_seed"}
-  clean = grid.load_clean(path, 0)
-  row, arrays = grid.run_config(job, clean, grid.Compiler())
-  noisy = grid.noisy_image(clean, "im0.png", 25, 0)
+  clean = common.load_clean(path, 0)
+  row, arrays = grid.run_config(job, clean, fits.Compiler())
+  noisy = common.noisy_image(clean, "im0.png", 25, 0)
   np.testing.assert_array_equal(arrays["noisy"], np.round(noisy * 255).astype(np.uint8))
   assert row["output"]["psnr"] > row["noisy"]["psnr"]
 
@@ -330,13 +334,13 @@ def test_staged_stop_with_sigma_off(tmp_path):
 
 
 def test_arrays_go_under_runs_for_rows_in_the_repository(tmp_path, monkeypatch):
-  assert grid.arrays_dir(os.path.join(ROOT, "docs/results/stopping/rows/x.jsonl")) == (
+  assert common.arrays_dir(os.path.join(ROOT, "docs/results/stopping/rows/x.jsonl")) == (
       os.path.join(ROOT, "runs/arrays/stopping/rows/x"))
-  assert grid.arrays_dir(os.path.join(ROOT, "runs/grid/r.jsonl")) == (
+  assert common.arrays_dir(os.path.join(ROOT, "runs/grid/r.jsonl")) == (
       os.path.join(ROOT, "runs/grid/r_arrays"))
-  assert grid.arrays_dir(str(tmp_path / "r.jsonl")) == str(tmp_path / "r_arrays")
+  assert common.arrays_dir(str(tmp_path / "r.jsonl")) == str(tmp_path / "r_arrays")
   # summary finds a row's .npz where its rows file says, else (rows from before the move) there.
-  monkeypatch.setattr(grid, "REPO", str(tmp_path))
+  monkeypatch.setattr(common, "REPO", str(tmp_path))
   rows = tmp_path / "docs" / "results" / "x.jsonl"
   rows.parent.mkdir(parents=True)
   new, old = (tmp_path / "runs/arrays/x/a.npz", rows.parent / "x_arrays/b.npz")
@@ -366,17 +370,17 @@ def test_summary_figures_from_grid_rows(resumed, tmp_path):
 def test_bad_grids_are_clear_errors(tmp_path):
   image = str(_write_images(tmp_path / "imgs", 1) / "im0.png")
   with pytest.raises(ValueError, match="--methods: unknown 'dpi'; valid methods are dip"):
-    grid.GridSpec(images=(image,), methods=("dip", "dpi"))
+    grid_spec.GridSpec(images=(image,), methods=("dip", "dpi"))
   with pytest.raises(ValueError, match="no .png/.jpg"):
-    grid.expand_images([str(tmp_path / "imgs"), str(tmp_path)])
+    common.expand_images([str(tmp_path / "imgs"), str(tmp_path)])
   with pytest.raises(ValueError, match="no such file or folder"):
-    grid.expand_images([str(tmp_path / "missing")])
+    common.expand_images([str(tmp_path / "missing")])
   with pytest.raises(ValueError, match="--t_max"):
-    grid.GridSpec(images=(image,), stages=(4,), t_max=(2,))
+    grid_spec.GridSpec(images=(image,), stages=(4,), t_max=(2,))
   with pytest.raises(ValueError, match="Unknown criterion"):
-    grid.GridSpec(images=(image,), criteria=("early",))
+    grid_spec.GridSpec(images=(image,), criteria=("early",))
   with pytest.raises(ValueError, match="larger than"):
-    grid.load_clean(image, 128)
+    common.load_clean(image, 128)
   (tmp_path / "empty").mkdir()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "grid.py"),
                          f"--images={tmp_path / 'empty'}", "--cache_dir="],
@@ -413,7 +417,7 @@ def test_two_processes_over_four_devices_equal_one_device(tmp_path):
   for proc in multi:
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
-  rows = [grid.read_rows(str(tmp_path / f"{name}.jsonl")) for name in ("multi", "single")]
+  rows = [common.read_rows(str(tmp_path / f"{name}.jsonl")) for name in ("multi", "single")]
   assert [r["key"] for r in rows[0]] == [r["key"] for r in rows[1]] and len(rows[0]) == 1
   for a, b in zip(*rows):
     for name in a["config"]["criteria"]:

@@ -45,53 +45,65 @@ def test_emv_update_matches_the_recursion():
 def test_es_wmv_detects_the_minimum_and_fires_after_patience():
   t = np.arange(600)
   wmv = np.where(t < 99, NAN, (t - 300.0) ** 2 + 1.0)
-  assert _detect(stopping.es_wmv(patience=100), wmv=wmv) == (300, 400)
+  assert _detect(stopping.get("es_wmv", patience=100), wmv=wmv) == (300, 400)
   # Never fires within the run: the stop is the minimum so far.
-  assert _detect(stopping.es_wmv(patience=1000), wmv=wmv) == (300, -1)
+  assert _detect(stopping.get("es_wmv", patience=1000), wmv=wmv) == (300, -1)
 
 
 def test_ties_do_not_reset_patience():
   wmv = [3.0, 2.0, 2.0, 2.0, 1.5, 1.5, 1.5]
-  assert _detect(stopping.es_wmv(patience=2), wmv=wmv) == (1, 3)
+  assert _detect(stopping.get("es_wmv", patience=2), wmv=wmv) == (1, 3)
 
 
 def test_plateau_needs_a_relative_improvement():
   loss = [1.0, 0.5, 0.4999, 0.4998, 0.4997, 0.3]
-  assert _detect(stopping.plateau(patience=3, min_delta=1e-2), loss=loss) == (1, 4)
-  assert _detect(stopping.plateau(patience=3, min_delta=0.0), loss=loss) == (5, -1)
+  assert _detect(stopping.get("plateau", patience=3, min_delta=1e-2), loss=loss) == (1, 4)
+  assert _detect(stopping.get("plateau", patience=3, min_delta=0.0), loss=loss) == (5, -1)
 
 
 def test_discrepancy_stops_at_the_first_crossing():
   sigma = 0.1  # sigma^2 = 0.01, i.e. 20 dB
   psnr = [15.0, 18.0, 19.9, 20.1, 22.0, 19.0, 25.0]
-  assert _detect(stopping.discrepancy(), sigma, psnr_obs_ema=psnr) == (3, 3)
-  assert _detect(stopping.discrepancy(tau=0.5), sigma, psnr_obs_ema=psnr) == (6, 6)
+  assert _detect(stopping.get("discrepancy"), sigma, psnr_obs_ema=psnr) == (3, 3)
+  assert _detect(stopping.get("discrepancy", tau=0.5), sigma, psnr_obs_ema=psnr) == (6, 6)
 
 
 def test_oracle_and_fixed():
   psnr = [20.0, 25.0, 27.0, 26.0, 24.0]
-  assert _detect(stopping.oracle(), psnr_clean_ema=psnr) == (2, -1)
-  assert _detect(stopping.fixed(), psnr_clean_ema=psnr) == (4, -1)
+  assert _detect(stopping.get("oracle"), psnr_clean_ema=psnr) == (2, -1)
+  assert _detect(stopping.get("fixed"), psnr_clean_ema=psnr) == (4, -1)
 
 
 def test_staged_takes_the_best_estimate_of_the_last_stage():
   est = [1.0, 2.0, 9.0, 6.0, 3.0, 4.0, 8.0]  # the first stage's values are not compared
   final = [0, 0, 1, 1, 1, 1, 1]
-  assert _detect(stopping.staged(), mse_est_ema=est, final_stage=final) == (4, -1)
-  assert _detect(stopping.staged(patience=2), mse_est_ema=est, final_stage=final) == (4, 6)
+  assert _detect(stopping.get("staged"), mse_est_ema=est, final_stage=final) == (4, -1)
+  staged = stopping.get("staged", patience=2)
+  assert _detect(staged, mse_est_ema=est, final_stage=final) == (4, 6)
 
 
 def test_rolled_back_iterations_are_not_scored():
   psnr = [20.0, 25.0, 30.0, 26.0]
-  assert _detect(stopping.oracle(), psnr_clean_ema=psnr, rolled_back=[0, 0, 1, 0]) == (3, -1)
+  oracle = stopping.get("oracle")
+  assert _detect(oracle, psnr_clean_ema=psnr, rolled_back=[0, 0, 1, 0]) == (3, -1)
 
 
 def test_detect_vmaps_over_fits():
   wmv = jnp.asarray([[5.0, 1.0, 2.0, 3.0], [5.0, 4.0, 3.0, 4.0]])
   records = dict(wmv=wmv, step=jnp.broadcast_to(jnp.arange(4), (2, 4)))
-  d = jax.vmap(lambda r: stopping.detect(stopping.es_wmv(patience=1), r))(records)
+  d = jax.vmap(lambda r: stopping.detect(stopping.get("es_wmv", patience=1), r))(records)
   np.testing.assert_array_equal(d.stop, [1, 2])
   np.testing.assert_array_equal(d.fired_at, [2, 3])
+
+
+def test_every_kind_is_one_registry_entry_with_its_published_settings():
+  assert stopping.KINDS == tuple(stopping.REGISTRY)
+  assert stopping.get("es_wmv") == stopping.Criterion("es_wmv", patience=1000)
+  assert stopping.get("staged").patience == 500 and stopping.get("oracle").patience is None
+  assert stopping.get("plateau", patience=7) == stopping.Criterion("plateau", 7, 1e-3)
+  records = dict(step=jnp.arange(3), loss=jnp.ones(3), psnr_clean_ema=jnp.array([1., 3., 2.]))
+  np.testing.assert_array_equal(stopping.score(stopping.get("oracle"), records, 0.1),
+                                [-1.0, -3.0, -2.0])
 
 
 def test_bad_criteria_are_rejected():
@@ -100,11 +112,12 @@ def test_bad_criteria_are_rejected():
   with pytest.raises(ValueError, match="patience"):
     stopping.Criterion("es_wmv", patience=-1)
   with pytest.raises(ValueError, match="window"):
-    fit.FitConfig(criteria=(stopping.es_wmv(),))
+    fit.FitConfig(criteria=(stopping.get("es_wmv"),))
   with pytest.raises(ValueError, match="halt"):
-    fit.FitConfig(criteria=(stopping.oracle(),), halt=stopping.fixed())
+    fit.FitConfig(criteria=(stopping.get("oracle"),), halt=stopping.get("fixed"))
   with pytest.raises(ValueError, match="unique"):
-    fit.FitConfig(criteria=(stopping.discrepancy(1.0), stopping.discrepancy(0.9)))
+    fit.FitConfig(criteria=(stopping.get("discrepancy", tau=1.0),
+                            stopping.get("discrepancy", tau=0.9)))
 
 
 def test_clipped_noise_moments_match_sampling():
@@ -142,9 +155,9 @@ def test_estimate_sigma_on_noise_and_on_a_smooth_image():
 # One tiny staged fit (2 stages, with a probe) monitored online by every criterion, halted by
 # ES-WMV.
 SIZE, ITERS, SEG, WINDOW = 16, 240, 40, 10
-CRITERIA = (stopping.fixed(), stopping.oracle(), stopping.es_wmv(patience=30),
-            stopping.es_emv(patience=30), stopping.discrepancy(), stopping.plateau(50, 1e-3),
-            stopping.staged())
+CRITERIA = (stopping.get("fixed"), stopping.get("oracle"), stopping.get("es_wmv", patience=30),
+            stopping.get("es_emv", patience=30), stopping.get("discrepancy"),
+            stopping.get("plateau", patience=50, min_delta=1e-3), stopping.get("staged"))
 
 
 @pytest.fixture(scope="module")
