@@ -2,11 +2,11 @@
 
 An :class:`Operator` maps an image (H, W, C), or a batch (N, H, W, C), to its measurement:
 
-* 'identity' (denoising): A x = x.
-* 'mask' (inpainting): A x = x * mask, mask in {0, 1} of shape (H, W, 1) or (H, W, C).
-* 'downsample' (super-resolution): replication padding by `pad`, then per-channel filtering with
-  `kernel` and stride `factor`: (H, W, C) -> (H / factor, W / factor, C). This is the original DIP
-  code's ``Downsampler(kernel_type='lanczos2', phase=0.5, preserve_size=True)``.
+* :class:`Identity` (denoising): A x = x.
+* :class:`Mask` (inpainting): A x = x * mask, mask in {0, 1} of shape (H, W, 1) or (H, W, C).
+* :class:`Downsample` (super-resolution): replication padding by `pad`, then per-channel
+  filtering with `kernel` and stride `factor`: (H, W, C) -> (H / factor, W / factor, C). This is
+  the original DIP code's ``Downsampler(kernel_type='lanczos2', phase=0.5, preserve_size=True)``.
 
 The arrays (`mask`, `kernel`) are pytree leaves and everything else is static, so operators of the
 same kind and shapes can be stacked (``jax.tree.map(jnp.stack, ...)``) and vmapped.
@@ -37,51 +37,69 @@ def check_divisible(shape: Sequence[int], factor: int) -> None:
         f"image size {h}x{w} is not divisible by the super-resolution factor {factor}")
 
 
-@flax.struct.dataclass
 class Operator:
-  """A linear forward operator; build it with :func:`identity`, :func:`inpainting` or
-  :func:`downsampler`.
+  """A linear forward operator A; the kinds below are its subclasses, built by
+  :func:`identity`, :func:`inpainting` and :func:`downsampler`.
 
-  Attributes:
-    kind: 'identity' | 'mask' | 'downsample' (static).
-    factor: down-sampling stride; 1 unless kind is 'downsample' (static).
-    pad: replication padding on each spatial side before filtering (static).
-    mask: (H, W, 1) or (H, W, C) float32 in {0, 1} for 'mask', else None.
-    kernel: (k, k) float32 summing to 1 for 'downsample', else None.
+  Each kind is a ``flax.struct.dataclass``: its arrays are pytree leaves and its integers
+  static, so operators of one kind and shape stack and vmap.
   """
-  kind: str = flax.struct.field(pytree_node=False)
-  factor: int = flax.struct.field(pytree_node=False, default=1)
-  pad: int = flax.struct.field(pytree_node=False, default=0)
-  mask: Array | None = None
-  kernel: Array | None = None
 
   def __call__(self, x: Array) -> Array:
     """Measurement of `x`, (H, W, C) or (N, H, W, C), with the same rank as `x`."""
     if x.ndim not in (3, 4):
       raise ValueError(f"expected an image (H, W, C) or a batch (N, H, W, C), got shape {x.shape}")
-    if self.kind == "identity":
-      return x
-    if self.kind == "mask":
-      if self.mask.shape[:2] != x.shape[-3:-1] or self.mask.shape[2] not in (1, x.shape[-1]):
-        raise ValueError(f"mask of shape {self.mask.shape} does not fit images of shape {x.shape}")
-      return x * self.mask
-    out_shape = self.measurement_shape(x.shape)  # Raises if H, W are not multiples of factor.
-    return self._downsample(x.reshape((-1,) + x.shape[-3:])).reshape(out_shape)
+    return self.apply(x)
 
-  def _downsample(self, x: Array) -> Array:
-    """(N, H, W, C) -> (N, H / factor, W / factor, C), each channel filtered on its own."""
+  def apply(self, x: Array) -> Array:
+    """A x for a checked image or batch."""
+    raise NotImplementedError
+
+  def measurement_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape A maps an image of `shape` ((..., H, W, C)) to."""
+    return tuple(shape)
+
+
+@flax.struct.dataclass
+class Identity(Operator):
+  """A x = x (denoising)."""
+
+  def apply(self, x: Array) -> Array:
+    return x
+
+
+@flax.struct.dataclass
+class Mask(Operator):
+  """A x = x * mask (inpainting); mask (H, W, 1) or (H, W, C) float32 in {0, 1}."""
+  mask: Array
+
+  def apply(self, x: Array) -> Array:
+    if self.mask.shape[:2] != x.shape[-3:-1] or self.mask.shape[2] not in (1, x.shape[-1]):
+      raise ValueError(f"mask of shape {self.mask.shape} does not fit images of shape {x.shape}")
+    return x * self.mask
+
+
+@flax.struct.dataclass
+class Downsample(Operator):
+  """Replication padding by `pad`, then per-channel filtering with `kernel` ((k, k) float32
+  summing to 1) and stride `factor`: (H, W, C) -> (H / factor, W / factor, C)."""
+  kernel: Array
+  factor: int = flax.struct.field(pytree_node=False)
+  pad: int = flax.struct.field(pytree_node=False)
+
+  def apply(self, x: Array) -> Array:
+    out_shape = self.measurement_shape(x.shape)  # Raises if H, W are not multiples of factor.
+    x = x.reshape((-1,) + x.shape[-3:])
     n, h, w, c = x.shape
     x = jnp.moveaxis(x, -1, 1).reshape(n * c, h, w, 1)
     p = self.pad
     x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
     y = conv2d(x, self.kernel[:, :, None, None].astype(x.dtype), self.factor)
-    return jnp.moveaxis(y.reshape(n, c, h // self.factor, w // self.factor), 1, -1)
+    return jnp.moveaxis(y.reshape(n, c, h // self.factor, w // self.factor), 1, -1).reshape(
+        out_shape)
 
   def measurement_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape A maps an image of `shape` ((..., H, W, C)) to."""
     shape = tuple(shape)
-    if self.kind != "downsample":
-      return shape
     check_divisible(shape, self.factor)
     h, w, c = shape[-3:]
     return shape[:-3] + (h // self.factor, w // self.factor, c)
@@ -89,7 +107,7 @@ class Operator:
 
 def identity() -> Operator:
   """A x = x (denoising)."""
-  return Operator(kind="identity")
+  return Identity()
 
 
 def inpainting(mask: Array) -> Operator:
@@ -103,7 +121,7 @@ def inpainting(mask: Array) -> Operator:
     mask = mask[..., None]
   if mask.ndim != 3:
     raise ValueError(f"mask must have shape (H, W), (H, W, 1) or (H, W, C), got {mask.shape}")
-  return Operator(kind="mask", mask=(mask >= 0.5).astype(jnp.float32))
+  return Mask(mask=(mask >= 0.5).astype(jnp.float32))
 
 
 def lanczos_kernel(factor: int, support: int = 2) -> np.ndarray:
@@ -135,7 +153,7 @@ def downsampler(factor: int, kernel: str = "lanczos") -> Operator:
     kernel: 'lanczos' (DIP's 'lanczos2', the default) or 'box' (block averaging).
 
   Returns:
-    A 'downsample' Operator with DIP's size-preserving replication padding:
+    A :class:`Downsample` with DIP's size-preserving replication padding:
     (k - 1) / 2 for an odd kernel size k, (k - factor) / 2 for an even one.
   """
   if factor not in FACTORS:
@@ -145,4 +163,4 @@ def downsampler(factor: int, kernel: str = "lanczos") -> Operator:
   k = lanczos_kernel(factor) if kernel == "lanczos" else box_kernel(factor)
   size = k.shape[0]
   pad = (size - 1) // 2 if size % 2 else (size - factor) // 2
-  return Operator(kind="downsample", factor=factor, pad=pad, kernel=jnp.asarray(k))
+  return Downsample(kernel=jnp.asarray(k), factor=factor, pad=pad)

@@ -427,6 +427,8 @@ def main(argv):
   torch_dip = _torch_dip()
   machine = _MACHINE.value or machine_tag()
   stem = os.path.join(_OUT_DIR.value, f"benchmark_{machine}") if _OUT_DIR.value else None
+  if stem:
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
   runs = _load_runs(stem + ".json") if stem else []
   result = dict(
       flags=_command_flags(sys.argv[1:]), grid=_grid(), machine=machine,

@@ -4,7 +4,8 @@
 turns on JAX's persistent compilation cache (--cache_dir: a second run of the same command
 compiles nothing); ``join(coordinator, ...)`` makes the process one of a multi-process JAX job;
 ``errors(name)`` turns a ValueError or FileNotFoundError (bad flags, unreadable images) into one
-line on stderr and exit status 1; ``cache_events()`` counts the cache's hits and misses.
+line on stderr and exit status 1; ``run_main(script, run)`` is a script's whole main, both
+together; ``cache_events()`` counts the cache's hits and misses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import logging as std_logging
 import os
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -83,3 +84,15 @@ def cache_events() -> collections.Counter:
 
   jax.monitoring.register_event_listener(listener)
   return counts
+
+
+def run_main(script: str, run: Callable[[], None]) -> None:
+  """Runs a script under absl: flags parsed, :func:`start`, then `run()` with bad input turned
+  into one error line (:func:`errors`). script: the caller's __file__."""
+
+  def main(argv: list[str]) -> None:
+    start(argv, script)
+    with errors(os.path.basename(script)):
+      run()
+
+  app.run(main)

@@ -19,7 +19,6 @@ import csv
 import json
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -226,11 +225,5 @@ def write_outputs(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Rest
   print(json.dumps({k: result[k] for k in keys if k in result} | summary))
 
 
-def main(argv):
-  cli.start(argv, __file__)
-  with cli.errors("restore.py"):
-    run()
-
-
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(__file__, run)

@@ -19,7 +19,6 @@ import os
 import pathlib
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -225,11 +224,5 @@ def run() -> None:
       _publish(workdir, curve, png, weights, state, config)
 
 
-def main(argv):
-  cli.start(argv, __file__)
-  with cli.errors("train_ddpm.py"):
-    run()
-
-
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(__file__, run)
