@@ -109,3 +109,15 @@ def test_ground_truth_and_observation_must_agree(clean):
     pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean[:16])
   with pytest.raises(ValueError, match="resume needs a checkpoint_dir"):
     pipeline.restore(config, y, key=jax.random.PRNGKey(0), resume=True)
+
+
+def test_halting_ends_the_fit_at_the_chunk_where_the_stop_fires(clean):
+  config = pipeline.RestoreConfig(method="dip", width=8, scales=2, iters=1000,
+                                  stop=("discrepancy",), halt=True)
+  y = pipeline.degrade(config, clean, seed=0)
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean, chunk=50)
+  stop = int(result.stops["discrepancy"][0][0])
+  assert stop < result.iterations < 1000 and result.iterations % 50 == 0
+  assert np.isfinite(result.trace["loss"][0]).sum() == stop  # the rest was skipped
+  np.testing.assert_array_equal(result.image, result.stops["discrepancy"][1].mean(0))
+  assert result.summary()["iterations_run"] == result.iterations
