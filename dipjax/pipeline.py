@@ -356,8 +356,8 @@ class Frame:
     return x[..., p.top:x.shape[-3] - p.bottom, p.left:x.shape[-2] - p.right, :]
 
 
-def frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None = None,
-          mask: np.ndarray | None = None) -> Frame:
+def make_frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None = None,
+               mask: np.ndarray | None = None) -> Frame:
   """The observation y (h, w, C), ground truth (H, W, C) and mask padded to the network's
   multiple (reflect; the mask with zeros), and the task's operator; ValueError if they do not
   fit each other."""
@@ -490,7 +490,7 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
     checkpoint_dir, checkpoint_every: Orbax checkpoints of the fit every that many iterations.
     resume: continue from the latest checkpoint in `checkpoint_dir` (bit for bit).
   """
-  padded = frame(config, observation, clean, mask)
+  padded = make_frame(config, observation, clean, mask)
   ddpm = _load_ddpm(config, padded.y.shape[-1])
   y = io.unpad(padded.y, padded.padding)
   sigma = noise_sigma(config, y)

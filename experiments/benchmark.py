@@ -85,7 +85,7 @@ def _setup(size: int, width: int, iters: int, dtype: str = "float32"):
                                   stop=())
   y = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (size, size, 3)))
   problem = pipeline.build_problem(jax.random.PRNGKey(1), config,
-                                   pipeline.frame(config, y, y), sigma=0.0)
+                                   pipeline.make_frame(config, y, y), sigma=0.0)
   return pipeline.network(config, 3), pipeline.fit_config(config, iters), problem
 
 

@@ -67,7 +67,7 @@ def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
   """The network, fit settings, problem (y and clean padded to 2^scales) and seed keys of a fit
   config, built by dipjax.pipeline as restore() builds them (its seeding convention)."""
   rc = restore_config(config)
-  frame = pipeline.frame(rc, noisy, clean)
+  frame = pipeline.make_frame(rc, noisy, clean)
   sigma = pipeline.noise_sigma(rc, noisy)
   info = {} if rc.sigma_known else dict(sigma_used=round(sigma * 255, 4))
   if rc.input == "ddpm":
