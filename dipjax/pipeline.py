@@ -259,7 +259,8 @@ class Restoration:
       `trace_every` iterations (seeds, ceil(iters / trace_every)); NaN where not run.
     trace_every: the SSIM records' spacing.
     stage_ends: cumulative iteration at which each stage ends.
-    iterations: iterations run (fewer than configured when halted).
+    iterations: iterations done, up to the end of the chunk in which a halt fired (fewer than
+      configured when halted; the skipped ones have NaN records).
     compile_seconds, fit_seconds: wall time of the fit's compile and of the fit.
     ddpm: the DDPM stage's settings and timings, or None.
     scores: with a ground truth, PSNR / SSIM of 'restored', 'degraded' (same-size tasks),
@@ -350,9 +351,14 @@ class Frame:
   padding: io.Padding  # of y
   scale: int
 
+  @property
+  def net_padding(self) -> io.Padding:
+    """The padding at the network's (scale x larger) resolution."""
+    return io.Padding(*(self.scale * v for v in dataclasses.astuple(self.padding)))
+
   def unpad(self, x: np.ndarray) -> np.ndarray:
     """(..., H', W', C) network-resolution images back to the observation's frame."""
-    p = io.Padding(*(self.scale * v for v in dataclasses.astuple(self.padding)))
+    p = self.net_padding
     return x[..., p.top:x.shape[-3] - p.bottom, p.left:x.shape[-2] - p.right, :]
 
 
@@ -379,10 +385,12 @@ def make_frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None = 
   else:
     op = operators.identity()
   y, padding = io.pad_to_multiple(y, max(multiple // s, 1))
-  if clean is not None:
-    p = io.Padding(*(s * v for v in dataclasses.astuple(padding)))
-    clean = np.pad(clean, ((p.top, p.bottom), (p.left, p.right), (0, 0)), mode="reflect")
-  return Frame(y.astype(np.float32), clean, op, padding, s)
+  framed = Frame(y.astype(np.float32), None, op, padding, s)
+  if clean is None:
+    return framed
+  p = framed.net_padding
+  return dataclasses.replace(framed, clean=np.pad(
+      clean, ((p.top, p.bottom), (p.left, p.right), (0, 0)), mode="reflect"))
 
 
 def noise_sigma(config: RestoreConfig, y: np.ndarray) -> float:
@@ -490,6 +498,8 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
     checkpoint_dir, checkpoint_every: Orbax checkpoints of the fit every that many iterations.
     resume: continue from the latest checkpoint in `checkpoint_dir` (bit for bit).
   """
+  if (resume or checkpoint_every) and not checkpoint_dir:
+    raise ValueError("resume and checkpoint_every need a checkpoint_dir")
   padded = make_frame(config, observation, clean, mask)
   ddpm = _load_ddpm(config, padded.y.shape[-1])
   y = io.unpad(padded.y, padded.padding)
@@ -500,8 +510,6 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
   if not config.fits:
     image, info = _ddpm_stage(config, ddpm, y, sigma, None, k_ddpm)
     return _result(config, padded, y, sigma, image, "ddpm", None, ddpm=info)
-  if resume and not checkpoint_dir:
-    raise ValueError("resume needs a checkpoint_dir")
   run = _Fit(config, padded, sigma, k_problem, k_fits,
              chunk_length(config, chunk, checkpoint_every))
   run.loop(progress, checkpoint_dir, checkpoint_every, resume)

@@ -404,17 +404,17 @@ class Report:
       elapsed += time.perf_counter() - t0
       curve.append(np.asarray(trace.psnr_clean_ema[0]))
       if done in spec.dip_iters:
-        ema = io.unpad(np.asarray(states.ema[0]), s.padding)
+        ema = s.frame.unpad(np.asarray(states.ema[0]))
         arrays[f"ema_{done}"] = ema
         checkpoints[str(done)] = dict(
             _quality(ema, clean), seconds=round(elapsed, 3),
             est_mse=float(ddpm_solvers.estimate_dip_error(ema, noisy, sigma)),
             mse=float(np.mean((ema - clean) ** 2)))
-    final = io.unpad(np.asarray(states.ema[0]), s.padding)
+    final = s.frame.unpad(np.asarray(states.ema[0]))
     stops = {}
     for name, (step, kept) in fit.stops(states, s.config).items():
       step = int(step[0])  # -1: the score was never defined (ES-WMV before its window)
-      image = final if step < 0 else io.unpad(np.asarray(kept[0]), s.padding)
+      image = final if step < 0 else s.frame.unpad(np.asarray(kept[0]))
       stops[name] = dict(_quality(image, clean), no_stop=step < 0,
                          iteration=(spec.dip_total - 1 if step < 0 else step) + 1)
       arrays[f"stop_{name}"] = common.uint8(image)

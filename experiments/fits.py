@@ -22,7 +22,6 @@ import numpy as np
 import common
 import grid_spec
 from dipjax import fit
-from dipjax import io
 from dipjax import noise
 from dipjax import pipeline
 from dipjax import problems
@@ -41,7 +40,7 @@ class Setup:
   config: fit.FitConfig
   problem: problems.Problem
   keys: jax.Array
-  padding: io.Padding
+  frame: pipeline.Frame
   chunk: int
   info: dict
   shared: bool = True
@@ -80,7 +79,7 @@ def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
     info["stage_ends"] = [int(e) for e in problem.ends[0]]
   chunk = math.gcd(config["iters"], CHUNK_ITERS)
   return Setup(pipeline.network(rc, noisy.shape[-1]), pipeline.fit_config(rc, chunk), problem,
-               jax.random.split(key, config["seeds"]), frame.padding, chunk, info, shared)
+               jax.random.split(key, config["seeds"]), frame, chunk, info, shared)
 
 
 class Compiler:
@@ -170,12 +169,6 @@ def _fired_at(criterion: stopping.Criterion, records: dict, noise_std: jax.Array
   return jax.vmap(lambda r: stopping.detect(criterion, r, noise_std).fired_at)(records)
 
 
-def _unpad(x: np.ndarray, p: io.Padding) -> np.ndarray:
-  """io.unpad for images (..., H, W, C)."""
-  h, w = x.shape[-3:-1]
-  return x[..., p.top:h - p.bottom, p.left:w - p.right, :]
-
-
 def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
                clean: np.ndarray) -> tuple[dict, dict]:
   """Per criterion: the stops, PSNR/SSIM of the kept EMA outputs and their ensemble, and the
@@ -187,7 +180,7 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
   iters = config["iters"]
   peak_psnr = np.nanmax(trace["psnr_clean_ema"], axis=1)
   peak_step = np.nanargmax(trace["psnr_clean_ema"], axis=1)
-  final = _unpad(np.asarray(states.ema), s.padding)
+  final = s.frame.unpad(np.asarray(states.ema))
   records = fit.trace_records(fit.Trace(**{k: jnp.asarray(v) for k, v in trace.items()}))
   observation = s.problem.observation if s.shared else s.problem.observation[0]
   sigma = s.problem.sigma if s.shared else s.problem.sigma[0]  # the fit's (known or estimated)
@@ -198,7 +191,7 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
   arrays.update(oracle_step=peak_step, oracle_psnr=peak_psnr)
   for criterion, (stop, kept) in zip(s.config.criteria, fit.stops(states, s.config).values()):
     name = criterion.name
-    stop, kept = np.asarray(stop), _unpad(np.asarray(kept), s.padding)
+    stop, kept = np.asarray(stop), s.frame.unpad(np.asarray(kept))
     missing = stop < 0
     stop = np.where(missing, iters - 1, stop)
     kept = np.where(missing[:, None, None, None], final, kept)

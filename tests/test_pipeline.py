@@ -107,8 +107,10 @@ def test_ground_truth_and_observation_must_agree(clean):
   y = pipeline.degrade(config, clean, seed=0)
   with pytest.raises(ValueError, match="ground truth"):
     pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean[:16])
-  with pytest.raises(ValueError, match="resume needs a checkpoint_dir"):
+  with pytest.raises(ValueError, match="resume and checkpoint_every need a checkpoint_dir"):
     pipeline.restore(config, y, key=jax.random.PRNGKey(0), resume=True)
+  with pytest.raises(ValueError, match="need a checkpoint_dir"):
+    pipeline.restore(config, y, key=jax.random.PRNGKey(0), checkpoint_every=20)
 
 
 def test_halting_ends_the_fit_at_the_chunk_where_the_stop_fires(clean):
