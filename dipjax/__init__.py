@@ -15,6 +15,7 @@ from dipjax import metrics
 from dipjax import nets
 from dipjax import noise
 from dipjax import operators
+from dipjax import physics
 from dipjax import pipeline
 from dipjax import plots
 from dipjax import problems

@@ -3,19 +3,23 @@
 One checkpoint per step under ``directory/<step>``, written by
 ``orbax.checkpoint.CheckpointManager`` with ``StandardSave`` / ``StandardRestore``. The
 state is any pytree of arrays (e.g. a ``flax.struct.dataclass`` holding params, an optax
-state, a raw uint32 PRNG key and an int32 step).
+state, a raw uint32 PRNG key and an int32 step). :func:`bind` ties a directory to one run by a
+fingerprint of what defines it, so that a resume never continues another run's checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import tempfile
 from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 State = TypeVar("State")
+FINGERPRINT = "fingerprint.json"
 
 
 def _manager(directory: str | os.PathLike,
@@ -79,8 +83,51 @@ def load(directory: str | os.PathLike, like: State, step: int | None = None) -> 
     if step is not None and step not in steps:
       raise FileNotFoundError(
           f"no checkpoint at step {step} in {directory} (steps: {sorted(steps)})")
+    step = mngr.latest_step() if step is None else step
     try:
       return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-    except ValueError as e:
-      raise ValueError(
-          f"checkpoint at {directory} does not match this network/configuration: {e}") from e
+    except Exception as e:  # TensorStore, JSON and shape errors alike: one line naming the file
+      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise ValueError(f"cannot read checkpoint {step} in {directory} ({first}): it is damaged "
+                       "or of another run; delete the directory to start anew") from e
+
+
+def bind(directory: str | os.PathLike, fingerprint: dict[str, str], *, resume: bool) -> bool:
+  """Ties `directory` to the run `fingerprint` describes (setting name -> value as text), before
+  any work, and says whether there is a checkpoint to resume from.
+
+  A new run (or a resume with no checkpoint yet: a run killed before its first) writes the
+  fingerprint; it is refused if the directory already holds checkpoints and `resume` is False.
+  A resume must match the stored fingerprint, else a ValueError names each setting that
+  differs.
+  """
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, FINGERPRINT)
+  step = latest_step(directory)
+  if step is None or not resume:
+    if step is not None:
+      raise ValueError(f"{directory} already holds checkpoints (iteration {step}): resume to "
+                       "continue that run, or choose another directory")
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+      try:
+        json.dump(fingerprint, f, indent=1, sort_keys=True)
+      except BaseException:
+        os.unlink(f.name)
+        raise
+    os.replace(f.name, path)
+    return False
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if not isinstance(stored, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"resume: {path} is missing or unreadable ({type(e).__name__}: {e}), so "
+                     "the checkpoints cannot be matched to this run; start anew") from e
+  differ = [f"{k} {stored.get(k, '(none)')} -> {fingerprint.get(k, '(none)')}"
+            for k in sorted(set(stored) | set(fingerprint)) if stored.get(k) != fingerprint.get(k)]
+  if differ:
+    raise ValueError(f"resume: the checkpoints in {directory} are of another run; changed: "
+                     + "; ".join(differ))
+  return True

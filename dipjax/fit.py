@@ -168,6 +168,16 @@ def trace_records(trace: Trace) -> dict[str, Array]:
   return records
 
 
+def blank_trace(num_fits: int, iters: int, segment: int) -> dict[str, np.ndarray]:
+  """Host buffers for the records of `num_fits` fits over `iters` iterations, before any is
+  run, by :class:`Trace` field: (num_fits, iters), SSIM (num_fits, ceil(iters / segment)); NaN,
+  the stage -1 and the flags False (the dtypes of a fit's records)."""
+  fill = dict(stage=np.int32(-1), rolled_back=np.False_, final_stage=np.False_)
+  shape = lambda name: (num_fits, -(-iters // segment) if name.startswith("ssim") else iters)
+  return {f.name: np.full(shape(f.name), fill.get(f.name, np.float32(np.nan)))
+          for f in dataclasses.fields(Trace)}
+
+
 def optimizer(config: FitConfig) -> optax.GradientTransformation:
   return optax.adam(config.learning_rate)
 

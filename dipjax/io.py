@@ -32,6 +32,30 @@ class Padding:
   right: int
 
 
+def check_image(x: np.ndarray, name: str = "image", *, min_size: int = 1) -> np.ndarray:
+  """`x` as float32 (H, W, C), C in {1, 3}, if it is an image as dipjax takes it: a float array
+  of finite values in [0, 1], at least `min_size` pixels high and wide. Otherwise a ValueError
+  that says what `name` is (an integer or 0-255 image, NaN, a wrong shape)."""
+  a = np.asarray(x)
+  if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
+    raise ValueError(f"{name} must be a float array in [0, 1], got dtype {a.dtype}")
+  if np.issubdtype(a.dtype, np.integer):
+    raise ValueError(f"{name} is {a.dtype}: dipjax takes float images in [0, 1] "
+                     "(divide by 255, or load it with dipjax.io.load_image)")
+  if a.ndim != 3 or a.shape[-1] not in (1, 3):
+    raise ValueError(f"{name} must have shape (H, W, 1) or (H, W, 3), got {a.shape}")
+  if min(a.shape[:2]) < min_size:
+    raise ValueError(f"{name} is {a.shape[1]}x{a.shape[0]} pixels; at least "
+                     f"{min_size}x{min_size} are needed")
+  if not np.all(np.isfinite(a)):
+    raise ValueError(f"{name} contains {np.sum(~np.isfinite(a))} NaN or infinite values")
+  lo, hi = float(a.min()), float(a.max())
+  if lo < -1e-6 or hi > 1 + 1e-6:
+    hint = " (0-255 values? divide by 255)" if hi > 2 else " (clip it to [0, 1])"
+    raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+  return a.astype(np.float32)
+
+
 def _drop_opaque_alpha(x: np.ndarray, path: str) -> np.ndarray:
   """(H, W, C + 1) uint8 with alpha last -> (H, W, C); ImageError if any pixel is not opaque."""
   if np.any(x[..., -1] != 255):

@@ -1,11 +1,14 @@
-"""The observation's noise: adding it, estimating its level, its clipped moments, and the
-probe-SURE estimate of a fit's error that needs no ground truth.
+"""The observation's noise: its model (:class:`GaussianNoise`), adding it, estimating its level,
+its clipped moments, and the probe-SURE estimate of a fit's error that needs no ground truth.
 
 Images are float32 (H, W, C) in [0, 1]; sigma is a std in the same units (25 / 255 for
 sigma = 25).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,20 +17,53 @@ import numpy as np
 Array = jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class GaussianNoise:
+  """White Gaussian noise on the measurement, clipped to [0, 1] as DIP's protocol (and an 8-bit
+  sensor) does: y = clip(A x + sigma n, 0, 1), n ~ N(0, 1).
+
+  sigma: the std in [0, 1] units (25 / 255 for sigma = 25); None when unknown (a real noisy
+  photo): :meth:`level` then estimates it from the observation.
+  """
+  sigma: float | None = None
+
+  def __post_init__(self):
+    if self.sigma is not None and not (math.isfinite(self.sigma) and 0 <= self.sigma <= 1):
+      raise ValueError(f"sigma must be a finite number in [0, 1] (25 / 255 for sigma = 25), "
+                       f"got {self.sigma}")
+
+  def sample(self, rng: np.random.Generator, ax: np.ndarray) -> np.ndarray:
+    """clip(ax + sigma n, 0, 1) of the noise-free measurement `ax` (float32; it may overshoot
+    [0, 1], e.g. a Lanczos down-sampling of an edge); `rng` is advanced."""
+    if self.sigma is None:
+      raise ValueError("cannot add noise of an unknown sigma")
+    ax = np.asarray(ax, np.float32)
+    return add_noise(rng, ax, self.sigma) if self.sigma else np.clip(ax, 0, 1)
+
+  def level(self, y: np.ndarray) -> float:
+    """The std of the noise in observation y (h, w, C): sigma, or estimated from y
+    (:func:`estimate_sigma`) when unknown."""
+    return self.sigma if self.sigma is not None else estimate_sigma(y)
+
+
 def add_noise(rng_or_seed: np.random.Generator | int, x: np.ndarray,
               sigma: float) -> np.ndarray:
   """clip(x + sigma * N(0, 1), 0, 1) as float32, like the DIP code's ``get_noisy_image``.
 
   Args:
     rng_or_seed: a numpy Generator (advanced in place) or an int seed.
-    x: image in [0, 1], any shape.
-    sigma: noise standard deviation in [0, 1] units (e.g. 25 / 255), >= 0.
+    x: image in [0, 1] (or a measurement slightly beyond), any shape, finite.
+    sigma: noise standard deviation in [0, 1] units (e.g. 25 / 255), in [0, 1].
   """
-  if sigma < 0:
-    raise ValueError(f"sigma must be >= 0, got {sigma}")
+  if not 0 <= sigma <= 1:
+    raise ValueError(f"sigma is a std in [0, 1] units (25 / 255 for sigma = 25), got {sigma}")
+  x = np.asarray(x, np.float32)
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"add_noise takes finite images, got {np.sum(~np.isfinite(x))} NaN or "
+                     "infinite values")
   rng = np.random.default_rng(rng_or_seed)
   noise = rng.standard_normal(np.shape(x), dtype=np.float32)
-  return np.clip(np.asarray(x, np.float32) + np.float32(sigma) * noise, 0, 1)
+  return np.clip(x + np.float32(sigma) * noise, 0, 1)
 
 
 def estimate_sigma(y: Array | np.ndarray) -> float:

@@ -16,14 +16,18 @@ criteria's stops, the DDPM methods, unpadding and scores against a ground truth.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import numbers
 import os
 import time
+import types
 from typing import Callable
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,6 +40,7 @@ from dipjax import metrics
 from dipjax import nets
 from dipjax import noise
 from dipjax import operators
+from dipjax import physics as physics_lib
 from dipjax import problems
 from dipjax import schedules
 from dipjax import stopping
@@ -70,6 +75,27 @@ DDPM_STREAM = 10
 SSIM_EVERY = 100  # SSIM is traced once per this many iterations (or per chunk if shorter)
 
 Progress = Callable[[int, int, dict[str, float]], None]
+# Peak host memory of a fit on a CPU, bytes: base + pixels * (per_pixel + width *
+# (per_pixel_channel + (seeds - 1) * per_extra_seed_pixel_channel)), pixels at the network's
+# padded resolution; non-negative least squares over measured peak RSS, compile included
+# (experiments/memory.py --fit; docs/PERFORMANCE.md, "Memory"), 2-core AMD EPYC (AVX2).
+MEMORY_MODEL = types.MappingProxyType(dict(
+    base_bytes=1.658e9, per_pixel_bytes=851.0, per_pixel_channel_bytes=76.83,
+    per_extra_seed_pixel_channel_bytes=76.6))
+DIVERGED_SHARE = 0.4  # a fit rolled back in this share of its recent iterations has diverged
+MIN_SIDE = 11  # the smallest image side restore takes: SSIM's 11 x 11 window
+MASK_SLACK = 0.1  # mask values within this of 0 or 1 (compression noise) count as 0 or 1
+_NUMBER_FIELDS = {
+    **dict.fromkeys(("sigma", "probe", "final_share", "reg_noise_std", "lr", "exp_weight",
+                     "ddpm_eta", "guide_weight"), numbers.Real),
+    **dict.fromkeys(("factor", "stages", "t_max", "iters", "seeds", "width", "scales", "input_t",
+                     "input_extra", "window", "nfe", "ddpm_samples"), numbers.Integral)}
+# Settings of the DDPM stage after a fit: a checkpoint of the fit does not depend on them.
+_AFTER_FIT_FIELDS = ("ddpm_weights", "nfe", "ddpm_samples", "ddpm_eta", "guide_weight")
+
+
+class DivergedError(RuntimeError):
+  """A fit whose steps keep failing (non-finite or collapsing outputs): no result to return."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +170,16 @@ class RestoreConfig:
 
   def __post_init__(self):
     resolve = lambda name, value: object.__setattr__(self, name, value)
+    for name, kind in _NUMBER_FIELDS.items():  # plain int / float: one fingerprint per value
+      value = getattr(self, name)
+      if value is None:
+        continue
+      real = kind is numbers.Real
+      if isinstance(value, bool) or not isinstance(value, kind) or (
+          real and not math.isfinite(value)):
+        what = "a finite number" if real else "an integer"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+      resolve(name, float(value) if real else int(value))
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
     if self.sigma is None:
@@ -176,7 +212,8 @@ class RestoreConfig:
     staged, fits = self.method == "staged", self.method != "ddpm"
     checks = [
         (self.method not in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
-        (self.sigma < 0, f"sigma must be >= 0, got {self.sigma}"),
+        (not 0 <= self.sigma <= 255, f"sigma must lie in [0, 255] (0-255 units), got "
+         f"{self.sigma}"),
         (self.task == "sr" and self.factor not in operators.FACTORS,
          f"factor must be 2, 4 or 8, got {self.factor}"),
         (self.kernel not in operators.KERNELS, f"kernel must be one of {operators.KERNELS}"),
@@ -187,7 +224,7 @@ class RestoreConfig:
         (staged and self.stages > self.iters,
          f"stages ({self.stages}) cannot exceed iters ({self.iters})"),
         (staged and not 0 < self.t_max <= 1000, f"t_max must lie in [1, 1000], got {self.t_max}"),
-        (self.probe < 0, f"probe must be >= 0, got {self.probe}"),
+        (not 0 <= self.probe <= 1, f"probe must lie in [0, 1], got {self.probe}"),
         (self.final_share is not None and not 0 < self.final_share < 1,
          f"final_share must lie in (0, 1), got {self.final_share}"),
         ("staged" in self.stop and not (staged and self.probe),
@@ -202,9 +239,11 @@ class RestoreConfig:
         (self.input not in INPUTS, f"input must be one of {INPUTS}, got {self.input!r}"),
         (self.input == "ddpm" and self.input_t is None and self.sigma_known and not self.sigma,
          "input 'ddpm' needs input_t when the noise level is 0 or unknown"),
+        (self.input_t is not None and not 0 <= self.input_t <= 1000,
+         f"input_t must lie in [0, 1000], got {self.input_t}"),
         (self.input_extra < 0, f"input_extra must be >= 0, got {self.input_extra}"),
         (not 0 <= self.exp_weight < 1, f"exp_weight must lie in [0, 1), got {self.exp_weight}"),
-        (self.lr <= 0, f"lr must be positive, got {self.lr}"),
+        (not 0 < self.lr <= 1, f"lr must lie in (0, 1], got {self.lr}"),
         (self.reg_noise_std < 0, f"reg_noise_std must be >= 0, got {self.reg_noise_std}"),
         (self.loss not in losses.LOSSES, f"loss must be one of {tuple(losses.LOSSES)}"),
         (losses.needs_params(self.loss) and not self.vgg19,
@@ -256,12 +295,13 @@ class Restoration:
     ema, out: (seeds, H, W, C) the EMA and raw outputs after the last iteration run.
     fit_image: the fit's own restored image before the DDPM (hybrids), else None.
     trace: per-iteration arrays (seeds, iters) by :class:`fit.Trace` field, SSIM per
-      `trace_every` iterations (seeds, ceil(iters / trace_every)); NaN where not run.
+      `trace_every` iterations (seeds, ceil(iters / trace_every)); where not run, NaN
+      (the stage -1, the flags False).
     trace_every: the SSIM records' spacing.
     stage_ends: cumulative iteration at which each stage ends.
     iterations: iterations done, up to the end of the chunk in which a halt fired (fewer than
       configured when halted; the skipped ones have NaN records).
-    compile_seconds, fit_seconds: wall time of the fit's compile and of the fit.
+    compile_seconds, fit_seconds: wall time of the fit's compile and of its chunks' compute.
     ddpm: the DDPM stage's settings and timings, or None.
     scores: with a ground truth, PSNR / SSIM of 'restored', 'degraded' (same-size tasks),
       'fit' (hybrids), 'per_seed' and 'stops'; else None.
@@ -309,45 +349,65 @@ class Restoration:
     return result
 
 
+def make_physics(config: RestoreConfig, mask: np.ndarray | None = None) -> physics_lib.Physics:
+  """The config's forward model: the task's operator (inpainting: `mask` (h, w) or (h, w, 1),
+  1 = known pixel, 0 = missing) and its Gaussian noise (sigma / 255, unknown when not
+  `sigma_known`)."""
+  if config.task == "inpaint":
+    op = operators.inpainting(_mask_of(mask, np.shape(mask)))
+  elif config.task == "sr":
+    op = operators.downsampler(config.factor, config.kernel)
+  else:
+    op = operators.identity()
+  return physics_lib.Physics(op, noise_model(config))
+
+
+def noise_model(config: RestoreConfig) -> noise.GaussianNoise:
+  """The observation's noise: Gaussian of std sigma / 255, unknown when not `sigma_known`."""
+  return noise.GaussianNoise(config.sigma / 255 if config.sigma_known else None)
+
+
 def degrade(config: RestoreConfig, clean: np.ndarray, *, seed: int | list[int] | np.ndarray,
             mask: np.ndarray | None = None) -> np.ndarray:
-  """A synthetic observation of `clean` (H, W, C) for the config's task, (h, w, C) float32.
-
-  Inpainting multiplies by the binarised `mask` (H, W) or (H, W, 1), super-resolution
-  down-samples by `factor`; then Gaussian noise of std `sigma` is added and the result clipped
-  to [0, 1], drawn from ``numpy.random.default_rng(seed)`` (:func:`noise.add_noise`).
+  """A synthetic observation of `clean` (H, W, C) by the config's forward model
+  (:func:`make_physics`), (h, w, C) float32: masked (inpainting, `mask` (H, W) or (H, W, 1)) or
+  down-sampled by `factor` (super-resolution), then Gaussian noise of std `sigma` added and the
+  result clipped to [0, 1], drawn from ``numpy.random.default_rng(seed)``.
   """
   if not config.sigma_known:
     raise ValueError("degrade adds noise of a known sigma: sigma_known must be True")
-  y = np.asarray(clean, np.float32)
+  clean = io.check_image(clean, "the clean image")
   if config.task == "inpaint":
-    y = y * _binary_mask(mask, y.shape)
+    mask = _mask_of(mask, clean.shape)
   elif config.task == "sr":
-    operators.check_divisible(y.shape, config.factor)
-    y = np.asarray(operators.downsampler(config.factor, config.kernel)(jnp.asarray(y)))
-  if config.sigma:
-    y = noise.add_noise(np.random.default_rng(seed), y, config.sigma / 255)
-  return y.astype(np.float32)
+    operators.check_divisible(clean.shape, config.factor)
+  return make_physics(config, mask).measure(clean, np.random.default_rng(seed))
 
 
-def _binary_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-  """The inpainting mask as (H, W, 1) float32 in {0, 1}; ValueError if absent or misfit."""
+def _mask_of(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+  """The inpainting mask as (H, W, 1) float32 in {0, 1}; ValueError if absent, not of the
+  image's size or not binary (values within MASK_SLACK of 0 or 1 are rounded)."""
   if mask is None:
     raise ValueError("task 'inpaint' needs a mask (1 = known pixel)")
   mask = np.asarray(mask, np.float32)
   mask = mask[..., None] if mask.ndim == 2 else mask[..., :1]
-  if mask.shape[:2] != tuple(shape[:2]):
-    raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+  if mask.ndim != 3 or mask.shape[:2] != tuple(shape[:2]):
+    raise ValueError(f"the mask is {'x'.join(map(str, mask.shape[1::-1]))} but the image is "
                      f"{shape[1]}x{shape[0]}")
-  return (mask >= 0.5).astype(np.float32)  # as operators.inpainting binarises
+  binary = (np.abs(mask) <= MASK_SLACK) | (np.abs(mask - 1) <= MASK_SLACK)  # NaN: neither
+  if not binary.all():
+    raise ValueError(f"the mask must be binary (1 = known pixel, 0 = missing), but "
+                     f"{1 - binary.mean():.1%} of its pixels are neither: binarise it first")
+  return (mask >= 0.5).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Frame:
-  """The observation and ground truth padded to the network's multiple, and the operator."""
+  """The observation and ground truth padded to the network's multiple, and the forward model
+  at the padded size."""
   y: np.ndarray  # (h', w', C) padded observation
   clean: np.ndarray | None  # (H', W', C) at the network's resolution
-  operator: operators.Operator
+  physics: physics_lib.Physics
   padding: io.Padding  # of y
   scale: int
 
@@ -365,27 +425,20 @@ class Frame:
 def make_frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None = None,
                mask: np.ndarray | None = None) -> Frame:
   """The observation y (h, w, C), ground truth (H, W, C) and mask padded to the network's
-  multiple (reflect; the mask with zeros), and the task's operator; ValueError if they do not
-  fit each other."""
-  y = np.asarray(y, np.float32)
-  if y.ndim != 3 or y.shape[-1] not in (1, 3):
-    raise ValueError(f"the observation must be (h, w, 1) or (h, w, 3), got shape {y.shape}")
+  multiple (reflect; the mask with zeros), and the forward model at that size; ValueError if
+  they do not fit each other."""
   s = config.scale
+  y = io.check_image(y, "the observation", min_size=max(2, -(-MIN_SIDE // s)))
   if clean is not None:
-    clean = np.asarray(clean, np.float32)
+    clean = io.check_image(clean, "the ground truth", min_size=MIN_SIDE)
     want = (y.shape[0] * s, y.shape[1] * s, y.shape[2])
     if clean.shape != want:
       raise ValueError(f"the ground truth is {clean.shape} but the observation needs {want}")
   multiple = 2 ** config.scales
   if config.task == "inpaint":
-    m, _ = io.pad_to_multiple(_binary_mask(mask, y.shape), multiple, mode="constant")
-    op = operators.inpainting(m)
-  elif config.task == "sr":
-    op = operators.downsampler(config.factor, config.kernel)
-  else:
-    op = operators.identity()
+    mask, _ = io.pad_to_multiple(_mask_of(mask, y.shape), multiple, mode="constant")
   y, padding = io.pad_to_multiple(y, max(multiple // s, 1))
-  framed = Frame(y.astype(np.float32), None, op, padding, s)
+  framed = Frame(y.astype(np.float32), None, make_physics(config, mask), padding, s)
   if clean is None:
     return framed
   p = framed.net_padding
@@ -393,11 +446,12 @@ def make_frame(config: RestoreConfig, y: np.ndarray, clean: np.ndarray | None = 
       clean, ((p.top, p.bottom), (p.left, p.right), (0, 0)), mode="reflect"))
 
 
-def noise_sigma(config: RestoreConfig, y: np.ndarray) -> float:
-  """The observation's noise std in [0, 1] units: config.sigma / 255, or estimated from y."""
+def noise_sigma(config: RestoreConfig, frame: Frame) -> float:
+  """The observation's noise std in [0, 1] units from the frame's noise model: config.sigma /
+  255, or estimated from the (unpadded) observation."""
+  sigma = frame.physics.noise_level(io.unpad(frame.y, frame.padding))
   if config.sigma_known:
-    return config.sigma / 255
-  sigma = noise.estimate_sigma(y)
+    return sigma
   logging.info("noise level estimated from the observation: sigma = %.2f (0-255)", 255 * sigma)
   if config.method in DDPM_METHODS and sigma <= 0:
     raise ValueError(f"method {config.method!r} needs the noise level, but the estimate from "
@@ -439,11 +493,11 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
   y = jnp.asarray(frame.y)
   clean = None if frame.clean is None else jnp.asarray(frame.clean)
   if config.method != "staged":
-    problem = problems.plain_problem(net_input, y, frame.operator, config.iters, clean,
+    problem = problems.plain_problem(net_input, y, frame.physics.operator, config.iters, clean,
                                 jnp.asarray(sigma, jnp.float32))
     return problem.replace(loss_params=loss_params)
   staged = problems.staged_problems(
-      k_targets, config.seeds, net_input, y, frame.operator, config.iters,
+      k_targets, config.seeds, net_input, y, frame.physics.operator, config.iters,
       schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
       sigma=float(sigma), probe_ratio=config.probe,
       fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
@@ -495,24 +549,35 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
       seeds' mean of the last iteration's records plus 'it_per_s'.
     chunk: iterations per compiled call (progress and checkpoint granularity); any `iters`
       runs with one compiled function (iterations past the budget are skipped).
-    checkpoint_dir, checkpoint_every: Orbax checkpoints of the fit every that many iterations.
-    resume: continue from the latest checkpoint in `checkpoint_dir` (bit for bit).
+    checkpoint_dir, checkpoint_every: Orbax checkpoints of the fit every that many iterations;
+      the directory is bound to this run (:func:`fingerprint`): a new run is refused where
+      checkpoints exist.
+    resume: continue from the latest checkpoint in `checkpoint_dir`, bit for bit (from the start
+      when there is none yet); refused, naming what changed, if it is of another run.
   """
   if (resume or checkpoint_every) and not checkpoint_dir:
     raise ValueError("resume and checkpoint_every need a checkpoint_dir")
+  if (resume or checkpoint_every) and not config.fits:
+    raise ValueError(f"method {config.method!r} has no fit to checkpoint or resume")
   padded = make_frame(config, observation, clean, mask)
+  check_memory(config, np.shape(observation))
   ddpm = _load_ddpm(config, padded.y.shape[-1])
   y = io.unpad(padded.y, padded.padding)
-  sigma = noise_sigma(config, y)
-  k_problem = jax.random.fold_in(key, PROBLEM_STREAM)
-  k_fits = jax.random.split(key, config.seeds)
+  sigma = noise_sigma(config, padded)
   k_ddpm = jax.random.fold_in(key, DDPM_STREAM)
   if not config.fits:
     image, info = _ddpm_stage(config, ddpm, y, sigma, None, k_ddpm)
     return _result(config, padded, y, sigma, image, "ddpm", None, ddpm=info)
-  run = _Fit(config, padded, sigma, k_problem, k_fits,
-             chunk_length(config, chunk, checkpoint_every))
-  run.loop(progress, checkpoint_dir, checkpoint_every, resume)
+  length = chunk_length(config, chunk, checkpoint_every)
+  found = False
+  if checkpoint_every or resume:
+    found = checkpoint.bind(checkpoint_dir, fingerprint(config, padded, key, length),
+                            resume=resume)
+    if resume and not found:
+      logging.info("no checkpoint yet in %s: starting at iteration 0", checkpoint_dir)
+  run = FitRun(config, padded, sigma, key, chunk=length)
+  run.fit(progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+          resume=found)
   fit_image, restored_at = run.restored()
   image, info = fit_image, None
   if ddpm is not None:
@@ -521,22 +586,139 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
                  fit_image=fit_image if ddpm is not None else None, ddpm=info)
 
 
-class _Fit:
-  """The seeds' fits of one restoration, run chunk by chunk (:func:`restore`)."""
+def network_size(config: RestoreConfig, shape: tuple[int, ...]) -> tuple[int, int]:
+  """(H, W) of the network's output for an observation of `shape` (h, w, ...): scaled by the
+  SR factor and padded to a multiple of 2^scales."""
+  multiple = 2 ** config.scales
+  return tuple(-(-n * config.scale // multiple) * multiple for n in shape[:2])
 
-  def __init__(self, config, frame, sigma, k_problem, k_fits, chunk):
-    self.config, self.frame, self.chunk = config, frame, chunk
+
+def memory_estimate(config: RestoreConfig, shape: tuple[int, ...]) -> int:
+  """Estimated peak host memory (bytes) of :func:`restore` on a CPU for an observation of
+  `shape` (h, w, C): :data:`MEMORY_MODEL` at the network's padded resolution, plus ES-WMV's
+  window of outputs; the base alone for a method without a fit."""
+  m = MEMORY_MODEL
+  if not config.fits:
+    return int(m["base_bytes"])
+  h, w = network_size(config, shape)
+  per_channel = (m["per_pixel_channel_bytes"]
+                 + (config.seeds - 1) * m["per_extra_seed_pixel_channel_bytes"])
+  window = config.seeds * config.window * shape[-1] * 4 if "es_wmv" in config.stop else 0
+  return int(m["base_bytes"] + h * w * (m["per_pixel_bytes"] + config.width * per_channel
+                                        + window))
+
+
+def available_memory() -> int | None:
+  """Bytes this process may still allocate: the host's MemAvailable, or less where a cgroup
+  (v2) limit leaves less; None if unknown (not Linux)."""
+  try:
+    with open("/proc/meminfo") as f:
+      fields = dict(line.split(":", 1) for line in f)
+    free = int(fields["MemAvailable"].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
+  try:
+    with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+      limit, used = f.read().strip(), int(g.read())
+    if limit != "max":
+      free = min(free, int(limit) - used)
+  except (OSError, ValueError):
+    pass
+  return free
+
+
+def check_memory(config: RestoreConfig, shape: tuple[int, ...]) -> None:
+  """Logs the run's memory estimate on a CPU and refuses (ValueError) a run that would need more
+  than is available, before any work."""
+  if jax.default_backend() != "cpu":
+    return
+  need, free = memory_estimate(config, shape), available_memory()
+  gib = lambda n: f"{n / 2**30:.1f} GiB"
+  logging.info("memory: about %s needed (estimate), %s available", gib(need),
+               "?" if free is None else gib(free))
+  if free is not None and need > free:
+    raise ValueError(
+        f"a {shape[1]}x{shape[0]} image at width {config.width} with {config.seeds} seed(s) "
+        f"needs about {gib(need)} (estimate) but {gib(free)} is available: crop the image, "
+        "or lower the width or the seeds")
+
+
+def fingerprint(config: RestoreConfig, frame: Frame, key: jax.Array,
+                chunk: int) -> dict[str, str]:
+  """What defines a fit, as text by name (:func:`checkpoint.bind`): every config setting but the
+  DDPM stage's, digests of the observation, ground truth and mask, the key and the iterations
+  per compiled call (which set the checkpoint's trace layout)."""
+
+  def digest(a: np.ndarray | None) -> str:
+    if a is None:
+      return "none"
+    a = np.ascontiguousarray(a, np.float32)
+    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()[:16]
+
+  key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  fp = {f.name: json.dumps(getattr(config, f.name)) for f in dataclasses.fields(config)
+        if f.name not in _AFTER_FIT_FIELDS}
+  return fp | {"observation": digest(frame.y), "ground_truth": digest(frame.clean),
+               "mask": digest(getattr(frame.physics.operator, "mask", None)),
+               "key": str(np.asarray(key).tolist()),
+               "iterations per call (chunk, checkpoint_every)": str(chunk)}
+
+
+def _host(tree):
+  """A pytree of arrays as numpy; an array that spans processes (a multi-process run) gathered
+  from all of them, so that each process holds the whole."""
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)
+
+
+CompileFn = Callable[..., Callable]  # fit.compile_many's signature
+
+
+class FitRun:
+  """The seeds' fits of one restoration, run chunk by chunk: the loop of :func:`restore`.
+
+  Programs that run many fits use it directly: a grid passes a `compile_fn` that keeps compiled
+  chunks across configs and a `mesh` to shard the seeds; a report reads outputs between chunks
+  through `on_chunk`.
+
+  Attributes:
+    problem, net, fit_config, shared: what :func:`fit.compile_many` takes (`shared`: one problem
+      for all seeds; the staged problem is stacked per seed).
+    states: the seeds' train states (leading axis: seeds).
+    trace: the records (seeds, iters) by :class:`fit.Trace` field, SSIM (seeds,
+      ceil(iters / segment)) (:func:`fit.blank_trace` where not run).
+    compile_seconds, fit_seconds: the chunk's compile; the chunks' compute (without recording,
+      callbacks and checkpoints).
+  """
+
+  def __init__(self, config: RestoreConfig, frame: Frame, sigma: float, key: jax.Array, *,
+               chunk: int, mesh: jax.sharding.Mesh | None = None, stop_diverged: bool = True):
+    """`key`: the run's key (the problem from fold_in(key, PROBLEM_STREAM), the fits from
+    split(key, seeds)); `chunk`: iterations per compiled call (:func:`chunk_length`);
+    `stop_diverged`: raise DivergedError when every seed diverges (a grid records it instead)."""
+    self.config, self.frame, self.chunk, self.mesh = config, frame, chunk, mesh
+    self.stop_diverged = stop_diverged
     self.fit_config = fit_config(config, chunk)
-    self.problem = build_problem(k_problem, config, frame, sigma)
+    self.problem = build_problem(jax.random.fold_in(key, PROBLEM_STREAM), config, frame, sigma)
     self.shared = config.method != "staged"
     self.net = network(config, frame.y.shape[-1])
-    self.states = fit.init_many(k_fits, self.net, self.problem, self.fit_config,
-                                shared=self.shared)
-    every = self.fit_config.segment
-    self.trace = {f.name: np.full((config.seeds, -(-config.iters // every) if f.name.startswith(
-        "ssim") else config.iters), np.nan, np.float32) for f in dataclasses.fields(fit.Trace)}
+    # The states depend on the problem only through its shapes: drawn for the plain problem of
+    # those shapes, so plain and staged runs share net.init's compiled ops.
+    p = self.problem if self.shared else jax.tree.map(lambda x: x[0], self.problem)
+    plain = problems.plain_problem(p.inputs, p.observation, p.operator, 1, p.clean, p.sigma)
+    self.states = fit.init_many(jax.random.split(key, config.seeds), self.net, plain,
+                                self.fit_config)
+    if mesh is not None and jax.process_count() > 1:  # host arrays, sharded by the compiled chunk
+      self.states, self.problem = jax.device_get((self.states, self.problem))
+    self.trace = fit.blank_trace(config.seeds, config.iters, self.fit_config.segment)
     self.compile_seconds = self.fit_seconds = 0.0
     self.start = 0
+    self._chunk_fn = None
 
   @property
   def stage_ends(self) -> tuple[int, ...]:
@@ -545,33 +727,63 @@ class _Fit:
 
   @property
   def done(self) -> int:
-    return min(int(self.states.step[0]), self.config.iters)
+    """Iterations run (to the end of the chunk in which a halt fired)."""
+    return min(int(_host(self.states.step)[0]), self.config.iters)
 
-  def loop(self, progress, checkpoint_dir, checkpoint_every, resume) -> None:
-    """Compiles one chunk and runs chunks to the budget or until the halting criterion fires."""
-    if resume:
-      self._resume(checkpoint_dir)
+  def compile(self, compile_fn: CompileFn = fit.compile_many) -> Callable:
+    """Compiles the chunk ``run(states, problem) -> (states, trace)`` (with `compile_fn`, e.g. a
+    cache of :func:`fit.compile_many`) and returns it."""
     t0 = time.perf_counter()
-    run_chunk = fit.compile_many(self.states, self.problem, self.chunk, net=self.net,
-                                 config=self.fit_config, shared=self.shared)
-    t1 = time.perf_counter()
-    self.compile_seconds = t1 - t0
-    logging.info("compiled in %.1f s (%s, %s, %d seed(s), %s width %d)", t1 - t0,
+    self._chunk_fn = compile_fn(self.states, self.problem, self.chunk, net=self.net,
+                                config=self.fit_config, shared=self.shared, mesh=self.mesh)
+    self.compile_seconds = time.perf_counter() - t0
+    logging.info("compiled in %.1f s (%s, %s, %d seed(s), %s width %d)", self.compile_seconds,
                  jax.default_backend(), "x".join(map(str, self.states.out.shape[2:0:-1])),
                  self.config.seeds, self.config.net, self.config.width)
-    halt = self.fit_config.halt
-    while self.done < self.config.iters:
-      lo = self.done
-      self.states, chunk = run_chunk(self.states, self.problem)
-      self._record(lo, chunk)
+    return self._chunk_fn
+
+  def fit(self, *, progress: Progress | None = None,
+          on_chunk: Callable[[FitRun], None] | None = None, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 0, resume: bool = False) -> None:
+    """Runs chunks to the budget or until the halting criterion has fired for every seed,
+    after compiling (:meth:`compile`) if not done; `on_chunk(self)` after each chunk."""
+    if resume:
+      self._resume(checkpoint_dir)
+    if self._chunk_fn is None:
+      self.compile()
+    while self.done < self.config.iters and not self._halted():
+      lo, t0 = self.done, time.perf_counter()
+      self.states, records = jax.block_until_ready(self._chunk_fn(self.states, self.problem))
+      self.fit_seconds += time.perf_counter() - t0
+      self._record(lo, _host(records))
+      if self.stop_diverged:
+        self._check_divergence()
+      if on_chunk is not None:
+        on_chunk(self)
       if progress is not None:
-        progress(self.done, self.config.iters, self._latest(time.perf_counter() - t1))
+        progress(self.done, self.config.iters, self._latest())
       if checkpoint_every and self.done % checkpoint_every == 0:
         checkpoint.save(checkpoint_dir, self.done, {"state": self.states, "trace": self.trace})
-      if halt is not None and bool(np.all(np.asarray(self.states.monitors.fired[:, 0]))):
-        logging.info("%s fired for every seed: halted at iteration %d", halt.name, self.done)
-        break
-    self.fit_seconds = time.perf_counter() - t1
+    if self._halted():
+      logging.info("%s fired for every seed: halted at iteration %d", self.fit_config.halt.name,
+                   self.done)
+    if jax.process_count() > 1:
+      self.states = _host(self.states)
+
+  def _halted(self) -> bool:
+    """Whether the halting criterion (if any) has fired for every seed."""
+    return self.fit_config.halt is not None and bool(
+        np.all(_host(self.states.monitors.fired[:, 0])))
+
+  def _check_divergence(self) -> None:
+    """DivergedError when every seed was rolled back in at least DIVERGED_SHARE of its last
+    (up to 100) iterations: its steps keep producing non-finite or collapsing outputs."""
+    recent = self.trace["rolled_back"][:, max(0, self.done - 100):self.done]
+    if recent.shape[1] >= 10 and np.all(recent.mean(axis=1) >= DIVERGED_SHARE):
+      raise DivergedError(
+          f"the fit diverged: {recent.mean():.0%} of iterations {self.done - recent.shape[1] + 1}"
+          f"-{self.done} were rolled back (non-finite or collapsing outputs) in every seed; "
+          f"lower lr (now {self.config.lr:g})")
 
   def _resume(self, checkpoint_dir) -> None:
     step = checkpoint.latest_step(checkpoint_dir)
@@ -583,10 +795,10 @@ class _Fit:
     self.start = self.done
     logging.info("resumed from iteration %d of %d", step, self.config.iters)
 
-  def _record(self, lo: int, chunk: fit.Trace) -> None:
+  def _record(self, lo: int, records: fit.Trace) -> None:
     n = self.done - lo
     every = self.fit_config.segment
-    for name, values in vars(chunk).items():
+    for name, values in vars(records).items():
       values = np.asarray(values)
       if name.startswith("ssim"):
         first, count = lo // every, -(-n // every)
@@ -594,12 +806,13 @@ class _Fit:
       else:
         self.trace[name][:, lo:lo + n] = values[:, :n]
 
-  def _latest(self, seconds: float) -> dict[str, float]:
+  def _latest(self) -> dict[str, float]:
     """The seeds' mean records of the last iteration run (before a halt), and the speed."""
     ran = np.flatnonzero(np.isfinite(self.trace["loss"][:, :self.done]).any(0))
     i = ran[-1] if ran.size else self.done - 1
     latest = {k: float(np.nanmean(v[:, i])) for k, v in self.trace.items()
               if not k.startswith("ssim") and np.isfinite(v[:, i]).any()}
+    seconds = self.fit_seconds
     latest["it_per_s"] = (self.done - self.start) / seconds if seconds > 0 else float("nan")
     return latest
 
@@ -611,6 +824,8 @@ class _Fit:
     return self.frame.unpad(np.asarray(self.states.ema)).mean(0), "last iteration"
 
   def stops(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per criterion, (1-based stop iterations (seeds,), EMA outputs there (seeds, H, W, C));
+    iteration 0 where its score was never defined."""
     return {name: (np.asarray(step) + 1, self.frame.unpad(np.asarray(kept)))
             for name, (step, kept) in fit.stops(self.states, self.fit_config).items()}
 

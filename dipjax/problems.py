@@ -96,6 +96,9 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
   """
   if probe_ratio < 0:
     raise ValueError(f"probe_ratio must be >= 0, got {probe_ratio}")
+  if not 0 <= t_max <= schedule.num_steps:
+    raise ValueError(f"t_max must lie in [0, {schedule.num_steps}] (the schedule's timesteps), "
+                     f"got {t_max}")
   weights = None
   if final_share is not None:
     if not 0.0 < final_share < 1.0:

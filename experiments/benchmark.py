@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
 import resource
 import sys
 import time
@@ -41,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 from dipjax import fit
 from dipjax import layers
 from dipjax import pipeline
@@ -295,28 +294,6 @@ def _torch_dip():
   return torch_dip
 
 
-def _cpuinfo(key: str) -> str | None:
-  """The first `key` line's value in /proc/cpuinfo, or None."""
-  if not os.path.exists("/proc/cpuinfo"):
-    return None
-  with open("/proc/cpuinfo") as f:
-    return next((l.split(":", 1)[1].strip() for l in f if l.split(":")[0].strip() == key), None)
-
-
-def _host() -> str:
-  return f"{_cpuinfo('model name') or platform.machine()}, {os.cpu_count()} cores"
-
-
-def machine_tag() -> str:
-  """The result files' machine: the accelerator's kind, or cpu_ and the widest x86 vector ISA."""
-  if jax.default_backend() != "cpu":
-    return re.sub(r"[^a-z0-9]+", "_", jax.devices()[0].device_kind.lower()).strip("_")
-  cpu_flags = (_cpuinfo("flags") or "").split()
-  isa = ("avx512" if "avx512f" in cpu_flags else "avx2" if "avx2" in cpu_flags
-         else platform.machine().lower())
-  return f"cpu_{isa}"
-
-
 def _grid() -> str:
   """Which grid a run measured: quick, full (no grid flag given) or custom."""
   if _QUICK.value:
@@ -425,7 +402,7 @@ def main(argv):
   if fits[0] != 1:
     raise app.UsageError("--fits must start with 1 (the reference)")
   torch_dip = _torch_dip()
-  machine = _MACHINE.value or machine_tag()
+  machine = _MACHINE.value or common.machine_tag()
   stem = os.path.join(_OUT_DIR.value, f"benchmark_{machine}") if _OUT_DIR.value else None
   if stem:
     os.makedirs(_OUT_DIR.value, exist_ok=True)
@@ -433,7 +410,7 @@ def main(argv):
   result = dict(
       flags=_command_flags(sys.argv[1:]), grid=_grid(), machine=machine,
       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-      device=f"{jax.devices()[0].device_kind} x{jax.device_count()} ({_host()})",
+      device=f"{jax.devices()[0].device_kind} x{jax.device_count()} ({common.host()})",
       jax=jax.__version__, torch=None if torch_dip is None else torch_dip.torch.__version__,
       iters=_ITERS.value, repeats=_REPEATS.value, matmul_gflops=matmul_gflops(),
       memory_gbps=memory_gbps(), peak_memory="", rows=[], layers=[], many_fits=[])

@@ -3,8 +3,9 @@
 ``start(argv, script)`` keeps the script's and dipjax.pipeline's INFO lines in the log and
 turns on JAX's persistent compilation cache (--cache_dir: a second run of the same command
 compiles nothing); ``join(coordinator, ...)`` makes the process one of a multi-process JAX job;
-``errors(name)`` turns a ValueError or FileNotFoundError (bad flags, unreadable images) into one
-line on stderr and exit status 1; ``run_main(script, run)`` is a script's whole main, both
+``errors(name)`` turns a ValueError or FileNotFoundError (bad flags, unreadable images) or a
+diverged fit into one line on stderr and exit status 1; ``writable_dir(path)`` checks an
+output directory before any work; ``run_main(script, run)`` is a script's whole main, both
 together; ``cache_events()`` counts the cache's hits and misses.
 """
 
@@ -64,13 +65,26 @@ def join(coordinator: str, num_processes: int, process_id: int) -> None:
 
 @contextlib.contextmanager
 def errors(name: str) -> Iterator[None]:
-  """Bad input (ValueError, FileNotFoundError; io.ImageError is a ValueError) becomes one line
-  'name: error: ...' on stderr and exit status 1, not a traceback."""
+  """Bad input (ValueError, FileNotFoundError; io.ImageError is a ValueError) and a diverged fit
+  become one line 'name: error: ...' on stderr and exit status 1, not a traceback."""
   try:
     yield
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, pipeline.DivergedError) as e:
     print(f"{name}: error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def writable_dir(path: str, flag: str = "--out_dir") -> None:
+  """A ValueError naming `flag` unless directory `path` exists and is writable, or can be
+  created (its nearest existing ancestor is a writable directory); checked before any work,
+  and nothing is created."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"{flag} {path}: cannot write there ({existing} is a file)")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag} {path}: cannot write there ({existing} is not writable)")
 
 
 def cache_events() -> collections.Counter:

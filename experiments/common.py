@@ -4,7 +4,7 @@ The results store (JSON-lines rows keyed by the sha1 of their config, appended u
 their arrays in an atomically written .npz outside the tracked tree), image loading for grids
 (``expand_images``, ``load_clean``, ``noisy_image``: the noise of an image depends only on
 its file name, sigma and a seed), scores (``quality``, ``uint8``), the (C)BM3D baseline,
-markdown tables and list-flag parsing.
+markdown tables, list-flag parsing and the machine's tag for results files (``machine_tag``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import hashlib
 import json
 import math
 import os
+import platform
+import re
 import zlib
 from typing import Any, Callable, Iterable
 
 from absl import logging
+import jax
 import numpy as np
 
 from dipjax import io
@@ -208,3 +211,27 @@ def parse_list(flag: str, values: list[str], kind: Callable[[str], Any]) -> tupl
     return tuple(kind(v) for v in values)
   except ValueError:
     raise ValueError(f"--{flag}: cannot read {values} as {kind.__name__}s") from None
+
+
+def _cpuinfo(key: str) -> str | None:
+  """The first `key` line's value in /proc/cpuinfo, or None."""
+  if not os.path.exists("/proc/cpuinfo"):
+    return None
+  with open("/proc/cpuinfo") as f:
+    return next((l.split(":", 1)[1].strip() for l in f if l.split(":")[0].strip() == key), None)
+
+
+def host() -> str:
+  """The CPU's model name and core count."""
+  return f"{_cpuinfo('model name') or platform.machine()}, {os.cpu_count()} cores"
+
+
+def machine_tag() -> str:
+  """A results file's machine: the accelerator's kind, or cpu_ and the widest x86 vector ISA
+  (the virtual CPUs here report only "AMD EPYC" as their model)."""
+  if jax.default_backend() != "cpu":
+    return re.sub(r"[^a-z0-9]+", "_", jax.devices()[0].device_kind.lower()).strip("_")
+  cpu_flags = (_cpuinfo("flags") or "").split()
+  isa = ("avx512" if "avx512f" in cpu_flags else "avx2" if "avx2" in cpu_flags
+         else platform.machine().lower())
+  return f"cpu_{isa}"

@@ -64,9 +64,9 @@ import cli
 import common
 import fits
 import grid_spec
-from dipjax import fit
 from dipjax import io
 from dipjax import metrics
+from dipjax import pipeline
 from dipjax import schedules
 from dipjax.ddpm import solvers as ddpm_solvers
 from dipjax.ddpm import train as ddpm_train
@@ -388,39 +388,30 @@ class Report:
   def _fit(self, config: dict, clean: np.ndarray, noisy: np.ndarray) -> tuple[dict, dict]:
     """One DIP fit in chunks, its EMA output kept at every checkpoint: (row fields, arrays)."""
     spec = self.spec
-    s = fits.setup(config, clean, noisy)
-    s = dataclasses.replace(s, config=dataclasses.replace(s.config, segment=spec.chunk),
-                            chunk=spec.chunk)
-    states = fits.init_states(s)
-    t0 = time.perf_counter()
-    run, fresh = self.compiler.get(s, states)
-    compile_s = time.perf_counter() - t0 if fresh else 0.0
-    sigma, elapsed, curve = config["sigma"] / 255, 0.0, []
-    checkpoints, arrays = {}, {}
-    for done in range(spec.chunk, spec.dip_total + 1, spec.chunk):
-      t0 = time.perf_counter()
-      states, trace = run(states, s.problem)
-      jax.block_until_ready(states.ema)
-      elapsed += time.perf_counter() - t0
-      curve.append(np.asarray(trace.psnr_clean_ema[0]))
-      if done in spec.dip_iters:
-        ema = s.frame.unpad(np.asarray(states.ema[0]))
-        arrays[f"ema_{done}"] = ema
-        checkpoints[str(done)] = dict(
-            _quality(ema, clean), seconds=round(elapsed, 3),
+    run, _ = fits.setup(config, clean, noisy, chunk=spec.chunk)
+    run.compile(self.compiler)
+    sigma, checkpoints, arrays = config["sigma"] / 255, {}, {}
+
+    def keep(fitted: pipeline.FitRun) -> None:
+      if fitted.done in spec.dip_iters:
+        ema = fitted.frame.unpad(np.asarray(fitted.states.ema[0]))
+        arrays[f"ema_{fitted.done}"] = ema
+        checkpoints[str(fitted.done)] = dict(
+            _quality(ema, clean), seconds=round(fitted.fit_seconds, 3),
             est_mse=float(ddpm_solvers.estimate_dip_error(ema, noisy, sigma)),
             mse=float(np.mean((ema - clean) ** 2)))
-    final = s.frame.unpad(np.asarray(states.ema[0]))
-    stops = {}
-    for name, (step, kept) in fit.stops(states, s.config).items():
-      step = int(step[0])  # -1: the score was never defined (ES-WMV before its window)
-      image = final if step < 0 else s.frame.unpad(np.asarray(kept[0]))
-      stops[name] = dict(_quality(image, clean), no_stop=step < 0,
-                         iteration=(spec.dip_total - 1 if step < 0 else step) + 1)
+
+    run.fit(on_chunk=keep)
+    final, stops = run.frame.unpad(np.asarray(run.states.ema[0])), {}
+    for name, (iteration, image) in run.stops().items():
+      missing = iteration[0] == 0  # its score was never defined (ES-WMV before its window)
+      image = final if missing else image[0]
+      stops[name] = dict(_quality(image, clean), no_stop=bool(missing),
+                         iteration=spec.dip_total if missing else int(iteration[0]))
       arrays[f"stop_{name}"] = common.uint8(image)
-    arrays["curve"] = np.concatenate(curve)
-    return dict(checkpoints=checkpoints, stops=stops, compile_s=round(compile_s, 2),
-                seconds=round(elapsed, 3), noisy=_quality(noisy, clean)), arrays
+    arrays["curve"] = run.trace["psnr_clean_ema"][0]
+    return dict(checkpoints=checkpoints, stops=stops, compile_s=round(run.compile_seconds, 2),
+                seconds=round(run.fit_seconds, 3), noisy=_quality(noisy, clean)), arrays
 
   def _generation(self, model: dict, clean: np.ndarray, x_hat: np.ndarray, key: jax.Array,
                   dip_key: str) -> None:

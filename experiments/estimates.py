@@ -59,11 +59,11 @@ def calibrate(job: grid_spec.Job, clean: np.ndarray,
     t0 = time.perf_counter()
     common.bm3d_denoise(noisy, config["sigma"] / 255)
     return time.perf_counter() - t0, 0.0
-  s = fits.setup(config, clean, noisy)
-  states, problem, run, compile_s = fits.ready(s, compiler)
+  run, _ = fits.setup(config, clean, noisy, compiler.mesh)
+  chunk_fn = run.compile(compiler)
   t0 = time.perf_counter()
-  jax.block_until_ready(run(states, problem))
-  return 1000 * (time.perf_counter() - t0) / (s.chunk * config["seeds"]), compile_s
+  jax.block_until_ready(chunk_fn(run.states, run.problem))
+  return 1000 * (time.perf_counter() - t0) / (run.chunk * config["seeds"]), run.compile_seconds
 
 
 def estimate(pending: list[grid_spec.Job], sizes: dict[str, tuple[int, int]], rows: list[dict],

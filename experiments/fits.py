@@ -1,13 +1,12 @@
-"""The compiled fits of one grid config (experiments/grid.py, experiments/ddpm_report.py): the
-network, fit settings, problem and seed keys built by dipjax.pipeline (``setup``), compiled
-chunks kept per signature (``Compiler``), the fits run in chunks (``run_fits``) and scored at
-every criterion's stop (``score_fits``); ``fit_row`` does all of it for a grid row.
+"""The fits of one grid config (experiments/grid.py, experiments/ddpm_report.py): a
+dipjax.pipeline.FitRun built as restore() builds it (``setup``), compiled chunks kept per
+signature across configs (``Compiler``), the fits scored at every criterion's stop
+(``score_fits``); ``fit_row`` does all of it for a grid row.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import math
 import time
@@ -15,7 +14,6 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,20 +28,6 @@ from dipjax import stopping
 CHUNK_ITERS = 100  # iterations per compiled call: gcd(iters, CHUNK_ITERS); calibration: one
 CURVES = ("psnr_clean_ema", "psnr_clean", "psnr_obs_ema", "psnr_target_ema", "stage", "wmv",
           "emv", "noise_fit_ema", "mse_est_ema")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """Everything one config's fits need: the network, the fit settings, the problem (one for
-  all seeds if `shared`, else stacked per seed), the seeds' keys."""
-  net: Any
-  config: fit.FitConfig
-  problem: problems.Problem
-  keys: jax.Array
-  frame: pipeline.Frame
-  chunk: int
-  info: dict
-  shared: bool = True
 
 
 def restore_config(config: dict) -> pipeline.RestoreConfig:
@@ -62,33 +46,36 @@ def restore_config(config: dict) -> pipeline.RestoreConfig:
       stop=tuple(config["criteria"]), halt=False, window=config.get("window", 100))
 
 
-def setup(config: dict, clean: np.ndarray, noisy: np.ndarray) -> Setup:
-  """The network, fit settings, problem (y and clean padded to 2^scales) and seed keys of a fit
-  config, built by dipjax.pipeline as restore() builds them (its seeding convention)."""
+def setup(config: dict, clean: np.ndarray, noisy: np.ndarray,
+          mesh: jax.sharding.Mesh | None = None,
+          chunk: int | None = None) -> tuple[pipeline.FitRun, dict]:
+  """The fits of a grid config on `noisy` as dipjax.pipeline.restore builds them (its seeding
+  convention, the key PRNGKey(seed_base)), `chunk` iterations per compiled call (default
+  gcd(iters, CHUNK_ITERS)), and the row fields they add (the estimated sigma, the input's
+  timestep, the stage ends)."""
   rc = restore_config(config)
   frame = pipeline.make_frame(rc, noisy, clean)
-  sigma = pipeline.noise_sigma(rc, noisy)
+  sigma = pipeline.noise_sigma(rc, frame)
   info = {} if rc.sigma_known else dict(sigma_used=round(sigma * 255, 4))
   if rc.input == "ddpm":
     info["input_t"] = pipeline.input_timestep(rc, sigma)
-  key = jax.random.PRNGKey(config["seed_base"])
-  problem = pipeline.build_problem(jax.random.fold_in(key, pipeline.PROBLEM_STREAM), rc, frame,
-                                   sigma)
-  shared = rc.method != "staged"
-  if not shared:
-    info["stage_ends"] = [int(e) for e in problem.ends[0]]
-  chunk = math.gcd(config["iters"], CHUNK_ITERS)
-  return Setup(pipeline.network(rc, noisy.shape[-1]), pipeline.fit_config(rc, chunk), problem,
-               jax.random.split(key, config["seeds"]), frame, chunk, info, shared)
+  run = pipeline.FitRun(rc, frame, sigma, jax.random.PRNGKey(config["seed_base"]),
+                        chunk=chunk or math.gcd(config["iters"], CHUNK_ITERS), mesh=mesh,
+                        stop_diverged=False)  # a diverged config is a row (its roll-backs)
+  if not run.shared:
+    info["stage_ends"] = list(run.stage_ends)
+  return run, info
 
 
 class Compiler:
-  """The compiled chunk of fits (``fit.compile_many``) per static signature, built once.
+  """:func:`fit.compile_many` with its compiled chunks kept per static signature, built once
+  (``FitRun.compile(compiler)``).
 
   Keeps the `keep` most recently used: XLA:CPU maps each executable's code into memory until
   JAX's caches are cleared, and a long grid with many shapes would pass the kernel's limit on
-  memory mappings (vm.max_map_count) otherwise. With a `mesh` (``fit.fits_mesh()``) each
-  config's seeds are sharded over its devices, those of every process in a multi-process run.
+  memory mappings (vm.max_map_count) otherwise. `mesh` (``fit.fits_mesh()``): the mesh the
+  grid's fits are set up with (:func:`setup`), sharding each config's seeds over its devices,
+  those of every process in a multi-process run.
   """
 
   def __init__(self, keep: int = 8, mesh: jax.sharding.Mesh | None = None):
@@ -96,71 +83,21 @@ class Compiler:
     self._keep = keep
     self.mesh = mesh
 
-  def get(self, s: Setup, states: fit.TrainState) -> tuple[Callable, bool]:
-    """(run(states, problem) -> (states, trace) for s.chunk iterations, whether it was compiled
-    now)."""
-    leaves, tree = jax.tree.flatten((states, s.problem))
-    signature = (s.net, s.config, s.chunk, s.shared, tree,
+  def __call__(self, states: fit.TrainState, problem: problems.Problem, iters: int, *,
+               net: Any, config: fit.FitConfig, shared: bool,
+               mesh: jax.sharding.Mesh | None = None) -> Callable:
+    leaves, tree = jax.tree.flatten((states, problem))
+    signature = (net, config, iters, shared, mesh, tree,
                  tuple((x.shape, str(x.dtype)) for x in leaves))
     if signature in self._compiled:
       self._compiled.move_to_end(signature)
-      return self._compiled[signature], False
+      return self._compiled[signature]
     if len(self._compiled) >= self._keep:
       self._compiled.popitem(last=False)
       jax.clear_caches()
-    self._compiled[signature] = fit.compile_many(states, s.problem, s.chunk, net=s.net,
-                                                 config=s.config, shared=s.shared,
-                                                 mesh=self.mesh)
-    return self._compiled[signature], True
-
-
-def init_states(s: Setup) -> fit.TrainState:
-  """Fresh states for the config's seeds. They depend on the problem only through the input and
-  image shapes, so they are drawn for the plain problem of those shapes: one compiled init
-  (slow to compile: net.init) serves plain and staged configs alike."""
-  p = s.problem if s.shared else jax.tree.map(lambda x: x[0], s.problem)
-  plain = problems.plain_problem(p.inputs, p.observation, p.operator, 1, p.clean, p.sigma)
-  return fit.init_many(s.keys, s.net, plain, s.config)
-
-
-def _to_host(tree: Any) -> Any:
-  """A pytree of arrays as numpy: gathered from every process in a multi-process run (where
-  arrays span processes), so each process holds the whole result."""
-  if jax.process_count() > 1:
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
-
-
-def ready(s: Setup, compiler: Compiler) -> tuple[fit.TrainState, problems.Problem, Callable, float]:
-  """Fresh states and the problem as the compiled chunk takes them, the chunk, and the seconds
-  spent compiling (0 when reused). In a multi-process run both are host arrays, equal in every
-  process, which the chunk shards over the global mesh."""
-  t0 = time.perf_counter()
-  states, problem = init_states(s), s.problem
-  if jax.process_count() > 1:
-    states, problem = jax.device_get((states, problem))
-  run, fresh = compiler.get(s, states)
-  return states, problem, run, time.perf_counter() - t0 if fresh else 0.0
-
-
-def run_fits(s: Setup, compiler: Compiler, iters: int, progress: Callable[[int, dict], None]
-             = lambda done, trace: None) -> tuple[fit.TrainState, dict, float, float]:
-  """Fits the config's seeds for `iters` iterations in compiled chunks.
-
-  Returns (states, trace arrays (M, n) by field (SSIM per chunk), seconds compiling (0 when
-  reused), fit s).
-  """
-  states, problem, run, compile_s = ready(s, compiler)
-  chunks = collections.defaultdict(list)
-  t0 = time.perf_counter()
-  for done in range(s.chunk, iters + 1, s.chunk):
-    states, trace = run(states, problem)
-    for name, value in vars(_to_host(trace)).items():
-      chunks[name].append(value)
-    progress(done, chunks)
-  states = _to_host(states)
-  fit_s = time.perf_counter() - t0
-  return states, {k: np.concatenate(v, axis=1) for k, v in chunks.items()}, compile_s, fit_s
+    self._compiled[signature] = fit.compile_many(states, problem, iters, net=net, config=config,
+                                                 shared=shared, mesh=mesh)
+    return self._compiled[signature]
 
 
 @functools.partial(jax.jit, static_argnames="criterion")
@@ -169,29 +106,29 @@ def _fired_at(criterion: stopping.Criterion, records: dict, noise_std: jax.Array
   return jax.vmap(lambda r: stopping.detect(criterion, r, noise_std).fired_at)(records)
 
 
-def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
-               clean: np.ndarray) -> tuple[dict, dict]:
+def score_fits(config: dict, run: pipeline.FitRun, clean: np.ndarray) -> tuple[dict, dict]:
   """Per criterion: the stops, PSNR/SSIM of the kept EMA outputs and their ensemble, and the
   scores against the oracle peak. Returns (row fields, arrays for the .npz).
 
   A criterion without any stop (its score was never defined, e.g. ES-WMV in a run shorter
   than its window) falls back to the last iteration (counted in `no_stop`).
   """
-  iters = config["iters"]
+  iters, states, trace, problem = config["iters"], run.states, run.trace, run.problem
   peak_psnr = np.nanmax(trace["psnr_clean_ema"], axis=1)
   peak_step = np.nanargmax(trace["psnr_clean_ema"], axis=1)
-  final = s.frame.unpad(np.asarray(states.ema))
+  final = run.frame.unpad(np.asarray(states.ema))
   records = fit.trace_records(fit.Trace(**{k: jnp.asarray(v) for k, v in trace.items()}))
-  observation = s.problem.observation if s.shared else s.problem.observation[0]
-  sigma = s.problem.sigma if s.shared else s.problem.sigma[0]  # the fit's (known or estimated)
+  observation = problem.observation if run.shared else problem.observation[0]
+  sigma = problem.sigma if run.shared else problem.sigma[0]  # the fit's (known or estimated)
   noise_std = noise.noise_std(observation, sigma)  # as the fit's monitors
   results = dict(oracle_peak=dict(step=peak_step.tolist(), psnr=np.round(peak_psnr, 4).tolist()),
                  rolled_back=np.sum(trace["rolled_back"], axis=1).tolist(), criteria={})
   arrays = {f"curve_{name}": trace[name] for name in CURVES}
   arrays.update(oracle_step=peak_step, oracle_psnr=peak_psnr)
-  for criterion, (stop, kept) in zip(s.config.criteria, fit.stops(states, s.config).values()):
+  for criterion, (stop, kept) in zip(run.fit_config.criteria,
+                                     fit.stops(states, run.fit_config).values()):
     name = criterion.name
-    stop, kept = np.asarray(stop), s.frame.unpad(np.asarray(kept))
+    stop, kept = np.asarray(stop), run.frame.unpad(np.asarray(kept))
     missing = stop < 0
     stop = np.where(missing, iters - 1, stop)
     kept = np.where(missing[:, None, None, None], final, kept)
@@ -213,19 +150,21 @@ def score_fits(config: dict, s: Setup, states: fit.TrainState, trace: dict,
 def fit_row(config: dict, clean: np.ndarray, noisy: np.ndarray,
             compiler: Compiler) -> tuple[dict, dict]:
   """Fits a config's seeds on `noisy` and scores them (a progress line a minute): (row fields,
-  arrays for the .npz)."""
-  s = setup(config, clean, noisy)
+  arrays for the .npz). compile_s and fit_s time the compile and the chunks' compute alone
+  (rows before 2026-12-07 also counted initialisation and host transfers)."""
+  run, info = setup(config, clean, noisy, compiler.mesh)
+  run.compile(compiler)
   last_log = [time.perf_counter()]
 
-  def progress(done: int, chunks: dict) -> None:
-    if time.perf_counter() - last_log[0] >= 60 and done < config["iters"]:
+  def progress(done: int, iters: int, latest: dict) -> None:
+    if time.perf_counter() - last_log[0] >= 60 and done < iters:
       last_log[0] = time.perf_counter()
       logging.info("  %s %s: iteration %d/%d, EMA PSNR %.2f dB (mean of %d fits)",
-                   config["image"], config["method"], done, config["iters"],
-                   np.mean(chunks["psnr_clean_ema"][-1][:, -1]), config["seeds"])
+                   config["image"], config["method"], done, iters, latest["psnr_clean_ema"],
+                   config["seeds"])
 
-  states, trace, compile_s, fit_s = run_fits(s, compiler, config["iters"], progress)
-  results, arrays = score_fits(config, s, states, trace, clean)
-  return dict(compile_s=round(compile_s, 2), fit_s=round(fit_s, 2),
-              ms_per_it=round(1000 * fit_s / (config["iters"] * config["seeds"]), 3),
-              **s.info, **results), arrays
+  run.fit(progress=progress)
+  results, arrays = score_fits(config, run, clean)
+  return dict(compile_s=round(run.compile_seconds, 2), fit_s=round(run.fit_seconds, 2),
+              ms_per_it=round(1000 * run.fit_seconds / (config["iters"] * config["seeds"]), 3),
+              **info, **results), arrays

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 
 from absl import flags
 from absl import logging
@@ -54,7 +55,8 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Iterations between progress
                                   "compiled call).")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 0,
                                          "Iterations between checkpoints (0: none).")
-_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --out_dir.")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --out_dir "
+                            "(from the start if none yet; refused if of other settings).")
 
 # One flag per RestoreConfig field, of the same name; None: the library's (method's) default.
 flags.DEFINE_enum("task", D["task"].default, list(pipeline.TASKS), "Restoration task.")
@@ -111,6 +113,8 @@ flags.DEFINE_float("ddpm_eta", D["ddpm_eta"].default, "DDPM methods: 0 DDIM .. 1
 flags.DEFINE_float("guide_weight", None, "dip_guided: a constant blending weight in [0, 1] "
                    "(default: inverse-variance weights).")
 
+RESULT_FILES = ("restored.png", "restored.npy", "degraded.png", "degraded.npy", "trace.csv",
+                "psnr.png", "metrics.json")
 PRESETS = dict(paper=dict(denoise=dict(iters=3000, reg_noise_std=1 / 30),
                           sr=dict(iters=2000, reg_noise_std=0.03)))
 
@@ -137,18 +141,18 @@ def config_from_flags() -> pipeline.RestoreConfig:
 
 def load_inputs(config: pipeline.RestoreConfig):
   """(observation y, ground truth or None, mask or None) from the image flags."""
-  image = io.load_image(_IMAGE.value)
+  full = io.load_image(_IMAGE.value)
   crop = lambda x: io.center_crop(x, _CROP.value, _CROP.value) if _CROP.value else x
-  image = crop(image)
+  image = crop(full)
   mask = None
   if config.task == "inpaint":
     if not _MASK.value:
       raise ValueError("--task inpaint needs --mask")
     mask = io.load_image(_MASK.value, channels=1)
-    mask = crop(mask) if mask.shape[:2] != image.shape[:2] else mask
-    if mask.shape[:2] != image.shape[:2]:
+    if mask.shape[:2] != full.shape[:2]:
       raise ValueError(f"mask {_MASK.value} is {mask.shape[1]}x{mask.shape[0]} but the image "
-                       f"is {image.shape[1]}x{image.shape[0]}")
+                       f"is {full.shape[1]}x{full.shape[0]}: they must match before --crop")
+    mask = crop(mask)
   if not _NOISY.value:
     return pipeline.degrade(config, image, seed=_SEED.value, mask=mask), image, mask
   clean = None
@@ -159,8 +163,9 @@ def load_inputs(config: pipeline.RestoreConfig):
 
 def run() -> None:
   config = config_from_flags()
-  y, clean, mask = load_inputs(config)
   out_dir = _OUT_DIR.value
+  cli.writable_dir(out_dir)
+  y, clean, mask = load_inputs(config)
 
   def progress(done: int, total: int, latest: dict[str, float]) -> None:
     shown = "psnr_clean_ema" if clean is not None else "psnr_obs_ema"
@@ -204,25 +209,47 @@ def write_trace_csv(path: str, r: pipeline.Restoration) -> None:
 
 
 def write_outputs(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Restoration) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  io.save_image(os.path.join(out_dir, "restored.png"), r.image)
-  np.save(os.path.join(out_dir, "restored.npy"), r.image)  # exact float32
-  io.save_image(os.path.join(out_dir, "degraded.png"), r.observation)
-  np.save(os.path.join(out_dir, "degraded.npy"), r.observation)  # exact, for baselines
+  """Writes the files, logs the stops and prints the summary line."""
   result = metrics_json(config, r)
-  if config.fits:
-    write_trace_csv(os.path.join(out_dir, "trace.csv"), r)
-    ends = r.stage_ends if len(r.stage_ends) > 1 else None
-    plots.psnr_curves(os.path.join(out_dir, "psnr.png"), plots.fit_curves(r.trace), ends,
-                      title=f"{config.task}, {config.method}, {os.path.basename(_IMAGE.value)}")
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  try:
+    _write_files(out_dir, config, r, result)
+  except OSError as e:
+    raise ValueError(f"cannot write the outputs into {out_dir}: {e}") from e
   for name, (steps, _) in r.stops.items():
     logging.info("%s stops at iteration %s", name, ", ".join(str(int(i)) for i in steps))
   summary = result.get("restored", {})
   logging.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
   keys = ("compile_seconds", "fit_seconds", "iterations_per_second", "restored_at")
   print(json.dumps({k: result[k] for k in keys if k in result} | summary))
+
+
+def _write_files(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Restoration,
+                 result: dict) -> None:
+  """The files, written into a staging directory and moved into `out_dir` (metrics.json last)
+  once all are written: a failure leaves no partial result."""
+  os.makedirs(out_dir, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out_dir, prefix=".writing-") as staging:
+    at = lambda name: os.path.join(staging, name)
+    io.save_image(at("restored.png"), r.image)
+    np.save(at("restored.npy"), r.image)  # exact float32
+    io.save_image(at("degraded.png"), r.observation)
+    np.save(at("degraded.npy"), r.observation)  # exact, for baselines
+    if config.fits:
+      write_trace_csv(at("trace.csv"), r)
+      ends = r.stage_ends if len(r.stage_ends) > 1 else None
+      plots.psnr_curves(at("psnr.png"), plots.fit_curves(r.trace), ends,
+                        title=f"{config.task}, {config.method}, {os.path.basename(_IMAGE.value)}")
+    with open(at("metrics.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    names = sorted(os.listdir(staging), key=lambda n: n == "metrics.json")
+    blocked = [n for n in names if os.path.isdir(os.path.join(out_dir, n))]
+    if blocked:
+      raise ValueError(f"cannot write {', '.join(blocked)} into {out_dir}: a directory is there")
+    for name in names:
+      os.replace(at(name), os.path.join(out_dir, name))
+  for stale in set(RESULT_FILES) - set(names):  # of an earlier run (e.g. a fit's trace)
+    if os.path.isfile(os.path.join(out_dir, stale)):
+      os.remove(os.path.join(out_dir, stale))
 
 
 if __name__ == "__main__":

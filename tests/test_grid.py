@@ -147,11 +147,13 @@ def test_ddpm_input_and_staged_problems(tmp_path):
   spec = grid_spec.GridSpec(images=(str(tmp_path / "im0.png"),), methods=grid_spec.METHODS[:4],
                             stages=(3,), t_max=(30,), fresh_eps=(True,), **tiny)
   built = {j.config["method"]: fits.setup(j.config, clean, noisy) for j in grid.jobs(spec)}
-  assert built["ddpm_input"].problem.inputs.base.shape == (16, 16, 3)
-  assert built["ddpm_input"].info["input_t"] == built["ddpm_input_staged"].info["input_t"] > 0
-  assert built["dip"].problem.inputs.base.shape == (16, 16, 32)
-  staged = built["staged"].problem  # stacked per seed: each seed its own probe and stage noise
-  assert not built["staged"].shared and built["dip"].shared
+  runs = {method: run for method, (run, _) in built.items()}
+  info = {method: info for method, (_, info) in built.items()}
+  assert runs["ddpm_input"].problem.inputs.base.shape == (16, 16, 3)
+  assert info["ddpm_input"]["input_t"] == info["ddpm_input_staged"]["input_t"] > 0
+  assert runs["dip"].problem.inputs.base.shape == (16, 16, 32)
+  staged = runs["staged"].problem  # stacked per seed: each seed its own probe and stage noise
+  assert not runs["staged"].shared and runs["dip"].shared
   assert staged.targets.shape == (2, 3, 16, 16, 3) and staged.stage_noise.shape == (2, 3, 16, 16, 3)
   np.testing.assert_allclose(staged.stage_noise[:, -1], staged.probe, atol=1e-6)  # t = 0
   assert not np.allclose(staged.probe[0], staged.probe[1])
@@ -159,8 +161,8 @@ def test_ddpm_input_and_staged_problems(tmp_path):
   assert not np.allclose(stage_noise[0] / np.std(stage_noise[0]),
                          stage_noise[1] / np.std(stage_noise[1]))  # fresh eps
   # The staged criterion needs the probe: it is scored on staged fits only.
-  assert [c.kind for c in built["staged"].config.criteria][-1] == "staged"
-  assert "staged" not in [c.kind for c in built["dip"].config.criteria]
+  assert [c.kind for c in runs["staged"].fit_config.criteria][-1] == "staged"
+  assert "staged" not in [c.kind for c in runs["dip"].fit_config.criteria]
   assert not np.allclose(staged.stage_noise[0] / np.std(staged.stage_noise[0]),
                          staged.stage_noise[1] / np.std(staged.stage_noise[1]))  # fresh eps
 
@@ -177,12 +179,12 @@ def test_sigma_estimated_axis(tmp_path):
   assert known.key == grid.jobs(dataclasses.replace(spec, sigma_estimated=(False,)))[0].key
   built = {name: fits.setup(j.config, clean, noisy)
            for name, j in (("known", known), ("estimated", estimated))}
-  assert "sigma_used" not in built["known"].info
-  sigma_hat = built["estimated"].info["sigma_used"]
+  assert "sigma_used" not in built["known"][1]
+  sigma_hat = built["estimated"][1]["sigma_used"]
   assert sigma_hat == pytest.approx(noise.estimate_sigma(noisy) * 255, abs=1e-3)
   assert sigma_hat != 25 and 10 < sigma_hat < 40  # a 32x32 crop: a rough estimate
-  np.testing.assert_allclose(built["estimated"].problem.sigma, sigma_hat / 255, rtol=1e-4)
-  np.testing.assert_allclose(built["known"].problem.sigma, 25 / 255, rtol=1e-6)
+  np.testing.assert_allclose(built["estimated"][0].problem.sigma, sigma_hat / 255, rtol=1e-4)
+  np.testing.assert_allclose(built["known"][0].problem.sigma, 25 / 255, rtol=1e-6)
 
 
 def test_bm3d_sees_the_same_noisy_input(tmp_path):

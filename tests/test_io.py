@@ -187,8 +187,11 @@ def test_add_noise():
   np.testing.assert_array_equal(a, noise.add_noise(np.random.default_rng(0), x, 25 / 255))
   assert a.dtype == np.float32 and not np.array_equal(a, noise.add_noise(1, x, 25 / 255))
   assert 0.08 < np.std(a - x) < 0.12
-  big = noise.add_noise(0, x, 2.0)
+  big = noise.add_noise(0, x, 1.0)
   assert big.min() == 0 and big.max() == 1
   np.testing.assert_array_equal(noise.add_noise(0, x, 0.0), x)
-  with pytest.raises(ValueError, match="sigma"):
-    noise.add_noise(0, x, -0.1)
+  for sigma in (-0.1, 25, float("nan")):  # 25: 0-255 units where [0, 1] is expected
+    with pytest.raises(ValueError, match=r"sigma is a std in \[0, 1\] units"):
+      noise.add_noise(0, x, sigma)
+  with pytest.raises(ValueError, match="finite images"):
+    noise.add_noise(0, x * np.nan, 0.1)

@@ -40,7 +40,7 @@ def test_defaults_are_the_validated_settings():
 
 @pytest.mark.parametrize("fields,message", [
     (dict(task="deblur"), "task must be one of"),
-    (dict(sigma=-1), "sigma must be >= 0"),
+    (dict(sigma=-1), r"sigma must lie in \[0, 255\]"),
     (dict(iters=0), "iters must be positive"),
     (dict(method="dip", stop=("staged",)), "stop 'staged' needs method 'staged'"),
     (dict(stop=("oracle", "oracle")), "twice"),
@@ -111,6 +111,10 @@ def test_ground_truth_and_observation_must_agree(clean):
     pipeline.restore(config, y, key=jax.random.PRNGKey(0), resume=True)
   with pytest.raises(ValueError, match="need a checkpoint_dir"):
     pipeline.restore(config, y, key=jax.random.PRNGKey(0), checkpoint_every=20)
+  with pytest.raises(ValueError, match="'ddpm' has no fit to checkpoint"):
+    pipeline.restore(pipeline.RestoreConfig(method="ddpm", ddpm_weights="unused.npz"), clean,
+                     key=jax.random.PRNGKey(0),
+                     checkpoint_dir="unused", checkpoint_every=20)
 
 
 def test_halting_ends_the_fit_at_the_chunk_where_the_stop_fires(clean):
@@ -123,3 +127,17 @@ def test_halting_ends_the_fit_at_the_chunk_where_the_stop_fires(clean):
   assert np.isfinite(result.trace["loss"][0]).sum() == stop  # the rest was skipped
   np.testing.assert_array_equal(result.image, result.stops["discrepancy"][1].mean(0))
   assert result.summary()["iterations_run"] == result.iterations
+
+
+def test_a_resume_after_the_halt_runs_nothing_more(clean, tmp_path):
+  """Checkpointed every chunk, the halting chunk included: resuming from it is the same run."""
+  config = pipeline.RestoreConfig(method="dip", width=8, scales=2, iters=1000,
+                                  stop=("discrepancy",), halt=True)
+  y = pipeline.degrade(config, clean, seed=0)
+  run = lambda **kw: pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean,
+                                      chunk=50, checkpoint_dir=str(tmp_path), **kw)
+  first = run(checkpoint_every=50)
+  again = run(resume=True)
+  assert again.iterations == first.iterations < 1000
+  np.testing.assert_array_equal(again.image, first.image)
+  np.testing.assert_array_equal(again.ema, first.ema)

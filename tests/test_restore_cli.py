@@ -52,6 +52,7 @@ def test_denoise_writes_outputs_and_resume_is_exact(tmp_path, cache):
   cut = tmp_path / "cut"
   os.makedirs(cut / "checkpoints")
   shutil.copytree(full / "checkpoints" / "50", cut / "checkpoints" / "50")
+  shutil.copy(full / "checkpoints" / "fingerprint.json", cut / "checkpoints")
   proc = _restore([*TINY, *stop, f"--out_dir={cut}", "--checkpoint_every=50", "--resume"],
                   cache)
   assert "resumed from iteration 50" in proc.stderr
@@ -59,6 +60,16 @@ def test_denoise_writes_outputs_and_resume_is_exact(tmp_path, cache):
                                 io.load_image(full / "restored.png"))
   resumed = json.loads((cut / "metrics.json").read_text())
   assert resumed["restored"] == result["restored"] and resumed["stops"] == result["stops"]
+  # The checkpoints are bound to their run: other settings are refused before any work.
+  proc = _restore([*TINY, *stop, f"--out_dir={cut}", "--checkpoint_every=50", "--resume",
+                   "--sigma=50", "--seed=7"], cache, check=False)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1 and "compiled in" not in proc.stderr
+  assert last.startswith("restore.py: error: resume: the checkpoints in") and all(
+      s in last for s in ("key", "observation", "sigma 25.0 -> 50.0")), last
+  proc = _restore([*TINY, *stop, f"--out_dir={cut}", "--checkpoint_every=50"], cache,
+                  check=False)
+  assert "already holds checkpoints (iteration 100): resume" in proc.stderr.splitlines()[-1]
 
 
 def test_any_budget_and_checkpoints_between_progress_lines(tmp_path, cache):
@@ -73,6 +84,7 @@ def test_any_budget_and_checkpoints_between_progress_lines(tmp_path, cache):
   assert len((full / "trace.csv").read_text().splitlines()) == 1 + 60
   os.makedirs(cut / "checkpoints")
   shutil.copytree(full / "checkpoints" / "40", cut / "checkpoints" / "40")
+  shutil.copy(full / "checkpoints" / "fingerprint.json", cut / "checkpoints")
   proc = _restore([*args, f"--out_dir={cut}", "--resume"], cache)
   assert "resumed from iteration 40" in proc.stderr
   np.testing.assert_array_equal(np.load(cut / "restored.npy"), np.load(full / "restored.npy"))
@@ -127,7 +139,7 @@ def bad_files(tmp_path_factory):
     (["--image=/nonexistent/x.png"], "no such image file"),
     (["--image={d}/notes.png"], "cannot read"),
     (["--task=inpaint", "--mask={d}/mask.png"], "mask"),
-    (["--sigma=-5"], "sigma must be >= 0"),
+    (["--sigma=-5"], "sigma must lie in [0, 255]"),
     (["--task=sr", "--factor=3"], "factor must be 2, 4 or 8"),
     (["--task=sr", "--factor=4", "--crop=30", "--scales=1"], "not divisible"),
     (["--method=staged", "--stages=300", "--iters=200"], "cannot exceed iters"),

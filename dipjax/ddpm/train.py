@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Any, Callable
 
 import flax
@@ -312,8 +313,10 @@ def load_weights(path: str | os.PathLike,
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
     stored = UNetConfig.from_json(str(arrays.pop("config")))
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{path} is not a dipjax DDPM weights file ({e})") from e
+  except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is not a dipjax DDPM weights file, or it is truncated or damaged "
+                     f"({e}): write it again (experiments/train_ddpm.py, or git checkout of a "
+                     "shipped file)") from e
   if config is not None and stored != config:
     diff = {f.name: (getattr(stored, f.name), getattr(config, f.name))
             for f in dataclasses.fields(config)
