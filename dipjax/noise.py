@@ -1,4 +1,4 @@
-"""The observation's noise: its model (:class:`GaussianNoise`), adding it, estimating its level,
+"""The observation's noise: its models (:class:`GaussianNoise`, :class:`PoissonNoise`), adding it, estimating its level,
 its clipped moments, and the probe-SURE estimate of a fit's error that needs no ground truth.
 
 Images are float32 (H, W, C) in [0, 1]; sigma is a std in the same units (25 / 255 for
@@ -44,6 +44,37 @@ class GaussianNoise:
     """The std of the noise in observation y (h, w, C): sigma, or estimated from y
     (:func:`estimate_sigma`) when unknown."""
     return self.sigma if self.sigma is not None else estimate_sigma(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonNoise:
+  """Photon (shot) noise with optional Gaussian read noise, clipped to [0, 1]:
+  y = clip(Poisson(peak A x) / peak + sigma n, 0, 1), `peak` the photon count of a white pixel
+  (lower: noisier), `sigma` the read noise std in [0, 1] units (0: pure Poisson)."""
+  peak: float
+  sigma: float = 0.0
+
+  def __post_init__(self):
+    if not (math.isfinite(self.peak) and self.peak > 0):
+      raise ValueError(f"peak must be a positive finite photon count, got {self.peak}")
+    if not (math.isfinite(self.sigma) and 0 <= self.sigma <= 1):
+      raise ValueError(f"sigma must be a finite number in [0, 1], got {self.sigma}")
+
+  def sample(self, rng: np.random.Generator, ax: np.ndarray) -> np.ndarray:
+    """A noisy observation of the noise-free measurement `ax` (float32); `rng` is advanced."""
+    ax = np.clip(np.asarray(ax, np.float64), 0, None)
+    y = rng.poisson(self.peak * ax) / self.peak
+    if self.sigma:
+      y = y + self.sigma * rng.standard_normal(y.shape)
+    return np.clip(y, 0, 1).astype(np.float32)
+
+  def level(self, y: np.ndarray) -> float:
+    """The noise's root-mean-square std over observation y: sqrt(mean(y) / peak + sigma^2)
+    (the variance of Poisson(peak a) / peak is a / peak)."""
+    return float(np.sqrt(max(float(np.mean(y)), 0.0) / self.peak + self.sigma**2))
+
+
+NoiseModel = GaussianNoise | PoissonNoise
 
 
 def add_noise(rng_or_seed: np.random.Generator | int, x: np.ndarray,

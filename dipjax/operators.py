@@ -7,6 +7,8 @@ An :class:`Operator` maps an image (H, W, C), or a batch (N, H, W, C), to its me
 * :class:`Downsample` (super-resolution): replication padding by `pad`, then per-channel
   filtering with `kernel` and stride `factor`: (H, W, C) -> (H / factor, W / factor, C). This is
   the original DIP code's ``Downsampler(kernel_type='lanczos2', phase=0.5, preserve_size=True)``.
+* :class:`Blur` (deblurring): A x = k * x per channel, same size, with circular (FFT) or reflect
+  boundaries; kernels: :func:`gaussian_kernel`, :func:`motion_kernel`, or the user's own.
 
 The arrays (`mask`, `kernel`) are pytree leaves and everything else is static, so operators of the
 same kind and shapes can be stacked (``jax.tree.map(jnp.stack, ...)``) and vmapped.
@@ -14,6 +16,7 @@ same kind and shapes can be stacked (``jax.tree.map(jnp.stack, ...)``) and vmapp
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax
@@ -27,6 +30,7 @@ Array = jax.Array
 
 FACTORS = (2, 4, 8)
 KERNELS = ("lanczos", "box")
+BOUNDARIES = ("circular", "reflect")
 
 
 def check_divisible(shape: Sequence[int], factor: int) -> None:
@@ -105,6 +109,37 @@ class Downsample(Operator):
     return shape[:-3] + (h // self.factor, w // self.factor, c)
 
 
+@flax.struct.dataclass
+class Blur(Operator):
+  """A x = k * x (a convolution: the kernel flipped against a cross-correlation) per channel,
+  (H, W, C) -> (H, W, C); `kernel` (k, k) float32, k odd, summing to 1, centred; 'circular'
+  boundaries (periodic, by FFT: the model of most deblurring papers' synthetic data) or
+  'reflect' (the image mirrored beyond its edges)."""
+  kernel: Array
+  boundary: str = flax.struct.field(pytree_node=False)
+
+  def apply(self, x: Array) -> Array:
+    k = self.kernel.shape[0]
+    r = k // 2
+    batch = x.reshape((-1,) + x.shape[-3:])
+    n, h, w, c = batch.shape
+    if self.boundary == "circular":
+      if k > min(h, w):
+        raise ValueError(f"a {k}x{k} blur kernel does not fit images of shape {x.shape}")
+      embedded = jnp.roll(jnp.zeros((h, w), batch.dtype).at[:k, :k].set(self.kernel),
+                          (-r, -r), axis=(0, 1))
+      spectrum = jnp.fft.rfft2(embedded)[None, :, :, None]
+      y = jnp.fft.irfft2(jnp.fft.rfft2(batch, axes=(1, 2)) * spectrum, s=(h, w), axes=(1, 2))
+      return y.astype(x.dtype).reshape(x.shape)
+    if r >= min(h, w):
+      raise ValueError(f"a {k}x{k} blur kernel does not fit images of shape {x.shape}")
+    padded = jnp.pad(batch, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    planes = jnp.moveaxis(padded, -1, 1).reshape(n * c, h + 2 * r, w + 2 * r, 1)
+    flipped = self.kernel[::-1, ::-1, None, None].astype(x.dtype)
+    y = conv2d(planes, flipped)
+    return jnp.moveaxis(y.reshape(n, c, h, w), 1, -1).reshape(x.shape)
+
+
 def identity() -> Operator:
   """A x = x (denoising)."""
   return Identity()
@@ -164,3 +199,59 @@ def downsampler(factor: int, kernel: str = "lanczos") -> Operator:
   size = k.shape[0]
   pad = (size - 1) // 2 if size % 2 else (size - factor) // 2
   return Downsample(kernel=jnp.asarray(k), factor=factor, pad=pad)
+
+
+def blur(kernel: np.ndarray, boundary: str = "circular") -> Operator:
+  """Deblurring operator of `kernel` (k, k), k odd: non-negative, finite, normalised here to sum
+  to 1; `boundary` 'circular' or 'reflect'."""
+  k = np.asarray(kernel, np.float64)
+  if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] % 2 == 0:
+    raise ValueError(f"a blur kernel must be square with an odd side, got shape {k.shape}")
+  if not np.all(np.isfinite(k)) or k.min() < 0 or k.sum() <= 0:
+    raise ValueError("a blur kernel must be finite and non-negative with a positive sum")
+  if boundary not in BOUNDARIES:
+    raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+  return Blur(kernel=jnp.asarray(k / k.sum(), jnp.float32), boundary=boundary)
+
+
+def gaussian_kernel(sigma: float, size: int | None = None) -> np.ndarray:
+  """Isotropic Gaussian blur kernel of std `sigma` pixels, (size, size) float32 summing to 1;
+  size default 2 ceil(3 sigma) + 1."""
+  if not sigma > 0:
+    raise ValueError(f"the Gaussian kernel's sigma must be positive, got {sigma}")
+  size = 2 * math.ceil(3 * sigma) + 1 if size is None else size
+  if size < 1 or size % 2 == 0:
+    raise ValueError(f"kernel size must be odd and positive, got {size}")
+  u = np.arange(size) - size // 2
+  g = np.exp(-0.5 * (u / sigma) ** 2)
+  k = np.outer(g, g)
+  return (k / k.sum()).astype(np.float32)
+
+
+def motion_kernel(seed: int, size: int = 31, steps: int = 200) -> np.ndarray:
+  """A seeded camera-shake kernel, (size, size) float32 summing to 1: a random trajectory (a
+  velocity with inertia, random kicks and a pull back to the start, after Boracchi and Foi,
+  2012) scaled to the kernel's support and splatted bilinearly; the same seed, the same kernel.
+  """
+  if size < 3 or size % 2 == 0:
+    raise ValueError(f"kernel size must be odd and >= 3, got {size}")
+  rng = np.random.default_rng(seed)
+  position, velocity = 0j, np.exp(2j * np.pi * rng.uniform())
+  path = np.empty(steps, np.complex128)
+  for t in range(steps):
+    kick = rng.normal() + 1j * rng.normal()
+    velocity = 0.9 * velocity + 0.3 * kick - 0.02 * position
+    velocity /= max(abs(velocity), 1e-12)
+    position += velocity
+    path[t] = position
+  path -= (path.real.min() + path.real.max()) / 2 + 1j * (path.imag.min() + path.imag.max()) / 2
+  extent = max(np.ptp(path.real), np.ptp(path.imag), 1e-12)
+  path *= (size - 3) / extent
+  k = np.zeros((size, size))
+  for z in path + (size // 2) * (1 + 1j):
+    i0, j0 = int(np.floor(z.imag)), int(np.floor(z.real))
+    di, dj = z.imag - i0, z.real - j0
+    for a, b, weight in ((0, 0, (1 - di) * (1 - dj)), (1, 0, di * (1 - dj)),
+                         (0, 1, (1 - di) * dj), (1, 1, di * dj)):
+      k[i0 + a, j0 + b] += weight
+  return (k / k.sum()).astype(np.float32)

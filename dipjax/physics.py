@@ -22,9 +22,9 @@ from dipjax import operators
 
 @dataclasses.dataclass(frozen=True)
 class Physics:
-  """y = noise(A x): `operator` A and `noise` its noise model."""
+  """y = noise(A x): `operator` A and `noise` its noise model (Gaussian or Poisson)."""
   operator: operators.Operator
-  noise: noise_lib.GaussianNoise
+  noise: noise_lib.NoiseModel
 
   def measure(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """An observation of the image x (H, W, C) in [0, 1]: float32 of A's measurement shape;

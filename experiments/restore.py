@@ -61,9 +61,25 @@ _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoin
 # One flag per RestoreConfig field, of the same name; None: the library's (method's) default.
 flags.DEFINE_enum("task", D["task"].default, list(pipeline.TASKS), "Restoration task.")
 flags.DEFINE_float("sigma", None, "Std of the Gaussian noise added to the clean image, 0-255 "
-                   "units (default 25 for denoise, 0 otherwise).")
+                   "units (default 25 for Gaussian denoising, 0 otherwise).")
+flags.DEFINE_enum("noise", D["noise"].default, list(pipeline.NOISES), "Noise model: gaussian "
+                  "(--sigma) or poisson (--peak photons at white, plus --sigma read noise).")
+flags.DEFINE_float("peak", D["peak"].default, "--noise poisson: photons at a white pixel.")
+flags.DEFINE_enum("mask_kind", D["mask_kind"].default, list(pipeline.MASK_KINDS),
+                  "Inpainting mask: file (--mask) or generated with --seed: random pixels "
+                  "(--mask_ratio missing), text or brush strokes.")
+flags.DEFINE_float("mask_ratio", D["mask_ratio"].default, "--mask_kind random: share missing.")
 flags.DEFINE_integer("factor", D["factor"].default, "Super-resolution factor (2, 4 or 8).")
 flags.DEFINE_enum("kernel", D["kernel"].default, ["lanczos", "box"], "SR down-sampling kernel.")
+flags.DEFINE_enum("blur", D["blur"].default, list(pipeline.BLURS), "Deblurring kernel: "
+                  "Gaussian (--blur_sigma), seeded camera shake (--blur_seed, --blur_size) or "
+                  "--blur_file.")
+flags.DEFINE_float("blur_sigma", D["blur_sigma"].default, "--blur gaussian: std in pixels.")
+flags.DEFINE_integer("blur_size", D["blur_size"].default, "--blur motion: kernel side (odd).")
+flags.DEFINE_integer("blur_seed", D["blur_seed"].default, "--blur motion: trajectory seed.")
+flags.DEFINE_string("blur_file", None, "--blur file: a kernel as a grey image or a 2-D .npy.")
+flags.DEFINE_enum("boundary", D["boundary"].default, ["circular", "reflect"],
+                  "Deblurring boundary: circular (FFT) or reflect.")
 flags.DEFINE_enum("method", None, list(pipeline.METHODS),
                   "staged: DIP fitted to DDPM-noised targets, noisiest first, with a probe "
                   "that gives a ground-truth-free stop; dip: fit y; ddpm: dipjax's DDPM alone; "
@@ -145,9 +161,13 @@ def load_inputs(config: pipeline.RestoreConfig):
   crop = lambda x: io.center_crop(x, _CROP.value, _CROP.value) if _CROP.value else x
   image = crop(full)
   mask = None
-  if config.task == "inpaint":
+  if config.task == "inpaint" and config.mask_kind != "file" and _NOISY.value:
+    raise ValueError("with --noisy the observation is already masked: give its --mask")
+  if config.task == "inpaint" and config.mask_kind != "file":
+    mask = pipeline.make_mask(config, image.shape, _SEED.value)
+  elif config.task == "inpaint":
     if not _MASK.value:
-      raise ValueError("--task inpaint needs --mask")
+      raise ValueError("--task inpaint needs --mask (or --mask_kind random, text or strokes)")
     mask = io.load_image(_MASK.value, channels=1)
     if mask.shape[:2] != full.shape[:2]:
       raise ValueError(f"mask {_MASK.value} is {mask.shape[1]}x{mask.shape[0]} but the image "

@@ -115,7 +115,9 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("op", [operators.downsampler(2), operators.downsampler(4, "box"),
-                                operators.inpainting(np.eye(8))])
+                                operators.inpainting(np.eye(8)),
+                                operators.blur(operators.motion_kernel(1, size=5)),
+                                operators.blur(operators.gaussian_kernel(1.0, 5), "reflect")])
 def test_gradient_and_adjoint(op):
   x = _image((8, 8, 2))
   y = _image(op.measurement_shape(x.shape), seed=3)
@@ -124,3 +126,41 @@ def test_gradient_and_adjoint(op):
   ax, vjp = jax.vjp(op, x)
   (aty,) = vjp(y)
   np.testing.assert_allclose(jnp.vdot(ax, y), jnp.vdot(x, aty), rtol=1e-5)
+
+
+def test_blur_is_a_convolution_with_either_boundary():
+  x = _image((32, 32, 3))
+  shift = np.zeros((5, 5), np.float32)
+  shift[2, 3] = 1.0  # k[r, r + 1]: y[i, j] = x[i, j - 1]
+  np.testing.assert_allclose(operators.blur(shift)(x), jnp.roll(x, 1, axis=1), atol=1e-6)
+  delta = np.zeros((3, 3))
+  delta[1, 1] = 1
+  for boundary in operators.BOUNDARIES:
+    np.testing.assert_allclose(operators.blur(delta, boundary)(x), x, atol=1e-6)
+  for kernel in (operators.gaussian_kernel(1.6), operators.motion_kernel(0, size=15)):
+    r = kernel.shape[0] // 2
+    circular, reflect = (operators.blur(kernel, b)(x) for b in operators.BOUNDARIES)
+    np.testing.assert_allclose(circular[r:-r, r:-r], reflect[r:-r, r:-r], atol=1e-5)
+    assert operators.blur(kernel)(x[None]).shape == (1, 32, 32, 3)
+
+
+def test_blur_kernels():
+  g = operators.gaussian_kernel(1.6)
+  assert g.shape == (11, 11) and g.dtype == np.float32
+  np.testing.assert_allclose(g.sum(), 1, rtol=1e-6)
+  np.testing.assert_allclose(g, g.T)
+  np.testing.assert_allclose(g, g[::-1])
+  m = operators.motion_kernel(3)
+  np.testing.assert_array_equal(m, operators.motion_kernel(3))  # seeded
+  assert not np.array_equal(m, operators.motion_kernel(4))
+  assert m.shape == (31, 31) and m.min() >= 0 and abs(m.sum() - 1) < 1e-5
+  assert 20 < (m > 0).sum() < 31 * 31 // 2  # a trajectory, not a blob
+  np.testing.assert_allclose(operators.blur(np.full((3, 3), 7.0)).kernel, np.full((3, 3), 1 / 9))
+  for bad, message in ((np.ones((4, 4)), "odd side"), (np.ones((3, 5)), "square"),
+                       (-np.ones((3, 3)), "non-negative"), (np.full((3, 3), np.nan), "finite")):
+    with pytest.raises(ValueError, match=message):
+      operators.blur(bad)
+  with pytest.raises(ValueError, match="boundary must be one of"):
+    operators.blur(g, "zero")
+  with pytest.raises(ValueError, match="does not fit"):
+    operators.blur(operators.motion_kernel(0, size=31))(jnp.zeros((16, 16, 3)))

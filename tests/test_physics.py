@@ -62,3 +62,64 @@ def test_super_resolution_of_saturated_edges_stays_in_range():
     y = pipeline.degrade(config, edge, seed=0)
     assert y.shape == (16, 16, 3) and 0 <= y.min() and y.max() <= 1
     assert pipeline.make_frame(config, y, edge).y.shape == (16, 16, 3)
+
+
+def test_deblurring_through_the_pipeline(tmp_path):
+  """task 'deblur': the kernel from the config (Gaussian, seeded motion, or a file), the
+  blurred observation, and a fit through the blur operator."""
+  import jax
+  clean = _image(32)
+  motion = pipeline.RestoreConfig(task="deblur", blur="motion", blur_size=7, blur_seed=2,
+                                  sigma=2.55, method="dip", width=4, scales=2, iters=20,
+                                  stop=("oracle",))
+  op = pipeline.make_physics(motion).operator
+  assert isinstance(op, operators.Blur) and op.kernel.shape == (7, 7)
+  np.testing.assert_allclose(op.kernel, operators.motion_kernel(2, 7), rtol=1e-6)
+  np.save(tmp_path / "k.npy", 3 * operators.motion_kernel(2, 7))
+  from_file = pipeline.RestoreConfig(task="deblur", blur="file", blur_file=str(tmp_path / "k.npy"))
+  np.testing.assert_allclose(pipeline.make_physics(from_file).operator.kernel, op.kernel,
+                             rtol=1e-6)
+  y = pipeline.degrade(motion, clean, seed=0)
+  assert y.shape == clean.shape and np.abs(y - clean).mean() > 0.01
+  result = pipeline.restore(motion, y, key=jax.random.PRNGKey(0), clean=clean)
+  assert result.image.shape == clean.shape and np.isfinite(result.image).all()
+  assert result.summary()["stops"]["oracle"]["iteration"][0] >= 1
+  with pytest.raises(ValueError, match="blur kernel is larger than the"):
+    pipeline.make_frame(pipeline.RestoreConfig(task="deblur", blur="motion", blur_size=63,
+                                               scales=1), y[:16, :16])
+  with pytest.raises(ValueError, match="blur 'file' needs blur_file"):
+    pipeline.RestoreConfig(task="deblur", blur="file")
+
+
+def test_poisson_noise_statistics_and_level():
+  x = np.full((128, 128, 1), 0.4, np.float32)
+  model = noise.PoissonNoise(peak=20.0)
+  y = model.sample(np.random.default_rng(0), x)
+  assert y.dtype == np.float32 and 0 <= y.min() and y.max() <= 1
+  assert np.mean(y) == pytest.approx(0.4, abs=0.01)
+  assert np.var(y) == pytest.approx(0.4 / 20, rel=0.05)  # Var Poisson(peak a) / peak = a / peak
+  assert np.allclose(y * 20, np.round(y * 20), atol=1e-5)  # counts / peak
+  assert model.level(y) == pytest.approx(np.sqrt(0.4 / 20), rel=0.02)
+  mixed = noise.PoissonNoise(peak=20.0, sigma=0.05)
+  assert np.var(mixed.sample(np.random.default_rng(0), x)) == pytest.approx(0.02 + 0.0025,
+                                                                             rel=0.05)
+  for bad in (dict(peak=0.0), dict(peak=float("nan")), dict(peak=10.0, sigma=2.0)):
+    with pytest.raises(ValueError):
+      noise.PoissonNoise(**bad)
+
+
+def test_poisson_denoising_through_the_pipeline():
+  import jax
+  clean = _image(32)
+  config = pipeline.RestoreConfig(noise="poisson", peak=10, width=4, scales=2, iters=20)
+  assert config.sigma == 0 and config.stop == ("staged",)  # the probe scaled to the Poisson std
+  y = pipeline.degrade(config, clean, seed=1)
+  np.testing.assert_array_equal(
+      y, noise.PoissonNoise(10.0).sample(np.random.default_rng(1), clean))
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean)
+  assert result.sigma == pytest.approx(np.sqrt(np.mean(y) / 10), rel=1e-5)
+  assert np.isfinite(result.image).all()
+  with pytest.raises(ValueError, match="takes Gaussian noise only"):
+    pipeline.RestoreConfig(noise="poisson", method="ddpm", ddpm_weights="x.npz")
+  with pytest.raises(ValueError, match="estimated as Gaussian"):
+    pipeline.RestoreConfig(noise="poisson", sigma_known=False)

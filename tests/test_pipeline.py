@@ -39,7 +39,7 @@ def test_defaults_are_the_validated_settings():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(task="deblur"), "task must be one of"),
+    (dict(task="deblurring"), "task must be one of"),
     (dict(sigma=-1), r"sigma must lie in \[0, 255\]"),
     (dict(iters=0), "iters must be positive"),
     (dict(method="dip", stop=("staged",)), "stop 'staged' needs method 'staged'"),

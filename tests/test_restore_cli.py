@@ -127,6 +127,16 @@ def test_super_resolution_with_two_seeds(tmp_path, cache):
   assert io.load_image(out / "restored.png").shape == (32, 32, 3)
 
 
+def test_deblurring_with_poisson_noise(tmp_path, cache):
+  out = tmp_path / "out"
+  _restore([*TINY, "--task=deblur", "--blur=motion", "--blur_size=7", "--noise=poisson",
+            "--peak=30", f"--out_dir={out}"], cache)
+  result = json.loads((out / "metrics.json").read_text())
+  assert result["config"]["noise"] == "poisson" and result["config"]["task"] == "deblur"
+  assert result["sigma_used"] > 0 and result["restored"]["psnr"] > 0
+  assert io.load_image(out / "degraded.png").shape == (32, 32, 3)
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
   d = tmp_path_factory.mktemp("bad")
