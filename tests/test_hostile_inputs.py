@@ -203,3 +203,14 @@ def test_a_run_beyond_the_available_memory_is_refused_up_front(clean, monkeypatc
   with pytest.raises(ValueError, match=r"a 32x32 image at width 4 with 1 seed\(s\) needs about "
                      r"[\d.]+ GiB \(estimate\) but [\d.]+ GiB is available: crop the image"):
     pipeline.restore(config, clean, key=jax.random.PRNGKey(0))
+
+
+def test_an_unwritable_output_directory_is_refused(tmp_path, monkeypatch):
+  """(As root every directory is writable: the permission is mocked.)"""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import cli  # pylint: disable=import-outside-toplevel
+  cli.writable_dir(str(tmp_path / "new" / "dir"))  # creatable: fine, and nothing created
+  assert not (tmp_path / "new").exists()
+  monkeypatch.setattr(os, "access", lambda path, mode: False)
+  with pytest.raises(ValueError, match=r"--out_dir .*: cannot write there \(.* is not writable"):
+    cli.writable_dir(str(tmp_path / "out"))
