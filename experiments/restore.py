@@ -5,31 +5,30 @@ r"""Restores one image: flags -> dipjax.pipeline.RestoreConfig -> dipjax.pipelin
   python experiments/restore.py --image photo.png --noisy   # a real noisy photo: sigma estimated
   python experiments/restore.py --image x.png --task inpaint --mask m.png
   python experiments/restore.py --image x.png --task sr --factor 4
+  python experiments/restore.py --task deblur --blur motion --noise poisson --peak 30
   python experiments/restore.py --method ddpm          # dipjax's own DDPM alone (denoising)
 
 Writes to --out_dir: restored.png and restored.npy (the seeds' mean EMA output at the first
 --stop criterion's stop; after the DDPM for the DDPM methods; .npy: exact float32),
 degraded.png and degraded.npy (the observation), metrics.json; for the fitting methods also
-trace.csv, psnr.png and, with --checkpoint_every, checkpoints/. Every flag: docs/cli.md.
+trace.csv, psnr.png (experiments/outputs.py: all or nothing) and, with --checkpoint_every,
+checkpoints/. Every flag: docs/cli.md.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import tempfile
 
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 
 import cli
+import outputs
 from dipjax import io
 from dipjax import nets
 from dipjax import pipeline
-from dipjax import plots
 from dipjax import stopping
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -129,8 +128,6 @@ flags.DEFINE_float("ddpm_eta", D["ddpm_eta"].default, "DDPM methods: 0 DDIM .. 1
 flags.DEFINE_float("guide_weight", None, "dip_guided: a constant blending weight in [0, 1] "
                    "(default: inverse-variance weights).")
 
-RESULT_FILES = ("restored.png", "restored.npy", "degraded.png", "degraded.npy", "trace.csv",
-                "psnr.png", "metrics.json")
 PRESETS = dict(paper=dict(denoise=dict(iters=3000, reg_noise_std=1 / 30),
                           sr=dict(iters=2000, reg_noise_std=0.03)))
 
@@ -203,73 +200,15 @@ def run() -> None:
   write_outputs(out_dir, config, result)
 
 
-def metrics_json(config: pipeline.RestoreConfig, r: pipeline.Restoration) -> dict:
-  """metrics.json: the image, the settings, and the restoration's summary."""
-  result = dict(image=os.path.abspath(_IMAGE.value), task=config.task, method=config.method,
-                sigma=config.sigma, device=jax.default_backend(),
-                config=json.loads(json.dumps(vars(config))))
-  if config.fits:
-    result.update(net=config.net, width=config.width, scales=config.scales,
-                  iterations=config.iters, seeds=config.seeds, loss=config.loss)
-  return result | r.summary()
-
-
-def write_trace_csv(path: str, r: pipeline.Restoration) -> None:
-  names = [k for k in r.trace if not k.startswith("ssim")]
-  seeds, n = r.trace["loss"].shape
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["seed", "iteration"] + names + ["ssim_clean", "ssim_clean_ema"])
-    for m in range(seeds):
-      for i in range(n):
-        at = (i + 1) % r.trace_every == 0 or i + 1 == n
-        ssim = [f"{r.trace[k][m, i // r.trace_every]:.5f}" if at else "" for k in
-                ("ssim_clean", "ssim_clean_ema")]
-        w.writerow([m, i + 1] + [f"{r.trace[k][m, i]:.5g}" for k in names] + ssim)
-
-
 def write_outputs(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Restoration) -> None:
-  """Writes the files, logs the stops and prints the summary line."""
-  result = metrics_json(config, r)
-  try:
-    _write_files(out_dir, config, r, result)
-  except OSError as e:
-    raise ValueError(f"cannot write the outputs into {out_dir}: {e}") from e
+  """Writes the files (:func:`outputs.write`), logs the stops and prints the summary line."""
+  result = outputs.write(out_dir, config, r, _IMAGE.value)
   for name, (steps, _) in r.stops.items():
     logging.info("%s stops at iteration %s", name, ", ".join(str(int(i)) for i in steps))
   summary = result.get("restored", {})
   logging.info("wrote %s: %s", out_dir, ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
   keys = ("compile_seconds", "fit_seconds", "iterations_per_second", "restored_at")
   print(json.dumps({k: result[k] for k in keys if k in result} | summary))
-
-
-def _write_files(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Restoration,
-                 result: dict) -> None:
-  """The files, written into a staging directory and moved into `out_dir` (metrics.json last)
-  once all are written: a failure leaves no partial result."""
-  os.makedirs(out_dir, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out_dir, prefix=".writing-") as staging:
-    at = lambda name: os.path.join(staging, name)
-    io.save_image(at("restored.png"), r.image)
-    np.save(at("restored.npy"), r.image)  # exact float32
-    io.save_image(at("degraded.png"), r.observation)
-    np.save(at("degraded.npy"), r.observation)  # exact, for baselines
-    if config.fits:
-      write_trace_csv(at("trace.csv"), r)
-      ends = r.stage_ends if len(r.stage_ends) > 1 else None
-      plots.psnr_curves(at("psnr.png"), plots.fit_curves(r.trace), ends,
-                        title=f"{config.task}, {config.method}, {os.path.basename(_IMAGE.value)}")
-    with open(at("metrics.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    names = sorted(os.listdir(staging), key=lambda n: n == "metrics.json")
-    blocked = [n for n in names if os.path.isdir(os.path.join(out_dir, n))]
-    if blocked:
-      raise ValueError(f"cannot write {', '.join(blocked)} into {out_dir}: a directory is there")
-    for name in names:
-      os.replace(at(name), os.path.join(out_dir, name))
-  for stale in set(RESULT_FILES) - set(names):  # of an earlier run (e.g. a fit's trace)
-    if os.path.isfile(os.path.join(out_dir, stale)):
-      os.remove(os.path.join(out_dir, stale))
 
 
 if __name__ == "__main__":
