@@ -6,7 +6,8 @@ against uninterrupted runs.
 
 restore: runs experiments/restore.py once uninterrupted (the reference), then per trial starts
 the same command with --checkpoint_every into a fresh directory, sends it SIGKILL at a uniformly
-random moment of the reference's wall time, and reruns it with --resume until it exits. A trial
+random moment of the fit (after its first "compiled in" log line, within the reference's time
+from that line to the end), and reruns it with --resume until it exits. A trial
 passes when the kill left no restored.npy without its metrics.json (the last file moved in),
 and the resumed run's restored.npy equals the reference's to --atol with the same stops.
 grid: the same with a three-config grid.py run and its results file: rerun (it resumes) until
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -59,6 +61,33 @@ def _start(out_dir: str, *extra: str) -> subprocess.Popen:
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+class _Watch:
+  """Drains a process's stderr in a thread; `fitting` is set at its first "compiled in" line."""
+
+  def __init__(self, proc: subprocess.Popen):
+    self.fitting = threading.Event()
+    self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+    self.thread.start()
+
+  def _read(self, proc: subprocess.Popen) -> None:
+    for line in proc.stderr:
+      if "compiled in" in line:
+        self.fitting.set()
+
+
+def _timed_reference(out_dir: str) -> float:
+  """Runs the reference; returns the seconds from its first "compiled in" line to its end."""
+  proc = _start(out_dir)
+  watch = _Watch(proc)
+  watch.fitting.wait()
+  t0 = time.perf_counter()
+  proc.wait()
+  watch.thread.join()
+  if proc.returncode:
+    raise RuntimeError(f"{_TARGET.value}.py failed (exit {proc.returncode})")
+  return time.perf_counter() - t0
+
+
 def _finish(proc: subprocess.Popen) -> str:
   _, stderr = proc.communicate()
   if proc.returncode:
@@ -90,14 +119,18 @@ def _max_diff(a: tuple[Any, Any], b: tuple[Any, Any]) -> float:
 
 
 def trial(reference: tuple[Any, Any], seconds: float, kill_at: float) -> dict:
-  """One kill at `kill_at` seconds after the start, then resumes until done."""
+  """One kill `kill_at` seconds into the fit, then resumes until done."""
   out = tempfile.mkdtemp(prefix="kill_resume-")
   try:
     proc = _start(out)
+    watch = _Watch(proc)
+    if not watch.fitting.wait(timeout=600):
+      raise RuntimeError("no fit started within 10 minutes")
     time.sleep(kill_at)
     killed = proc.poll() is None
     proc.kill()
-    proc.communicate()
+    proc.wait()
+    watch.thread.join()
     done_at_kill = len(common.read_rows(os.path.join(out, "rows.jsonl"))) if (
         _TARGET.value == "grid") else _latest_checkpoint(out)
     # restore: metrics.json is moved in last, so a kill may leave restored.npy without it.
@@ -113,7 +146,7 @@ def trial(reference: tuple[Any, Any], seconds: float, kill_at: float) -> dict:
     same = result[1] == reference[1] if _TARGET.value == "restore" else (
         result[0] == reference[0] and set(result[1]) == set(reference[1]))
     diff = _max_diff(result, reference)
-    return dict(kill_at_s=round(kill_at, 2), of_s=round(seconds, 2), killed=killed,
+    return dict(kill_into_fit_s=round(kill_at, 2), of_fit_s=round(seconds, 2), killed=killed,
                 done_at_kill=done_at_kill, resumes=resumes, max_abs_diff=diff, same=same,
                 partial_result_after_kill=partial,
                 passed=same and diff <= _ATOL.value and not partial)
@@ -133,9 +166,7 @@ def main(argv: list[str]) -> None:
   ref_dir = tempfile.mkdtemp(prefix="kill_resume-ref-")
   _finish(_start(ref_dir))  # warms the compilation cache
   shutil.rmtree(ref_dir)
-  t0 = time.perf_counter()
-  _finish(_start(ref_dir))
-  seconds = time.perf_counter() - t0
+  seconds = _timed_reference(ref_dir)
   reference = _result(ref_dir)
   shutil.rmtree(ref_dir)
   passed = 0
