@@ -1,5 +1,6 @@
-"""The observation's noise: its models (:class:`GaussianNoise`, :class:`PoissonNoise`), adding it, estimating its level,
-its clipped moments, and the probe-SURE estimate of a fit's error that needs no ground truth.
+"""The observation's noise: its models (:class:`GaussianNoise`, :class:`PoissonNoise`), adding
+it, estimating its level, its clipped moments, and the probe-SURE estimate of a fit's error that
+needs no ground truth.
 
 Images are float32 (H, W, C) in [0, 1]; sigma is a std in the same units (25 / 255 for
 sigma = 25).

@@ -93,8 +93,9 @@ _NUMBER_FIELDS = {
     **dict.fromkeys(("sigma", "probe", "final_share", "reg_noise_std", "lr", "exp_weight",
                      "ddpm_eta", "guide_weight", "blur_sigma", "peak", "mask_ratio"),
                     numbers.Real),
-    **dict.fromkeys(("factor", "blur_size", "blur_seed", "stages", "t_max", "iters", "seeds", "width", "scales", "input_t",
-                     "input_extra", "window", "nfe", "ddpm_samples"), numbers.Integral)}
+    **dict.fromkeys(("factor", "blur_size", "blur_seed", "stages", "t_max", "iters", "seeds",
+                     "width", "scales", "input_t", "input_extra", "window", "nfe",
+                     "ddpm_samples"), numbers.Integral)}
 # Settings of the DDPM stage after a fit: a checkpoint of the fit does not depend on them.
 _AFTER_FIT_FIELDS = ("ddpm_weights", "nfe", "ddpm_samples", "ddpm_eta", "guide_weight")
 
@@ -400,8 +401,7 @@ class Restoration:
 
 def make_physics(config: RestoreConfig, mask: np.ndarray | None = None) -> physics_lib.Physics:
   """The config's forward model: the task's operator (inpainting: `mask` (h, w) or (h, w, 1),
-  1 = known pixel, 0 = missing) and its Gaussian noise (sigma / 255, unknown when not
-  `sigma_known`)."""
+  1 = known pixel, 0 = missing) and its noise model (:func:`noise_model`)."""
   if config.task == "inpaint":
     op = operators.inpainting(_mask_of(mask, np.shape(mask)))
   elif config.task == "sr":
@@ -449,9 +449,9 @@ def noise_model(config: RestoreConfig) -> noise.NoiseModel:
 def degrade(config: RestoreConfig, clean: np.ndarray, *, seed: int | list[int] | np.ndarray,
             mask: np.ndarray | None = None) -> np.ndarray:
   """A synthetic observation of `clean` (H, W, C) by the config's forward model
-  (:func:`make_physics`), (h, w, C) float32: masked (inpainting, `mask` (H, W) or (H, W, 1)) or
-  down-sampled by `factor` (super-resolution), then Gaussian noise of std `sigma` added and the
-  result clipped to [0, 1], drawn from ``numpy.random.default_rng(seed)``.
+  (:func:`make_physics`), (h, w, C) float32: masked (inpainting, `mask` (H, W) or (H, W, 1)),
+  down-sampled by `factor` (super-resolution) or blurred (deblurring), then the noise model's
+  noise added and the result clipped to [0, 1], drawn from ``numpy.random.default_rng(seed)``.
   """
   if not config.sigma_known:
     raise ValueError("degrade adds noise of a known sigma: sigma_known must be True")
