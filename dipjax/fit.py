@@ -137,8 +137,9 @@ class Trace:
   `noise_fit_ema` the fraction <A ema - a_k y, m_k> / |m_k|^2 of the stage's known noise m_k the
   EMA output has fitted (0: none, 1: all; NaN without known noise); `mse_est_ema` the MSE of
   A ema against the stage's noise-free target a_k A x, estimated without the ground truth from
-  the probe (:func:`noise.sure_mse`; NaN without a probe or sigma); `final_stage` whether the
-  iteration belongs to the last stage.
+  the probe (:func:`noise.sure_mse`; NaN without a probe or sigma); `holdout_mse_ema` the mean
+  squared error of A ema on the held-out entries of y (NaN without ``Problem.holdout``);
+  `final_stage` whether the iteration belongs to the last stage.
   """
   loss: Array
   psnr_target: Array
@@ -155,6 +156,7 @@ class Trace:
   emv: Array
   noise_fit_ema: Array
   mse_est_ema: Array
+  holdout_mse_ema: Array
   final_stage: Array
 
 
@@ -291,7 +293,10 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
                              train=True, mutable=["batch_stats"])
     out = out[0]
     measured = op(out)
-    loss = losses.get(config.loss)(measured, target, problem.loss_params)
+    fitted = measured
+    if problem.holdout is not None:  # held-out entries: equal to the target, no gradient
+      fitted = jnp.where(problem.holdout > 0, target, measured)
+    loss = losses.get(config.loss)(fitted, target, problem.loss_params)
     return loss, (out, measured, updates["batch_stats"])
 
   (loss, (out, measured, batch_stats)), grads = jax.value_and_grad(
@@ -320,6 +325,12 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       mse_est_ema = noise.sure_mse(measured_ema, target, known, problem.probe, scale,
                                    problem.sigma, clipped)
 
+  holdout_mse_ema = nan
+  if problem.holdout is not None:
+    held = problem.holdout
+    holdout_mse_ema = jnp.sum(held * (measured_ema - problem.observation) ** 2) / jnp.maximum(
+        jnp.sum(held), 1.0)
+
   record = dict(
       loss=loss,
       psnr_target=metrics.psnr(measured, target),
@@ -334,6 +345,7 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       emv=emv_score,
       noise_fit_ema=noise_fit_ema,
       mse_est_ema=mse_est_ema,
+      holdout_mse_ema=holdout_mse_ema,
       final_stage=stage == problem.ends.shape[0] - 1)
   noise_std = None if problem.sigma is None else noise.noise_std(problem.observation,
                                                                      problem.sigma)

@@ -46,6 +46,10 @@ class GaussianNoise:
     (:func:`estimate_sigma`) when unknown."""
     return self.sigma if self.sigma is not None else estimate_sigma(y)
 
+  def std_map(self, y: np.ndarray) -> np.ndarray:
+    """The noise's std per entry of observation y (h, w, C): :meth:`level` everywhere."""
+    return np.full(np.shape(y), self.level(y), np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class PoissonNoise:
@@ -73,6 +77,14 @@ class PoissonNoise:
     """The noise's root-mean-square std over observation y: sqrt(mean(y) / peak + sigma^2)
     (the variance of Poisson(peak a) / peak is a / peak)."""
     return float(np.sqrt(max(float(np.mean(y)), 0.0) / self.peak + self.sigma**2))
+
+  def std_map(self, y: np.ndarray) -> np.ndarray:
+    """The noise's std per entry of observation y (h, w, C), estimated from y alone:
+    sqrt(max(y, 0) / peak + sigma^2), unbiased in variance (E y = A x, PURE's estimate of the
+    photon noise's variance), floored at a tenth of one photon's step 1 / peak so that black
+    pixels keep a defined std."""
+    var = np.maximum(np.asarray(y, np.float64), 0.0) / self.peak + self.sigma**2
+    return np.sqrt(np.maximum(var, (0.1 / self.peak) ** 2)).astype(np.float32)
 
 
 NoiseModel = GaussianNoise | PoissonNoise
@@ -147,15 +159,16 @@ def noise_std(y: Array, sigma: Array | float, proxy: Array | None = None) -> Arr
 
   Args:
     y: (..., H, W, C) the observation in [0, 1] units.
-    sigma: its noise std before clipping, [0, 1] units.
+    sigma: its noise std before clipping, [0, 1] units: a scalar, or per entry (y's shape;
+      Poisson noise, :meth:`PoissonNoise.std_map`).
     proxy: y's shape, a stand-in for the clean image x; None: y.
   """
   y = jnp.asarray(y, jnp.float32)
   sigma = jnp.asarray(sigma, jnp.float32)
   proxy = y if proxy is None else jnp.clip(jnp.asarray(proxy, jnp.float32), 0.0, 1.0)
   bias, var = clipped_noise_moments(proxy, jnp.where(sigma > 0, sigma, 1.0))
-  clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0) & (sigma > 0)
-  return jnp.sqrt(jnp.where(clipped, jnp.mean(bias**2 + var), sigma**2))
+  clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0) & jnp.all(sigma > 0)
+  return jnp.sqrt(jnp.where(clipped, jnp.mean(bias**2 + var), jnp.mean(sigma**2)))
 
 
 def fitted_fraction(measured: Array, reference: Array, noise: Array) -> Array:
@@ -192,8 +205,22 @@ def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: 
 
   The sampling error of lambda (chance correlations with p, of order 1 / (c sqrt(N))) is almost
   fixed for a fit: it shifts the estimate by a nearly constant offset and leaves its minimum
-  where it is (the estimate can even be slightly negative). Shapes: images (h, w, C); scale,
-  sigma, clipped scalars.
+  where it is (the estimate can even be slightly negative).
+
+  Any operator A (f = A applied to the network's output, x = A x_true): every quantity lives in
+  measurement space, so the estimate is of mean (A f_net - a A x)^2, the error the data can
+  tell. What A removes (its null space: masked pixels, frequencies above the SR cut-off, the
+  blur's zeros) no estimate from y alone can measure; for noisy observations the fit's
+  overfitting is the noise it reproduces in A f_net, which is what this error grows with.
+  (Weighting it by (A A^T)^(-1/2), the error in range(A^T), divides by the blur's small singular
+  values and multiplies the probe's sampling error with them: not used.)
+
+  Heteroscedastic noise (Poisson, PURE's setting): with per-entry variances s^2 (`sigma` an
+  array, s^2 = max(y, 0) / peak + read^2 unbiased for Poisson) and the probe drawn as
+  c s eps, lambda = <f - a y, a p> / |a p|^2 estimates tr(J S) / tr(S) (J the fit's response to
+  its target, S = diag(s^2)) and 2 a^2 lambda mean s^2 is the unknown term 2 a^2 tr(J S) / N, so
+  the estimate stays unbiased. Shapes: images (h, w, C); scale, clipped scalars; sigma a scalar
+  or (h, w, C).
   """
   reference = target - noise  # a y
   lam = fitted_fraction(measured, reference, scale * probe)
@@ -211,7 +238,7 @@ def sure_noise_terms(y: Array, sigma: Array, noise_fit: Array, clipped: Array | 
 
   Args:
     y: (h, w, C) the observation in [0, 1] units.
-    sigma: its noise std (before clipping), a scalar.
+    sigma: its noise std (before clipping): a scalar, or per entry (y's shape).
     noise_fit: lambda, the fraction of the probe the output has fitted: any shape.
     clipped: whether y was clipped to [0, 1], a scalar.
 
@@ -220,5 +247,5 @@ def sure_noise_terms(y: Array, sigma: Array, noise_fit: Array, clipped: Array | 
   """
   bias, var = clipped_noise_moments(y, sigma)
   bias2 = jnp.where(clipped, jnp.mean(bias**2), 0.0)
-  var = jnp.where(clipped, jnp.mean(var), sigma**2)
+  var = jnp.where(clipped, jnp.mean(var), jnp.mean(jnp.asarray(sigma) ** 2))
   return bias2 - var + 2.0 * noise_fit * var

@@ -76,6 +76,7 @@ DEFAULT_NFE = dict(ddpm=5, dip_ddpm=5, dip_guided=20)
 # from split(key, seeds), the DDPM stage from fold_in(key, DDPM_STREAM).
 PROBLEM_STREAM = 1
 DDPM_STREAM = 10
+HOLDOUT_STREAM = 2  # the held-out entries: fold_in(problem key, HOLDOUT_STREAM)
 SSIM_EVERY = 100  # SSIM is traced once per this many iterations (or per chunk if shorter)
 
 Progress = Callable[[int, int, dict[str, float]], None]
@@ -91,7 +92,8 @@ MIN_SIDE = 11  # the smallest image side restore takes: SSIM's 11 x 11 window
 MASK_SLACK = 0.1  # mask values within this of 0 or 1 (compression noise) count as 0 or 1
 _NUMBER_FIELDS = {
     **dict.fromkeys(("sigma", "probe", "final_share", "reg_noise_std", "lr", "exp_weight",
-                     "ddpm_eta", "guide_weight", "blur_sigma", "peak", "mask_ratio"),
+                     "ddpm_eta", "guide_weight", "blur_sigma", "peak", "mask_ratio",
+                     "holdout"),
                     numbers.Real),
     **dict.fromkeys(("factor", "blur_size", "blur_seed", "stages", "t_max", "iters", "seeds",
                      "width", "scales", "input_t", "input_extra", "window", "nfe",
@@ -143,6 +145,8 @@ class RestoreConfig:
     stop: criteria to monitor (:data:`stopping.KINDS`); the restored image is the EMA output at
       the first one's stop. None: ('staged',) for the staged method with a probe, else none
       (the last iteration).
+    holdout: share of the measurement entries held out of the loss, whose error the 'holdout'
+      stop watches (:func:`problems.with_holdout`); 0: none.
     halt: end the fit when the first criterion fires. None: True when `stop` was defaulted.
     window: ES-WMV window (with 'es_wmv').
     ddpm_weights, nfe, ddpm_samples, ddpm_eta, guide_weight: the DDPM methods' U-Net weights
@@ -190,6 +194,7 @@ class RestoreConfig:
   vgg19: str | None = None
   stop: tuple[str, ...] | None = None
   halt: bool | None = None
+  holdout: float = 0.0
   window: int = 100
   ddpm_weights: str | None = None
   nfe: int | None = None
@@ -276,6 +281,9 @@ class RestoreConfig:
          "stop 'staged' needs the noise level: sigma > 0, noise 'poisson', or sigma_known=False "
          "(estimated)"),
         (len(set(self.stop)) != len(self.stop), f"stop lists a criterion twice: {self.stop}"),
+        (not 0 <= self.holdout <= 0.5, f"holdout must lie in [0, 0.5], got {self.holdout}"),
+        ("holdout" in self.stop and not self.holdout,
+         "stop 'holdout' needs holdout > 0 (the share of measurements held out)"),
         (self.seeds < 1, f"seeds must be >= 1, got {self.seeds}"),
         (self.net not in nets.NETS, f"net must be one of {nets.NETS}, got {self.net!r}"),
         (self.width < 1 or self.scales < 1, "width and scales must be positive"),
@@ -575,17 +583,25 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
   loss_params = losses.load_vgg19(config.vgg19) if losses.needs_params(config.loss) else None
   y = jnp.asarray(frame.y)
   clean = None if frame.clean is None else jnp.asarray(frame.clean)
+  stds = sigma  # Poisson: per entry (the probe's std and the SURE terms follow the noise's)
+  if isinstance(frame.physics.noise, noise.PoissonNoise):
+    stds = jnp.asarray(frame.physics.noise.std_map(frame.y))
   if config.method != "staged":
     problem = problems.plain_problem(net_input, y, frame.physics.operator, config.iters, clean,
-                                jnp.asarray(sigma, jnp.float32))
-    return problem.replace(loss_params=loss_params)
-  staged = problems.staged_problems(
-      k_targets, config.seeds, net_input, y, frame.physics.operator, config.iters,
-      schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
-      sigma=float(sigma), probe_ratio=config.probe,
-      fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
-      final_share=config.final_share, clean=clean)
-  return staged.replace(loss_params=problems.stack([loss_params] * config.seeds))
+                                     jnp.asarray(stds, jnp.float32))
+    problem = problem.replace(loss_params=loss_params)
+  else:
+    problem = problems.staged_problems(
+        k_targets, config.seeds, net_input, y, frame.physics.operator, config.iters,
+        schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
+        sigma=stds if isinstance(stds, jax.Array) else float(stds), probe_ratio=config.probe,
+        fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
+        final_share=config.final_share, clean=clean)
+    problem = problem.replace(loss_params=problems.stack([loss_params] * config.seeds))
+  if config.holdout:
+    problem = problems.with_holdout(problem, jax.random.fold_in(key, HOLDOUT_STREAM),
+                                    config.holdout)
+  return problem
 
 
 def network(config: RestoreConfig, channels: int):

@@ -35,8 +35,9 @@ class Problem:
     observation: (h, w, C) the degraded image y.
     operator: the forward operator A, image (H, W, C) -> measurement (h, w, C).
     clean: (H, W, C) ground truth, or None.
-    sigma: () noise std of the observation in [0, 1] units, known or estimated
-      (:func:`stopping.estimate_sigma`), for criteria that use it; None if unknown.
+    sigma: noise std of the observation in [0, 1] units, known or estimated
+      (:func:`noise.estimate_sigma`), for criteria that use it: () or per entry (h, w, C)
+      (Poisson noise); None if unknown.
     stage_noise: (K, h, w, C) the known noise m_k each stage target adds to its noise-free
       part a_k y (for x_k = sqrt(abar) (y + p) + sqrt(1 - abar) eps: sqrt(abar) p +
       sqrt(1 - abar) eps; zeros for y itself), to trace how much of it the output has fitted
@@ -49,6 +50,9 @@ class Problem:
     loss_params: the weights the loss needs (VGG19's for 'perceptual',
       :func:`losses.load_vgg19`), or None. Stacked problems copy them per fit: prefer one
       shared problem with them.
+    holdout: (h, w, C) float32 in {0, 1}, measurement entries left out of the loss, whose error
+      the fit traces (``holdout_mse_ema``, the 'holdout' criterion; :func:`with_holdout`); None
+      fits every entry.
   """
   inputs: NetInput
   targets: Array
@@ -61,18 +65,20 @@ class Problem:
   probe: Array | None = None
   stage_scale: Array | None = None
   loss_params: PyTree = None
+  holdout: Array | None = None
 
 
 def plain_problem(inputs: NetInput, observation: Array, operator: Operator, iters: int,
-                  clean: Array | None = None, sigma: float | None = None) -> Problem:
-  """Classic DIP: one stage whose target is the observation, for `iters` iterations."""
+                  clean: Array | None = None, sigma: float | Array | None = None) -> Problem:
+  """Classic DIP: one stage whose target is the observation, for `iters` iterations. sigma:
+  the noise std, () or (h, w, C), or None."""
   return Problem(inputs, observation[None], jnp.array([iters], jnp.int32), observation,
                  operator, clean, None if sigma is None else jnp.asarray(sigma, jnp.float32))
 
 
 def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: Operator,
                    iters: int, *, schedule: schedules.Schedule, num_stages: int, t_max: int,
-                   sigma: float, probe_ratio: float = 0.0, fresh_noise: bool = False,
+                   sigma: float | Array, probe_ratio: float = 0.0, fresh_noise: bool = False,
                    scaled: bool = True, final_share: float | None = None,
                    clean: Array | None = None) -> Problem:
   """DDPM-staged DIP: K targets x_k = a_k (y + p) + b_k eps_k from t_max down to t = 0.
@@ -90,7 +96,8 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
     iters: total iterations, shared over the stages (:func:`targets.stage_lengths`).
     schedule, num_stages, t_max, fresh_noise, scaled: the stage targets
       (:func:`targets.stage_timesteps`, :func:`targets.staged_targets`).
-    sigma: the observation's noise std in [0, 1] units, known or estimated.
+    sigma: the observation's noise std in [0, 1] units, known or estimated: a float, or per
+      entry (h, w, C) for Poisson noise (the probe then has the noise's varying std).
     final_share: fraction of `iters` given to the last stage (the rest split equally);
       None splits all equally (with one stage it has nothing to split).
   """
@@ -120,6 +127,27 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
   noise = stage_targets - scale[:, None, None, None] * y
   return Problem(inputs, stage_targets, jnp.asarray(ends), y, operator, clean,
                  jnp.asarray(sigma, jnp.float32), noise, probe, scale)
+
+
+def with_holdout(problem: Problem, key: Array, ratio: float) -> Problem:
+  """The problem with a random `ratio` of its informative measurement entries held out of the
+  loss (self-validation, cf. Li et al., "Self-Validation: Early Stopping for Single-Instance
+  Deep Generative Priors", BMVC 2021): their error against y, which the fit never sees,
+  estimates the error of its predictions where y says nothing (a mask's missing pixels) plus
+  the noise's variance, a constant. Entries A maps no image to (a mask's zeros) are never held
+  out. ratio in (0, 1); a stacked problem gets one hold-out set (drawn from `key`) for all fits.
+  """
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"the hold-out ratio must lie in (0, 1), got {ratio}")
+  y = problem.observation
+  operator = problem.operator
+  if y.ndim == 4:  # stacked: the fits share the operator
+    operator = jax.tree.map(lambda a: a[0], operator)
+  shape = problem.inputs.base.shape[-3:-1] + y.shape[-1:]
+  informative = operator(jnp.ones(shape, jnp.float32)) > 0.5
+  drawn = jax.random.uniform(key, y.shape[-3:]) < ratio
+  holdout = jnp.broadcast_to(drawn & informative, y.shape).astype(jnp.float32)
+  return problem.replace(holdout=holdout)
 
 
 def staged_problems(key: Array, num_fits: int, *args, **kwargs) -> Problem:

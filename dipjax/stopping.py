@@ -33,6 +33,12 @@ Criteria (``Criterion.kind``):
                error against the known-noise stage target into an unbiased estimate of the
                error against the clean image (SURE). Needs a fit with a probe
                (``problems.staged_problem(probe_ratio > 0)``) and sigma (known or estimated).
+               Any operator: the error is A's, in measurement space; Poisson noise: a probe of
+               the noise's own varying std (:func:`dipjax.noise.sure_mse`).
+  holdout      self-validation: argmin of the EMA output's error on measurement entries held out
+               of the loss (``holdout_mse_ema``, :func:`dipjax.problems.with_holdout`), which
+               the fit never sees: an estimate of its prediction error, noise-free tasks
+               included, where no noise-based estimate says anything.
 
 Scores are computed from a mapping of per-iteration records (a fit's step record, or the
 arrays of a :class:`dipjax.fit.Trace` plus ``step``), elementwise, so one :func:`score`
@@ -116,6 +122,7 @@ REGISTRY: dict[str, Kind] = {
     "discrepancy": Kind(_discrepancy, dict(patience=0)),
     "staged": Kind(lambda c, r, sigma: jnp.where(r["final_stage"], r["mse_est_ema"], jnp.nan),
                    dict(patience=500)),
+    "holdout": Kind(lambda c, r, sigma: r["holdout_mse_ema"], dict(patience=500)),
 }
 KINDS = tuple(REGISTRY)
 
@@ -133,9 +140,9 @@ def score(criterion: Criterion, records: Mapping[str, Array], sigma: Array | flo
 
   Args:
     records: per-iteration values of the fit's trace fields ('step', 'loss', 'psnr_obs_ema',
-      'psnr_clean_ema', 'wmv', 'emv', 'mse_est_ema' with 'final_stage'; where present,
-      'rolled_back' set or 'loss' NaN make an iteration undefined), scalars or arrays of one
-      shape.
+      'psnr_clean_ema', 'wmv', 'emv', 'mse_est_ema' with 'final_stage', 'holdout_mse_ema';
+      where present, 'rolled_back' set or 'loss' NaN make an iteration undefined), scalars or
+      arrays of one shape.
     sigma: noise std of the observation in [0, 1] units (used by 'discrepancy', which wants
       :func:`dipjax.noise.noise_std` of a clipped observation; NaN if unknown).
   """

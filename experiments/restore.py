@@ -120,6 +120,8 @@ flags.DEFINE_list("stop", None, f"Stopping criteria ({', '.join(stopping.KINDS)}
 flags.DEFINE_bool("halt", None, f"End the fit when the first --stop criterion fires "
                   f"{METHOD_DEFAULT}.")
 flags.DEFINE_integer("window", D["window"].default, "ES-WMV window (--stop es_wmv).")
+flags.DEFINE_float("holdout", D["holdout"].default, "Share of the measurements held out of the "
+                   "loss for --stop holdout (self-validation; 0: none).")
 flags.DEFINE_string("ddpm_weights", os.path.join(ASSETS, "ddpm_colour.npz"),
                     "The DDPM methods' U-Net weights (.npz of experiments/train_ddpm.py).")
 flags.DEFINE_integer("nfe", None, f"DDPM methods: network evaluations {METHOD_DEFAULT}.")
@@ -171,6 +173,12 @@ def load_inputs(config: pipeline.RestoreConfig):
                        f"is {full.shape[1]}x{full.shape[0]}: they must match before --crop")
     mask = crop(mask)
   if not _NOISY.value:
+    if config.task == "sr" and (image.shape[0] % config.factor or image.shape[1] % config.factor):
+      cropped = io.crop_to_multiple(image, config.factor)
+      logging.info("%dx%d is not a multiple of --factor %d: centre-cropped to %dx%d",
+                   image.shape[1], image.shape[0], config.factor, cropped.shape[1],
+                   cropped.shape[0])
+      image = cropped
     return pipeline.degrade(config, image, seed=_SEED.value, mask=mask), image, mask
   clean = None
   if _CLEAN.value:

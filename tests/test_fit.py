@@ -211,3 +211,69 @@ def test_sure_noise_terms_swap_sigma(clipped):
   np.testing.assert_allclose(mse(s2), mse(s1) - a**2 * terms(s1) + a**2 * terms(s2), rtol=1e-5)
   if not clipped:
     np.testing.assert_allclose(terms(s2), s2**2 * (2 * lam - 1), rtol=1e-5)
+
+
+def test_sure_mse_is_unbiased_for_a_linear_fit_with_varying_noise():
+  """A synthetic linear problem with a known answer: heteroscedastic (Poisson-like) noise of
+  per-entry std s in measurement space, a probe c s eps, and a 'fit' that is a fixed linear
+  smoother J of its target (a circular blur: J != I, not diagonal). Averaged over draws, the
+  estimate (no ground truth) equals the true mean (f - x)^2; with the noise's mean std instead
+  of its map, the probe no longer weighs the entries as the noise does and the estimate is
+  biased."""
+  rng = np.random.default_rng(3)
+  yy, xx = np.mgrid[0:32, 0:32] / 32
+  x = (0.5 + 0.4 * np.sin(5 * xx) * np.cos(3 * yy))[..., None]
+  s = np.sqrt(np.maximum(x, 0) / 10)  # Poisson at peak 10
+  s = s * (1 + 2 * (xx > 0.5))[..., None]  # and a brighter-noise half, where J fits more
+  kernel = np.zeros((32, 32))
+  kernel[:2, :2] = [[0.6, 0.1], [0.1, 0.2]]
+  smoother = lambda v: np.real(np.fft.ifft2(np.fft.fft2(v[..., 0]) * np.fft.fft2(kernel)))
+  weight = (0.2 + 0.7 * (xx > 0.5))[..., None]  # J = W blur: fits more noise on the right
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  est, est_flat, true = [], [], []
+  for _ in range(400):
+    e, eps = s * rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+    p = 0.3 * s * eps
+    target = x + e + p
+    f = (1 - weight) * x + weight * smoother(target)[..., None]
+    args = (f32(f), f32(target), f32(p), f32(p), f32(1.0))
+    est.append(float(noise.sure_mse(*args, f32(s), False)))
+    flat = np.sqrt(np.mean(s**2))
+    p_flat = 0.3 * flat * eps
+    t_flat = x + e + p_flat
+    f_flat = (1 - weight) * x + weight * smoother(t_flat)[..., None]
+    est_flat.append(float(noise.sure_mse(f32(f_flat), f32(t_flat), f32(p_flat), f32(p_flat),
+                                         f32(1.0), f32(flat), False)))
+    true.append(float(np.mean((f - x) ** 2)))
+  err = np.array(est) - np.array(true)
+  assert abs(err.mean()) < 3 * err.std() / np.sqrt(len(err)) + 1e-6, (err.mean(), err.std())
+  assert abs(err.mean()) < 0.02 * np.mean(true)
+  flat_err = np.array(est_flat) - np.array(true)
+  assert abs(flat_err.mean()) > 10 * abs(err.mean())  # the map is what makes it unbiased
+
+
+def test_held_out_entries_steer_nothing_and_are_traced(problem):
+  """Entries held out of the loss: changing y there leaves the step's update unchanged, and
+  their traced error is the EMA output's error there; a mask's zeros are never held out."""
+  held = problems.with_holdout(problem, jax.random.PRNGKey(4), 0.2)
+  share = float(np.mean(np.asarray(held.holdout)))
+  assert 0.15 < share < 0.25 and set(np.unique(np.asarray(held.holdout))) == {0.0, 1.0}
+  moved = held.replace(observation=jnp.where(held.holdout > 0, 1.0 - held.observation,
+                                             held.observation),
+                       targets=jnp.where(held.holdout > 0, 1.0 - held.targets, held.targets))
+  state = fit.init_state(jax.random.PRNGKey(5), NET, problem, CONFIG)
+  step = jax.jit(lambda s, p: fit.train_step(s, p, net=NET, config=CONFIG))
+  (a, ra), (b, rb) = step(state, held), step(state, moved)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  assert float(ra["loss"]) == float(rb["loss"]) and float(ra["holdout_mse_ema"]) != float(
+      rb["holdout_mse_ema"])
+  h = np.asarray(held.holdout)
+  want = np.sum(h * (np.asarray(a.ema) - np.asarray(held.observation)) ** 2) / np.sum(h)
+  assert float(ra["holdout_mse_ema"]) == pytest.approx(want, rel=1e-4)
+  mask = np.ones((SIZE, SIZE, 1), np.float32)
+  mask[:, : SIZE // 2] = 0
+  masked = problem.replace(operator=operators.inpainting(mask))
+  held = np.asarray(problems.with_holdout(masked, jax.random.PRNGKey(4), 0.5).holdout)
+  assert held[:, : SIZE // 2].max() == 0 and held[:, SIZE // 2:].mean() > 0.4
+  with pytest.raises(ValueError, match="hold-out ratio"):
+    problems.with_holdout(problem, jax.random.PRNGKey(4), 1.0)

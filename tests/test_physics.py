@@ -123,3 +123,16 @@ def test_poisson_denoising_through_the_pipeline():
     pipeline.RestoreConfig(noise="poisson", method="ddpm", ddpm_weights="x.npz")
   with pytest.raises(ValueError, match="estimated as Gaussian"):
     pipeline.RestoreConfig(noise="poisson", sigma_known=False)
+
+
+def test_poisson_std_map_is_unbiased_in_variance():
+  """PURE's variance estimate: E[max(y, 0) / peak] = A x / peak, entry by entry; the Gaussian
+  model's map is its one sigma everywhere."""
+  x = np.linspace(0.05, 0.9, 64, dtype=np.float32).reshape(8, 8, 1) * np.ones((8, 8, 1))
+  model = noise.PoissonNoise(peak=10.0, sigma=0.02)
+  rng = np.random.default_rng(5)
+  var = np.mean([model.std_map(model.sample(rng, x)) ** 2 for _ in range(2000)], axis=0)
+  np.testing.assert_allclose(var, x / 10 + 0.02**2, rtol=0.05)
+  assert model.std_map(np.zeros((4, 4, 1), np.float32)).min() > 0  # black: still defined
+  np.testing.assert_array_equal(noise.GaussianNoise(0.1).std_map(x), np.full(x.shape, 0.1,
+                                                                             np.float32))

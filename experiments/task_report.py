@@ -1,0 +1,244 @@
+r"""The task report: super-resolution, inpainting, deblurring and Poisson noise, each with every
+ground-truth-free stop beside the oracle and the classical baselines (docs/RESULTS.md, "Tasks").
+
+  python experiments/task_report.py --section=deblur              # fits; resumable
+  python experiments/task_report.py --section=deblur --summary    # table + figure from the rows
+
+A section (task_sections.py) is settings x images; each (setting, image, method) is one row of
+docs/results/tasks/<section>.jsonl, appended when its fit ends: a killed report resumes where it
+stopped and never repeats a row. A row holds every traced criterion's stop and the PSNR / SSIM
+there, the oracle peak, the last iteration, and the baselines on the same observation (which
+depends only on the image's name and the setting). Curves go to runs/arrays/tasks/ (git-ignored).
+Baselines (scikit-image, bm3d) are optional: a row without one says why.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import zlib
+
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+from PIL import Image
+
+import cli
+import common
+import fits
+import task_sections
+from dipjax import io
+from dipjax import pipeline
+from dipjax import plots
+
+_SECTION = flags.DEFINE_enum("section", None, list(task_sections.SECTIONS), "Report section.")
+_DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
+_OUT = flags.DEFINE_string("out", None, "Rows (default docs/results/tasks/<section>.jsonl).")
+_SETTINGS = flags.DEFINE_list("settings", None, "Only these settings of the section.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Only the section's first N images (0: all).")
+_ITERS = flags.DEFINE_integer("iters", None, "Override the section's iterations (a smoke run).")
+_WIDTH = flags.DEFINE_integer("width", None, "Override the section's network width.")
+_SUMMARY = flags.DEFINE_bool("summary", False, "Write the section's table and figure from its "
+                             "rows (no fits).")
+flags.mark_flag_as_required("section")
+
+
+def _out() -> str:
+  return _OUT.value or os.path.join(common.REPO, "docs", "results", "tasks",
+                                    f"{_SECTION.value}.jsonl")
+
+
+def load_clean(path: str, crop: int) -> np.ndarray:
+  """The image, centre-cropped to crop x crop, or (crop 0) to a multiple of 32 as the DIP
+  repository's super-resolution loader does."""
+  return common.load_clean(path, crop) if crop else io.crop_to_multiple(io.load_image(path), 32)
+
+
+def restore_config(section: task_sections.Section, setting: dict,
+                   method: str) -> pipeline.RestoreConfig:
+  return pipeline.RestoreConfig(
+      **setting, method=method, iters=_ITERS.value or section.iters,
+      width=_WIDTH.value or section.width, seeds=section.seeds,
+      stop=task_sections.criteria(setting, method), halt=False,
+      holdout=task_sections.HOLDOUT if method == "dip" else 0.0)
+
+
+def observe(config: pipeline.RestoreConfig, clean: np.ndarray, name: str):
+  """(observation, mask or None), drawn from a seed of the image's name only."""
+  seed = zlib.crc32(name.encode())
+  mask = pipeline.make_mask(config, clean.shape, seed) if config.task == "inpaint" else None
+  return pipeline.degrade(config, clean, seed=seed, mask=mask), mask
+
+
+def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | None,
+              out_shape: tuple[int, ...]) -> dict[str, np.ndarray | str]:
+  """The task's classical baselines on y: an image each, or why it is missing."""
+  found = {}
+  if config.task == "sr":
+    size = (out_shape[1], out_shape[0])
+    found["bicubic"] = np.asarray(Image.fromarray(common.uint8(y)).resize(
+        size, Image.BICUBIC), np.float32) / 255
+    return found
+  try:
+    from skimage import restoration  # optional: pip install scikit-image
+  except ImportError:
+    return {"scikit-image": "not installed"}
+  if config.task == "inpaint":
+    found["biharmonic"] = restoration.inpaint_biharmonic(y, mask[..., 0] < 0.5, channel_axis=-1)
+  elif config.task == "deblur":
+    psf = pipeline.blur_kernel(config)
+    psf = psf / psf.sum()
+    per_channel = lambda f: np.stack([f(y[..., c]) for c in range(y.shape[-1])], -1)
+    found["wiener"] = per_channel(lambda c: restoration.unsupervised_wiener(c, psf)[0])
+    found["richardson_lucy"] = per_channel(lambda c: restoration.richardson_lucy(c, psf, 30))
+  elif config.noise == "poisson":
+    try:
+      found["bm3d_anscombe"] = anscombe_bm3d(y, config.peak)
+    except ImportError:
+      found["bm3d_anscombe"] = "bm3d not installed (pip install -e '.[baselines]')"
+  return {k: np.clip(v, 0, 1).astype(np.float32) if isinstance(v, np.ndarray) else v
+          for k, v in found.items()}
+
+
+def anscombe_bm3d(y: np.ndarray, peak: float) -> np.ndarray:
+  """(C)BM3D of a Poisson observation through the Anscombe transform (unit variance) and its
+  closed-form unbiased inverse (Makitalo & Foi, 2011)."""
+  counts = np.maximum(y * peak, 0)
+  a = 2 * np.sqrt(counts + 3 / 8)
+  lo, hi = a.min(), a.max()
+  d = common.bm3d_denoise((a - lo) / (hi - lo), 1 / (hi - lo)) * (hi - lo) + lo
+  inverse = (d / 2) ** 2 + np.sqrt(1.5) / 4 / d - 11 / 8 / d**2 + 5 * np.sqrt(1.5) / 8 / d**3
+  return np.maximum(inverse - 1 / 8, 0) / peak
+
+
+def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[dict, dict]:
+  """One fit, every criterion's stop scored against `clean`: (row fields, curves)."""
+  frame = pipeline.make_frame(config, y, clean, mask)
+  sigma = pipeline.noise_sigma(config, frame)
+  run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0), chunk=100,
+                        stop_diverged=False)
+  run.compile(compiler)
+  run.fit()
+  curve = np.nanmean(run.trace["psnr_clean_ema"], axis=0)
+  final = frame.unpad(np.asarray(run.states.ema))
+  stops = {}
+  for name, (steps, kept) in run.stops().items():
+    never = steps == 0  # its score was never defined (discrepancy never crossed): the last
+    kept = np.where(never[:, None, None, None], final, kept)
+    stops[name] = dict(stop=int(np.mean(np.where(never, config.iters, steps))),
+                       never=int(never.sum()), **pipeline.score(kept.mean(0), clean))
+  last = pipeline.score(final.mean(0), clean)
+  row = dict(stops=stops, last=last, oracle_peak=dict(psnr=float(np.nanmax(curve)),
+                                                      stop=int(np.nanargmax(curve)) + 1),
+             sigma_used=round(255 * sigma, 4), compile_seconds=round(run.compile_seconds, 1),
+             fit_seconds=round(run.fit_seconds, 1))
+  curves = {f"curve_{k}": run.trace[k] for k in ("psnr_clean_ema", "psnr_obs_ema",
+                                                 "mse_est_ema", "holdout_mse_ema")}
+  return row, curves
+
+
+COLUMNS = (("dip", "last"), ("dip", "oracle"), ("dip", "holdout"), ("dip", "es_wmv"),
+           ("dip", "discrepancy"), ("staged", "oracle"), ("staged", "staged"))
+
+
+def _cell(rows: list[dict], method: str, what: str) -> str:
+  """Mean PSNR / SSIM over a setting's images of one stop, with its mean gap to the fit's own
+  oracle peak (dB); '-' where the fit or criterion is absent."""
+  rows = [r for r in rows if r["method"] == method]
+  if not rows or (what not in ("last", "oracle") and what not in rows[0]["stops"]):
+    return "-"
+  got = [r["last"] if what == "last" else r["stops"][what] for r in rows]
+  psnr = np.mean([g["psnr"] for g in got])
+  text = f"{psnr:.2f} / {np.mean([g['ssim'] for g in got]):.3f}"
+  if what == "oracle":
+    return text
+  gap = np.mean([r["stops"]["oracle"]["psnr"] - g["psnr"] for r, g in zip(rows, got)])
+  return text + f" ({-gap:+.2f})"
+
+
+def summarise(section: task_sections.Section, rows: list[dict]) -> None:
+  """Writes docs/results/tasks/<section>.md (one table, means over images) and a
+  PSNR-vs-iteration figure per setting (its first image, the stops marked)."""
+  if not rows:
+    raise ValueError(f"no rows in {_out()}: run the section first")
+  head = ["setting", "images", "DIP, last it", "DIP oracle", "DIP holdout stop", "DIP ES-WMV",
+          "DIP discrepancy", "staged oracle", "staged stop", "baselines"]
+  body = []
+  for label in section.settings:
+    mine = [r for r in rows if r["setting"] == label]
+    if not mine:
+      continue
+    base = {}
+    for r in mine:
+      for k, v in r.get("baselines", {}).items():
+        base.setdefault(k, []).append(v)
+    base_text = ", ".join(
+        f"{k} {np.mean([x['psnr'] for x in v]):.2f} / {np.mean([x['ssim'] for x in v]):.3f}"
+        if all(isinstance(x, dict) for x in v) else f"{k}: {v[0]}" for k, v in base.items())
+    images = len({r["image"] for r in mine})
+    body.append([label, str(images)] + [_cell(mine, m, w) for m, w in COLUMNS] + [base_text])
+    _figure(label, mine)
+  stem = _out().removesuffix(".jsonl")
+  dates = sorted({r["date"] for r in rows})
+  with open(stem + ".md", "w") as f:
+    f.write(f"`python experiments/task_report.py --section={_SECTION.value}` on "
+            f"{rows[0]['machine']}, {dates[0]}..{dates[-1]}; PSNR (dB) / SSIM, means over images "
+            "(gap to the fit's oracle peak in brackets).\n\n")
+    f.write(common.md_table(head, body) + "\n")
+  logging.info("wrote %s.md", stem)
+
+
+def _figure(label: str, rows: list[dict]) -> None:
+  first = rows[0]["image"]
+  curves, stops = {}, {}
+  for r in rows:
+    if r["image"] != first:
+      continue
+    arrays = np.load(os.path.join(common.arrays_dir(_out()), r["key"] + ".npz"))
+    curves[f"{r['method']}: EMA vs clean"] = np.nanmean(arrays["curve_psnr_clean_ema"], axis=0)
+    stops.update({f"{r['method']} {k}": v["stop"] - 1 for k, v in r["stops"].items()
+                  if k not in ("oracle", "fixed")})
+  path = _out().removesuffix(".jsonl") + f"_{label}.png"
+  plots.psnr_curves(path, curves, title=f"{_SECTION.value} {label}: {first}", stops=stops)
+
+
+def run() -> None:
+  section = task_sections.SECTIONS[_SECTION.value]
+  names = section.images[:_LIMIT.value or None]
+  settings = {k: v for k, v in section.settings.items()
+              if not _SETTINGS.value or k in _SETTINGS.value}
+  if _SUMMARY.value:
+    return summarise(section, common.read_rows(_out()))
+  compiler = fits.Compiler()
+  with common.Results(_out()) as results:
+    done = {r["key"] for r in results.rows}
+    for name in names:
+      clean = load_clean(os.path.join(_DATA.value, name), section.crop)
+      for label, setting in settings.items():
+        for method in task_sections.methods(setting):
+          config = restore_config(section, setting, method)
+          spec = dict(section=_SECTION.value, setting=label, image=name, method=method,
+                      crop=section.crop, config={k: v for k, v in vars(config).items()})
+          key = common.row_key(spec)
+          if key in done:
+            continue
+          t0 = time.time()
+          y, mask = observe(config, clean, name)
+          row, curves = fit_row(config, y, clean, mask, compiler)
+          found = baselines(config, y, mask, clean.shape) if method == "dip" else {}
+          row["baselines"] = {k: pipeline.score(v, clean) if isinstance(v, np.ndarray) else v
+                              for k, v in found.items()}
+          if config.task == "denoise" or config.task == "deblur":
+            row["degraded"] = pipeline.score(y, clean)
+          common.save_arrays(os.path.join(common.arrays_dir(_out()), key + ".npz"), curves)
+          results.append(dict(spec, key=key, **row, seconds=round(time.time() - t0, 1),
+                              machine=common.host(), date=str(datetime.date.today())))
+          logging.info("%s %s %s %s: oracle %.2f dB, %s", _SECTION.value, label, name, method,
+                       row["oracle_peak"]["psnr"], {k: round(v["psnr"], 2)
+                                                    for k, v in row["stops"].items()})
+
+
+if __name__ == "__main__":
+  cli.run_main(__file__, run)

@@ -1,0 +1,65 @@
+"""The sections of the task report (experiments/task_report.py): per section its images, crop,
+settings (each a dipjax.pipeline.RestoreConfig's task fields) and fits; no flags.
+
+Every setting is fitted by plain DIP with a share of its measurements held out (the 'holdout'
+stop) and, where the observation is noisy, by the staged method with its probe (the 'staged'
+stop); each fit traces every criterion that applies, so all stops are read off the same fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Images are paths under the report's --data folder (../shared/data). Set12's images among the DIP paper's 11 inpainting images (Papyan et al.'s set): C.man,
+# House, Peppers, Lena, Barbara, Boat, Man, Couple.
+SET12_IN_DIP = tuple(f"Set12/{i:02d}.png" for i in (1, 2, 3, 8, 9, 10, 11, 12))
+SET5 = tuple(f"Set5/HR/{n}.png" for n in ("baby", "bird", "butterfly", "head", "woman"))
+CSET9 = tuple(f"CSet9/{n}" for n in (
+    "image_Baboon512rgb.png", "image_F16_512rgb.png", "image_House256rgb.png",
+    "image_Lena512rgb.png", "image_Peppers512rgb.png", "kodim01.png",
+    "kodim02.png", "kodim03.png", "kodim12.png"))
+HOLDOUT = 0.05  # share of the measurements held out of every DIP fit of the report
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """One report section: `settings` by name (RestoreConfig fields), each run on every image."""
+  images: tuple[str, ...]
+  crop: int  # centre crop (0: the whole image, cropped to a multiple of 32 as the DIP repo)
+  settings: dict
+  iters: int = 2000
+  width: int = 32
+  seeds: int = 1
+
+
+SECTIONS = {
+    "sr": Section(SET5, 0, {
+        "x4": dict(task="sr", factor=4, reg_noise_std=0.03),
+        "x8": dict(task="sr", factor=8, reg_noise_std=0.05)}),
+    "inpaint": Section(SET12_IN_DIP, 0, {
+        "random50": dict(task="inpaint", mask_kind="random", mask_ratio=0.5)}),
+    "deblur": Section(CSET9 + tuple(f"Set12/{i:02d}.png" for i in range(1, 13)), 128, {
+        "gauss_1pct": dict(task="deblur", blur="gaussian", sigma=2.55),
+        "gauss_3pct": dict(task="deblur", blur="gaussian", sigma=7.65),
+        "motion_1pct": dict(task="deblur", blur="motion", blur_size=15, sigma=2.55),
+        "motion_3pct": dict(task="deblur", blur="motion", blur_size=15, sigma=7.65)}),
+    "poisson": Section(CSET9 + tuple(f"Set12/{i:02d}.png" for i in range(1, 13)), 128, {
+        "peak10": dict(task="denoise", noise="poisson", peak=10.0),
+        "peak30": dict(task="denoise", noise="poisson", peak=30.0)}),
+}
+
+
+def noisy(setting: dict) -> bool:
+  """Whether a setting's observation has noise (then the staged method is fitted too)."""
+  return setting.get("noise") == "poisson" or setting.get("sigma", 0) > 0
+
+
+def methods(setting: dict) -> tuple[str, ...]:
+  return ("dip", "staged") if noisy(setting) else ("dip",)
+
+
+def criteria(setting: dict, method: str) -> tuple[str, ...]:
+  """The stops traced by a fit: the staged method's own, or every one plain DIP affords."""
+  if method == "staged":
+    return ("staged", "oracle", "fixed")
+  return ("holdout", "oracle", "fixed", "es_wmv") + (("discrepancy",) if noisy(setting) else ())
