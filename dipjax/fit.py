@@ -323,7 +323,7 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       y = problem.observation
       clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0)  # inside [0, 1]: taken as clipped
       mse_est_ema = noise.sure_mse(measured_ema, target, known, problem.probe, scale,
-                                   problem.sigma, clipped)
+                                   problem.sigma, clipped, lower=not problem.poisson)
 
   holdout_mse_ema = nan
   if problem.holdout is not None:
@@ -347,8 +347,8 @@ def train_step(state: TrainState, problem: Problem, *, net: nn.Module,
       mse_est_ema=mse_est_ema,
       holdout_mse_ema=holdout_mse_ema,
       final_stage=stage == problem.ends.shape[0] - 1)
-  noise_std = None if problem.sigma is None else noise.noise_std(problem.observation,
-                                                                     problem.sigma)
+  noise_std = None if problem.sigma is None else noise.noise_std(
+      problem.observation, problem.sigma, lower=not problem.poisson)
   monitors, kept = _monitor(state, dict(record, step=state.step), ema, noise_std, config)
 
   new = TrainState(

@@ -133,24 +133,30 @@ def estimate_sigma(y: Array | np.ndarray) -> float:
   return float(np.mean(np.median(np.abs(hh), axis=(0, 1)) / 0.6744897501960817))
 
 
-def clipped_noise_moments(x: Array, sigma: Array) -> tuple[Array, Array]:
+def clipped_noise_moments(x: Array, sigma: Array, lower: bool = True) -> tuple[Array, Array]:
   """Mean and variance of the error e = clip(x + sigma n, 0, 1) - x, n ~ N(0, 1), elementwise.
 
   Clipping (DIP's protocol, and every sensor) makes the noise smaller and biased near 0 and 1:
   with a = -x / sigma, b = (1 - x) / sigma and Phi, phi the normal cdf and pdf,
   E e = sigma (phi(a) - phi(b)) - x Phi(a) + (1 - x)(1 - Phi(b)) and
   E e^2 = sigma^2 (Phi(b) - Phi(a) + a phi(a) - b phi(b)) + x^2 Phi(a) + (1 - x)^2 (1 - Phi(b)).
+  lower=False clips at 1 only (a = -inf): Poisson noise, which has no mass below 0, saturating
+  at white (its std `sigma` per entry, in the Gaussian approximation).
   """
   a, b = -x / sigma, (1.0 - x) / sigma
   pdf = lambda u: jnp.exp(-0.5 * u * u) / jnp.sqrt(2.0 * jnp.pi)
-  cdf_a, sf_b = jax.scipy.special.ndtr(a), jax.scipy.special.ndtr(-b)
-  mean = sigma * (pdf(a) - pdf(b)) - x * cdf_a + (1.0 - x) * sf_b
-  second = (sigma**2 * (1.0 - cdf_a - sf_b + a * pdf(a) - b * pdf(b)) + x**2 * cdf_a
+  sf_b = jax.scipy.special.ndtr(-b)
+  cdf_a, pdf_a, a_pdf_a = jax.scipy.special.ndtr(a), pdf(a), a * pdf(a)
+  if not lower:
+    cdf_a, pdf_a, a_pdf_a = 0.0, 0.0, 0.0
+  mean = sigma * (pdf_a - pdf(b)) - x * cdf_a + (1.0 - x) * sf_b
+  second = (sigma**2 * (1.0 - cdf_a - sf_b + a_pdf_a - b * pdf(b)) + x**2 * cdf_a
             + (1.0 - x) ** 2 * sf_b)
   return mean, second - mean**2
 
 
-def noise_std(y: Array, sigma: Array | float, proxy: Array | None = None) -> Array:
+def noise_std(y: Array, sigma: Array | float, proxy: Array | None = None,
+              lower: bool = True) -> Array:
   """The std of y's noise e = y - x as the discrepancy principle needs it, sqrt(E mean e^2):
   () float32. sigma for additive noise; for y inside [0, 1], taken as clipped there (DIP's
   protocol, and every sensor), the clipped noise's sqrt(mean(bias^2 + variance))
@@ -162,11 +168,13 @@ def noise_std(y: Array, sigma: Array | float, proxy: Array | None = None) -> Arr
     sigma: its noise std before clipping, [0, 1] units: a scalar, or per entry (y's shape;
       Poisson noise, :meth:`PoissonNoise.std_map`).
     proxy: y's shape, a stand-in for the clean image x; None: y.
+    lower: whether clipping at 0 censors the noise (False for Poisson noise:
+      :func:`clipped_noise_moments`).
   """
   y = jnp.asarray(y, jnp.float32)
   sigma = jnp.asarray(sigma, jnp.float32)
   proxy = y if proxy is None else jnp.clip(jnp.asarray(proxy, jnp.float32), 0.0, 1.0)
-  bias, var = clipped_noise_moments(proxy, jnp.where(sigma > 0, sigma, 1.0))
+  bias, var = clipped_noise_moments(proxy, jnp.where(sigma > 0, sigma, 1.0), lower)
   clipped = (jnp.min(y) >= 0.0) & (jnp.max(y) <= 1.0) & jnp.all(sigma > 0)
   return jnp.sqrt(jnp.where(clipped, jnp.mean(bias**2 + var), jnp.mean(sigma**2)))
 
@@ -179,7 +187,7 @@ def fitted_fraction(measured: Array, reference: Array, noise: Array) -> Array:
 
 
 def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: Array,
-             sigma: Array, clipped: Array | bool = False) -> Array:
+             sigma: Array, clipped: Array | bool = False, lower: bool = True) -> Array:
   """Mean squared error of `measured` against the stage's noise-free target a x, without x.
 
   The stage target is x_k = a (x + e) + m: the observation y = x + e with unknown noise e, and
@@ -211,26 +219,34 @@ def sure_mse(measured: Array, target: Array, noise: Array, probe: Array, scale: 
   measurement space, so the estimate is of mean (A f_net - a A x)^2, the error the data can
   tell. What A removes (its null space: masked pixels, frequencies above the SR cut-off, the
   blur's zeros) no estimate from y alone can measure; for noisy observations the fit's
-  overfitting is the noise it reproduces in A f_net, which is what this error grows with.
-  (Weighting it by (A A^T)^(-1/2), the error in range(A^T), divides by the blur's small singular
-  values and multiplies the probe's sampling error with them: not used.)
+  overfitting is the noise it reproduces in A f_net, which is what this error grows with. Its
+  minimum can fall later than the image error's: noise fitted where A is small (a blur's high
+  frequencies) is amplified in the image but weighs little here. (Weighting by (A A^T)^(-1/2),
+  the error in range(A^T), would undo that but divides by those small singular values and
+  multiplies the probe's sampling error with them: not used.)
 
   Heteroscedastic noise (Poisson, PURE's setting): with per-entry variances s^2 (`sigma` an
-  array, s^2 = max(y, 0) / peak + read^2 unbiased for Poisson) and the probe drawn as
-  c s eps, lambda = <f - a y, a p> / |a p|^2 estimates tr(J S) / tr(S) (J the fit's response to
-  its target, S = diag(s^2)) and 2 a^2 lambda mean s^2 is the unknown term 2 a^2 tr(J S) / N, so
-  the estimate stays unbiased. Shapes: images (h, w, C); scale, clipped scalars; sigma a scalar
-  or (h, w, C).
+  array; s^2 = y / peak + read^2, unbiased for Poisson) and the probe drawn as c s eps,
+  lambda = <f - a y, a p> / |a p|^2 estimates tr(J S) / tr(S) (J the fit's response to its
+  target, S = diag(s^2)) and 2 a^2 lambda mean s^2 is the unknown term 2 a^2 tr(J S) / N: exact
+  for a fit linear in its target (tests/test_fit.py) and Gaussian noise of that varying std; for
+  Poisson noise, whose identity is PURE's rather than Stein's, a first-order match (unbiased
+  in tests/test_fit.py where nothing saturates), with `lower` False: a Poisson observation is
+  clipped at white only. Its clipped variance, taken from the Gaussian moments at the noisy y,
+  falls 9-11% short of the truth at peak 10 with 5-8% of the pixels saturated, 3-5% at peak 30
+  (synthetic images, 2026-12-07), which weakens the 2 lambda term as much and can only move the
+  stop later. Shapes: images (h, w, C); scale, clipped scalars; sigma a scalar or (h, w, C).
   """
   reference = target - noise  # a y
   lam = fitted_fraction(measured, reference, scale * probe)
   return (jnp.mean((measured - target) ** 2) + 2.0 * jnp.mean((measured - reference) * noise)
           - jnp.mean(noise**2)
           + scale**2 * sure_noise_terms(jnp.clip(reference / scale, 0.0, 1.0), sigma, lam,
-                                        clipped))
+                                        clipped, lower))
 
 
-def sure_noise_terms(y: Array, sigma: Array, noise_fit: Array, clipped: Array | bool) -> Array:
+def sure_noise_terms(y: Array, sigma: Array, noise_fit: Array, clipped: Array | bool,
+                     lower: bool = True) -> Array:
   """The unknown noise's terms of :func:`sure_mse` per a^2, the only ones that depend on sigma:
   sigma^2 (2 lambda - 1), or mean mu^2 - mean V + 2 lambda mean V for a `clipped` y (the
   censored noise's moments at y). So an estimate made with one sigma is re-made with another
@@ -241,11 +257,12 @@ def sure_noise_terms(y: Array, sigma: Array, noise_fit: Array, clipped: Array | 
     sigma: its noise std (before clipping): a scalar, or per entry (y's shape).
     noise_fit: lambda, the fraction of the probe the output has fitted: any shape.
     clipped: whether y was clipped to [0, 1], a scalar.
+    lower: whether the clipping at 0 censored the noise (not for Poisson noise).
 
   Returns:
     noise_fit's shape.
   """
-  bias, var = clipped_noise_moments(y, sigma)
+  bias, var = clipped_noise_moments(y, sigma, lower)
   bias2 = jnp.where(clipped, jnp.mean(bias**2), 0.0)
   var = jnp.where(clipped, jnp.mean(var), jnp.mean(jnp.asarray(sigma) ** 2))
   return bias2 - var + 2.0 * noise_fit * var

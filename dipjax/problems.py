@@ -50,6 +50,8 @@ class Problem:
     loss_params: the weights the loss needs (VGG19's for 'perceptual',
       :func:`losses.load_vgg19`), or None. Stacked problems copy them per fit: prefer one
       shared problem with them.
+    poisson: whether y's noise is Poisson (static): the SURE and discrepancy terms then take its
+      clipping at white only (:func:`noise.clipped_noise_moments` with lower=False).
     holdout: (h, w, C) float32 in {0, 1}, measurement entries left out of the loss, whose error
       the fit traces (``holdout_mse_ema``, the 'holdout' criterion; :func:`with_holdout`); None
       fits every entry.
@@ -65,6 +67,7 @@ class Problem:
   probe: Array | None = None
   stage_scale: Array | None = None
   loss_params: PyTree = None
+  poisson: bool = flax.struct.field(pytree_node=False, default=False)
   holdout: Array | None = None
 
 
@@ -130,8 +133,8 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
 
 
 def with_holdout(problem: Problem, key: Array, ratio: float) -> Problem:
-  """The problem with a random `ratio` of its informative measurement entries held out of the
-  loss (self-validation, cf. Li et al., "Self-Validation: Early Stopping for Single-Instance
+  """The problem with a random `ratio` of its informative measurement pixels (all channels)
+  held out of the loss (self-validation, cf. Li et al., "Self-Validation: Early Stopping for Single-Instance
   Deep Generative Priors", BMVC 2021): their error against y, which the fit never sees,
   estimates the error of its predictions where y says nothing (a mask's missing pixels) plus
   the noise's variance, a constant. Entries A maps no image to (a mask's zeros) are never held
@@ -145,7 +148,7 @@ def with_holdout(problem: Problem, key: Array, ratio: float) -> Problem:
     operator = jax.tree.map(lambda a: a[0], operator)
   shape = problem.inputs.base.shape[-3:-1] + y.shape[-1:]
   informative = operator(jnp.ones(shape, jnp.float32)) > 0.5
-  drawn = jax.random.uniform(key, y.shape[-3:]) < ratio
+  drawn = jax.random.uniform(key, y.shape[-3:-1] + (1,)) < ratio  # whole pixels
   holdout = jnp.broadcast_to(drawn & informative, y.shape).astype(jnp.float32)
   return problem.replace(holdout=holdout)
 

@@ -35,8 +35,8 @@ Criteria (``Criterion.kind``):
                (``problems.staged_problem(probe_ratio > 0)``) and sigma (known or estimated).
                Any operator: the error is A's, in measurement space; Poisson noise: a probe of
                the noise's own varying std (:func:`dipjax.noise.sure_mse`).
-  holdout      self-validation: argmin of the EMA output's error on measurement entries held out
-               of the loss (``holdout_mse_ema``, :func:`dipjax.problems.with_holdout`), which
+  holdout      self-validation: argmin over the last stage of the EMA output's error on measurement
+               pixels held out of the loss (``holdout_mse_ema``, :func:`dipjax.problems.with_holdout`), which
                the fit never sees: an estimate of its prediction error, noise-free tasks
                included, where no noise-based estimate says anything.
 
@@ -122,7 +122,8 @@ REGISTRY: dict[str, Kind] = {
     "discrepancy": Kind(_discrepancy, dict(patience=0)),
     "staged": Kind(lambda c, r, sigma: jnp.where(r["final_stage"], r["mse_est_ema"], jnp.nan),
                    dict(patience=500)),
-    "holdout": Kind(lambda c, r, sigma: r["holdout_mse_ema"], dict(patience=500)),
+    "holdout": Kind(lambda c, r, sigma: jnp.where(r["final_stage"], r["holdout_mse_ema"],
+                                                  jnp.nan), dict(patience=500)),
 }
 KINDS = tuple(REGISTRY)
 

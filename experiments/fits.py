@@ -120,7 +120,8 @@ def score_fits(config: dict, run: pipeline.FitRun, clean: np.ndarray) -> tuple[d
   records = fit.trace_records(fit.Trace(**{k: jnp.asarray(v) for k, v in trace.items()}))
   observation = problem.observation if run.shared else problem.observation[0]
   sigma = problem.sigma if run.shared else problem.sigma[0]  # the fit's (known or estimated)
-  noise_std = noise.noise_std(observation, sigma)  # as the fit's monitors
+  # as the fit's monitors
+  noise_std = noise.noise_std(observation, sigma, lower=not problem.poisson)
   results = dict(oracle_peak=dict(step=peak_step.tolist(), psnr=np.round(peak_psnr, 4).tolist()),
                  rolled_back=np.sum(trace["rolled_back"], axis=1).tolist(), criteria={})
   arrays = {f"curve_{name}": trace[name] for name in CURVES}

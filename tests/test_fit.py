@@ -214,50 +214,53 @@ def test_sure_noise_terms_swap_sigma(clipped):
 
 
 def test_sure_mse_is_unbiased_for_a_linear_fit_with_varying_noise():
-  """A synthetic linear problem with a known answer: heteroscedastic (Poisson-like) noise of
-  per-entry std s in measurement space, a probe c s eps, and a 'fit' that is a fixed linear
-  smoother J of its target (a circular blur: J != I, not diagonal). Averaged over draws, the
-  estimate (no ground truth) equals the true mean (f - x)^2; with the noise's mean std instead
-  of its map, the probe no longer weighs the entries as the noise does and the estimate is
-  biased."""
+  """A synthetic linear problem with a known answer: noise of per-entry std s in measurement
+  space, a probe c s eps, and a 'fit' that is a fixed linear smoother J of its target (a
+  weighted circular blur: J != I, not diagonal, fitting more noise where the noise is larger).
+  Averaged over draws the estimate (no ground truth) equals the true mean (f - x)^2: for
+  Gaussian noise of that std map, and for Poisson noise with s estimated from y itself
+  (PoissonNoise.std_map; no pixel saturates). With the noise's mean std in place of its map the
+  probe weighs the entries unlike the noise and the estimate is biased."""
   rng = np.random.default_rng(3)
   yy, xx = np.mgrid[0:32, 0:32] / 32
-  x = (0.5 + 0.4 * np.sin(5 * xx) * np.cos(3 * yy))[..., None]
-  s = np.sqrt(np.maximum(x, 0) / 10)  # Poisson at peak 10
-  s = s * (1 + 2 * (xx > 0.5))[..., None]  # and a brighter-noise half, where J fits more
+  x = (0.3 + 0.2 * np.sin(5 * xx) * np.cos(3 * yy))[..., None]
   kernel = np.zeros((32, 32))
   kernel[:2, :2] = [[0.6, 0.1], [0.1, 0.2]]
-  smoother = lambda v: np.real(np.fft.ifft2(np.fft.fft2(v[..., 0]) * np.fft.fft2(kernel)))
-  weight = (0.2 + 0.7 * (xx > 0.5))[..., None]  # J = W blur: fits more noise on the right
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
-  est, est_flat, true = [], [], []
-  for _ in range(400):
-    e, eps = s * rng.standard_normal(x.shape), rng.standard_normal(x.shape)
-    p = 0.3 * s * eps
-    target = x + e + p
-    f = (1 - weight) * x + weight * smoother(target)[..., None]
-    args = (f32(f), f32(target), f32(p), f32(p), f32(1.0))
-    est.append(float(noise.sure_mse(*args, f32(s), False)))
-    flat = np.sqrt(np.mean(s**2))
-    p_flat = 0.3 * flat * eps
-    t_flat = x + e + p_flat
-    f_flat = (1 - weight) * x + weight * smoother(t_flat)[..., None]
-    est_flat.append(float(noise.sure_mse(f32(f_flat), f32(t_flat), f32(p_flat), f32(p_flat),
-                                         f32(1.0), f32(flat), False)))
-    true.append(float(np.mean((f - x) ** 2)))
-  err = np.array(est) - np.array(true)
-  assert abs(err.mean()) < 3 * err.std() / np.sqrt(len(err)) + 1e-6, (err.mean(), err.std())
-  assert abs(err.mean()) < 0.02 * np.mean(true)
-  flat_err = np.array(est_flat) - np.array(true)
-  assert abs(flat_err.mean()) > 10 * abs(err.mean())  # the map is what makes it unbiased
+  blur = lambda v: np.real(np.fft.ifft2(np.fft.fft2(v[..., 0]) * np.fft.fft2(kernel)))[..., None]
+  weight = (0.2 + 0.7 * (xx > 0.5))[..., None]
+  sure = jax.jit(noise.sure_mse, static_argnums=7)
+  poisson = noise.PoissonNoise(peak=30.0)
+  s_true = np.sqrt(x / 30) * (1 + 2 * (xx > 0.5))[..., None]
+
+  def draw(kind):
+    if kind == "poisson":
+      y = poisson.sample(rng, x)
+      s = poisson.std_map(y)
+    else:
+      s = s_true if kind == "gaussian" else np.full(x.shape, np.sqrt(np.mean(s_true**2)))
+      y = x + s_true * rng.standard_normal(x.shape)
+    p = 0.3 * s * rng.standard_normal(x.shape)
+    f = (1 - weight) * x + weight * blur(y + p)
+    args = [jnp.asarray(v, jnp.float32) for v in (f, y + p, p, p, 1.0, s)]
+    return float(sure(*args, kind == "poisson", kind != "poisson")) - np.mean((f - x) ** 2)
+
+  for kind, n in (("gaussian", 400), ("poisson", 400)):
+    err = np.array([draw(kind) for _ in range(n)])
+    assert abs(err.mean()) < 3 * err.std() / np.sqrt(n) + 1e-6, (kind, err.mean(), err.std())
+  flat = np.mean([draw("flat") for _ in range(100)])
+  assert abs(flat) > 5 * abs(err.mean())  # the map is what makes it unbiased
 
 
 def test_held_out_entries_steer_nothing_and_are_traced(problem):
-  """Entries held out of the loss: changing y there leaves the step's update unchanged, and
-  their traced error is the EMA output's error there; a mask's zeros are never held out."""
+  """Pixels held out of the loss: changing y there leaves the step's update unchanged, and
+  their traced error is the EMA output's error there; a mask's zeros are never held out; a
+  stacked problem's fits share one hold-out set."""
   held = problems.with_holdout(problem, jax.random.PRNGKey(4), 0.2)
   share = float(np.mean(np.asarray(held.holdout)))
   assert 0.15 < share < 0.25 and set(np.unique(np.asarray(held.holdout))) == {0.0, 1.0}
+  assert (np.ptp(np.asarray(held.holdout), axis=-1) == 0).all()  # whole pixels, all channels
+  stacked = problems.with_holdout(problems.stack([problem, problem]), jax.random.PRNGKey(4), 0.2)
+  np.testing.assert_array_equal(stacked.holdout, np.stack([held.holdout] * 2))
   moved = held.replace(observation=jnp.where(held.holdout > 0, 1.0 - held.observation,
                                              held.observation),
                        targets=jnp.where(held.holdout > 0, 1.0 - held.targets, held.targets))
