@@ -1,0 +1,97 @@
+r"""The task report's figures on images without a ground truth (docs/RESULTS.md, "Tasks"):
+
+  python experiments/task_figures.py --figures=real,vase
+
+  real     the DIP paper's real-noise photo (dip/denoising/snail.png, JPEG noise): input |
+           dipjax's staged method with sigma estimated from the photo | CBM3D at that sigma.
+  vase, kate, library
+           the DIP repository's masked images (dip/inpainting/<name>.png and its mask):
+           masked input | DIP (width 32, 2000 iterations) at the last iteration and at the
+           hold-out stop.
+
+Each figure is one PNG in docs/results/tasks/ with its command, device and date in the caption;
+a figure already there is not redone (delete it to redo).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+import cli
+import common
+from dipjax import io
+from dipjax import pipeline
+from dipjax import plots
+
+FIGURES = ("real", "vase", "kate", "library")
+_FIGURES = flags.DEFINE_list("figures", ["real", "vase"], f"Figures, of {', '.join(FIGURES)}.")
+_DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
+_OUT_DIR = flags.DEFINE_string("out_dir", os.path.join(common.REPO, "docs", "results", "tasks"),
+                               "Where the PNGs go.")
+
+
+def _caption(what: str) -> str:
+  return (f"{what} · python experiments/task_figures.py --figures=... · {common.host()} · "
+          f"{datetime.date.today()}")
+
+
+def real_noise(path: str) -> list[tuple[str, np.ndarray]]:
+  """A real noisy photo: dipjax (staged, sigma estimated, its own stop) against CBM3D at the
+  same estimated sigma."""
+  y = io.load_image(path)
+  config = pipeline.RestoreConfig(sigma_known=False)
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
+  sigma = result.sigma
+  row = [("input (real noise)", y),
+         (f"dipjax staged, σ̂ = {255 * sigma:.1f}, stop {result.stops['staged'][0][0]}",
+          result.image)]
+  try:
+    row.append((f"CBM3D at σ̂ = {255 * sigma:.1f}", common.bm3d_denoise(y, sigma)))
+  except ImportError:
+    logging.warning("bm3d is not installed (pip install -e '.[baselines]'): no CBM3D panel")
+  return row
+
+
+def masked(path: str, mask_path: str) -> list[tuple[str, np.ndarray]]:
+  """A DIP repository inpainting image with its own mask: DIP at its last iteration and at the
+  hold-out stop."""
+  clean = io.load_image(path)
+  mask = io.load_image(mask_path, channels=1)
+  config = pipeline.RestoreConfig(task="inpaint", stop=("holdout",), holdout=0.05, halt=False)
+  y = pipeline.degrade(config, clean, seed=0, mask=mask)
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean, mask=mask)
+  step, kept = result.stops["holdout"]
+  last = pipeline.score(result.ema.mean(0), clean)["psnr"]
+  held = pipeline.score(kept.mean(0), clean)["psnr"]
+  return [("masked input", y), (f"DIP, last iteration: {last:.2f} dB", result.ema.mean(0)),
+          (f"DIP, hold-out stop ({int(step[0])}): {held:.2f} dB", kept.mean(0))]
+
+
+def run() -> None:
+  unknown = set(_FIGURES.value) - set(FIGURES)
+  if unknown:
+    raise ValueError(f"--figures: unknown {sorted(unknown)}; valid figures are {FIGURES}")
+  cli.writable_dir(_OUT_DIR.value, "--out_dir")
+  for name in _FIGURES.value:
+    path = os.path.join(_OUT_DIR.value, f"figure_{name}.png")
+    if os.path.exists(path):
+      logging.info("%s exists: skipped", path)
+      continue
+    if name == "real":
+      row, title = real_noise(os.path.join(_DATA.value, "dip", "denoising", "snail.png")), "real"
+    else:
+      stem = os.path.join(_DATA.value, "dip", "inpainting", name)
+      row, title = masked(stem + ".png", stem + "_mask.png"), f"inpainting, {name}"
+    plots.image_row(path + ".tmp.png", row, title=_caption(title))
+    os.replace(path + ".tmp.png", path)
+    logging.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+  cli.run_main(__file__, run)
