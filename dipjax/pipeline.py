@@ -544,9 +544,12 @@ def noise_sigma(config: RestoreConfig, frame: Frame) -> float:
   if config.sigma_known:
     return sigma
   logging.info("noise level estimated from the observation: sigma = %.2f (0-255)", 255 * sigma)
-  if config.method in DDPM_METHODS and sigma <= 0:
-    raise ValueError(f"method {config.method!r} needs the noise level, but the estimate from "
-                     "the observation is 0: give sigma")
+  needs = [f"method {config.method!r}"] if config.method in DDPM_METHODS + ("staged",) else []
+  needs += [f"stop {name!r}" for name in config.stop if name in ("staged", "discrepancy")]
+  if needs and sigma <= 0:
+    raise ValueError(f"{' and '.join(needs)} need(s) the noise level, but its estimate from the "
+                     "observation is 0 (no noise in its finest wavelet band: a clean or JPEG-"
+                     "compressed image): give sigma")
   return sigma
 
 
@@ -918,11 +921,22 @@ class FitRun:
     return latest
 
   def restored(self) -> tuple[np.ndarray, str]:
-    """The seeds' mean EMA output at the first criterion's stop (else the last), its name."""
-    if self.fit_config.criteria:
-      name = self.fit_config.criteria[0].name
-      return self.frame.unpad(np.asarray(self.states.kept[:, 0])).mean(0), name
-    return self.frame.unpad(np.asarray(self.states.ema)).mean(0), "last iteration"
+    """The seeds' mean EMA output at the first criterion's stop (else the last), its name. A
+    seed whose criterion never had a defined score (e.g. a noise level of 0 for the staged
+    stop) gives its last iteration, with a warning: never the blank it started from."""
+    final = self.frame.unpad(np.asarray(self.states.ema))
+    if not self.fit_config.criteria:
+      return final.mean(0), "last iteration"
+    name = self.fit_config.criteria[0].name
+    kept = self.frame.unpad(np.asarray(self.states.kept[:, 0]))
+    never = np.asarray(self.states.monitors.best_step[:, 0]) < 0
+    if never.any():
+      logging.warning("the %s criterion never had a defined score in %d of %d seed(s): their "
+                      "last iteration is taken", name, never.sum(), never.size)
+      kept = np.where(never[:, None, None, None], final, kept)
+      if never.all():
+        name = f"last iteration ({name}: no stop)"
+    return kept.mean(0), name
 
   def stops(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per criterion, (1-based stop iterations (seeds,), EMA outputs there (seeds, H, W, C));

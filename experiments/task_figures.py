@@ -2,8 +2,10 @@ r"""The task report's figures on images without a ground truth (docs/RESULTS.md,
 
   python experiments/task_figures.py --figures=real,vase
 
-  real     the DIP paper's real-noise photo (dip/denoising/snail.png, JPEG noise): input |
-           dipjax's staged method with sigma estimated from the photo | CBM3D at that sigma.
+  real     a photo with camera noise (the no-flash shot of the DIP repository's flash / no-flash
+           pair, dip/flash_no_flash/cave01_01_noflash.png, its centre 256²): input | dipjax's
+           staged method with sigma estimated from the photo | CBM3D at that sigma. (The DIP
+           paper's snail is JPEG-compressed: no noise the estimator can see, sigma 0.)
   vase, kate, library
            the DIP repository's masked images (dip/inpainting/<name>.png and its mask):
            masked input | DIP (width 32, 2000 iterations) at the last iteration and at the
@@ -44,7 +46,7 @@ def _caption(what: str) -> str:
 def real_noise(path: str) -> list[tuple[str, np.ndarray]]:
   """A real noisy photo: dipjax (staged, sigma estimated, its own stop) against CBM3D at the
   same estimated sigma."""
-  y = io.load_image(path)
+  y = io.center_crop(io.load_image(path), 256, 256)
   config = pipeline.RestoreConfig(sigma_known=False)
   result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
   sigma = result.sigma
@@ -84,7 +86,8 @@ def run() -> None:
       logging.info("%s exists: skipped", path)
       continue
     if name == "real":
-      row, title = real_noise(os.path.join(_DATA.value, "dip", "denoising", "snail.png")), "real"
+      photo = os.path.join(_DATA.value, "dip", "flash_no_flash", "cave01_01_noflash.png")
+      row, title = real_noise(photo), "camera noise"
     else:
       stem = os.path.join(_DATA.value, "dip", "inpainting", name)
       row, title = masked(stem + ".png", stem + "_mask.png"), f"inpainting, {name}"

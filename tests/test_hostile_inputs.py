@@ -214,3 +214,24 @@ def test_an_unwritable_output_directory_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "access", lambda path, mode: False)
   with pytest.raises(ValueError, match=r"--out_dir .*: cannot write there \(.* is not writable"):
     cli.writable_dir(str(tmp_path / "out"))
+
+
+def test_a_stop_that_never_fires_gives_the_last_iteration_not_a_blank(clean):
+  """The discrepancy level not reached within the budget: the criterion never had a defined
+  score, so the restored image is the last EMA output (before: the zeros it was kept in)."""
+  config = pipeline.RestoreConfig(**dict(TINY, stop=("discrepancy",), halt=False), sigma=2.0)
+  y = pipeline.degrade(config, clean, seed=0)
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean)
+  assert result.restored_at == "last iteration (discrepancy: no stop)"
+  np.testing.assert_array_equal(result.image, result.ema.mean(0))
+
+
+def test_a_noise_level_estimated_as_zero_is_refused(clean):
+  """A clean or JPEG-compressed photo: no noise in its finest wavelet band, so a stop or method
+  that needs sigma cannot have it."""
+  smooth = np.broadcast_to(np.linspace(0.2, 0.8, 32, dtype=np.float32)[None, :, None],
+                           (32, 32, 3)).copy()
+  for config in (pipeline.RestoreConfig(sigma_known=False, width=4, scales=2, iters=20),
+                 pipeline.RestoreConfig(**dict(TINY, stop=("discrepancy",)), sigma_known=False)):
+    with pytest.raises(ValueError, match="estimate from the observation is 0"):
+      pipeline.restore(config, smooth, key=jax.random.PRNGKey(0))
