@@ -134,11 +134,12 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
 
 def with_holdout(problem: Problem, key: Array, ratio: float) -> Problem:
   """The problem with a random `ratio` of its informative measurement pixels (all channels)
-  held out of the loss (self-validation, cf. Li et al., "Self-Validation: Early Stopping for Single-Instance
-  Deep Generative Priors", BMVC 2021): their error against y, which the fit never sees,
-  estimates the error of its predictions where y says nothing (a mask's missing pixels) plus
-  the noise's variance, a constant. Entries A maps no image to (a mask's zeros) are never held
-  out. ratio in (0, 1); a stacked problem gets one hold-out set (drawn from `key`) for all fits.
+  held out of the loss (self-validation, cf. Li et al., "Self-Validation: Early Stopping for
+  Single-Instance Deep Generative Priors", BMVC 2021): their error against y, which the fit
+  never sees, estimates the error of its predictions where y says nothing (a mask's missing
+  pixels) plus the noise's variance, a constant. Pixels A maps no image to (a mask's zeros) are
+  never held out. ratio in (0, 1); a stacked problem gets one hold-out set (drawn from `key`)
+  for all fits.
   """
   if not 0.0 < ratio < 1.0:
     raise ValueError(f"the hold-out ratio must lie in (0, 1), got {ratio}")

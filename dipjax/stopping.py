@@ -35,10 +35,11 @@ Criteria (``Criterion.kind``):
                (``problems.staged_problem(probe_ratio > 0)``) and sigma (known or estimated).
                Any operator: the error is A's, in measurement space; Poisson noise: a probe of
                the noise's own varying std (:func:`dipjax.noise.sure_mse`).
-  holdout      self-validation: argmin over the last stage of the EMA output's error on measurement
-               pixels held out of the loss (``holdout_mse_ema``, :func:`dipjax.problems.with_holdout`), which
-               the fit never sees: an estimate of its prediction error, noise-free tasks
-               included, where no noise-based estimate says anything.
+  holdout      self-validation: argmin over the last stage of the EMA output's error on
+               measurement pixels held out of the loss (``holdout_mse_ema``,
+               :func:`dipjax.problems.with_holdout`), which the fit never sees: an estimate
+               of its prediction error, noise-free tasks included, where no noise-based
+               estimate says anything.
 
 Scores are computed from a mapping of per-iteration records (a fit's step record, or the
 arrays of a :class:`dipjax.fit.Trace` plus ``step``), elementwise, so one :func:`score`

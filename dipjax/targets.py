@@ -139,7 +139,8 @@ def stage_scales(schedule: schedules.Schedule, timesteps: Array, *, scaled: bool
                  ) -> Array:
   """(K,) float32 a_k, the factor of y in each stage target: sqrt(abar_t) (scaled) or 1.
 
-  ``staged_targets(...) - a_k y`` is the known noise each stage adds (``problems.Problem.stage_noise``).
+  ``staged_targets(...) - a_k y`` is the known noise each stage adds
+  (``problems.Problem.stage_noise``).
   """
   timesteps = jnp.asarray(timesteps)
   if not scaled:

@@ -1,7 +1,7 @@
 r"""The task report: super-resolution, inpainting, deblurring and Poisson noise, each with every
-ground-truth-free stop beside the oracle and the classical baselines (docs/RESULTS.md, "Tasks"). Every
-DIP fit holds out 5% of its measured pixels (for the 'holdout' stop): its fixed-budget, ES-WMV,
-discrepancy and oracle figures are of that fit.
+ground-truth-free stop beside the oracle and the classical baselines (docs/RESULTS.md, "Every
+task"). Every DIP fit holds out 5% of its measured pixels (for the 'holdout' stop): its
+fixed-budget, ES-WMV, discrepancy and oracle figures are of that fit.
 
   python experiments/task_report.py --section=deblur              # fits; resumable
   python experiments/task_report.py --section=deblur --summary    # table + figure from the rows

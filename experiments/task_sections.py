@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-# Images are paths under the report's --data folder (../shared/data). Set12's images among the DIP paper's 11 inpainting images (Papyan et al.'s set): C.man,
-# House, Peppers, Lena, Barbara, Boat, Man, Couple.
+# Images are paths under the report's --data folder (../shared/data). Set12's images among the
+# DIP paper's 11 inpainting images (Papyan et al.'s set): C.man, House, Peppers, Lena, Barbara,
+# Boat, Man, Couple.
 SET12_IN_DIP = tuple(f"Set12/{i:02d}.png" for i in (1, 2, 3, 8, 9, 10, 11, 12))
 SET5 = tuple(f"Set5/HR/{n}.png" for n in ("baby", "bird", "butterfly", "head", "woman"))
 CSET9 = tuple(f"CSet9/{n}" for n in (

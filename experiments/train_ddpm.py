@@ -186,7 +186,8 @@ def run() -> None:
                _DATA.value, time.perf_counter() - t0, data.images.nbytes / 2**20)
   _settings_file(workdir, config, train_config)
 
-  init = lambda: train.init_train_state(jax.random.PRNGKey(_SEED.value), config, train_config, params)
+  init = lambda: train.init_train_state(jax.random.PRNGKey(_SEED.value), config, train_config,
+                                        params)
   curve = []
   start = checkpoint.latest_step(ckpt_dir)
   if start is None:
