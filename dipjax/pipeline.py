@@ -586,9 +586,9 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
   loss_params = losses.load_vgg19(config.vgg19) if losses.needs_params(config.loss) else None
   y = jnp.asarray(frame.y)
   clean = None if frame.clean is None else jnp.asarray(frame.clean)
-  stds = sigma  # Poisson: per entry (the probe's std and the SURE terms follow the noise's)
-  if isinstance(frame.physics.noise, noise.PoissonNoise):
-    stds = jnp.asarray(frame.physics.noise.std_map(frame.y))
+  poisson = isinstance(frame.physics.noise, noise.PoissonNoise)
+  # Poisson: the std per entry (the probe's std and the SURE terms follow the noise's)
+  stds = jnp.asarray(frame.physics.noise.std_map(frame.y)) if poisson else sigma
   if config.method != "staged":
     problem = problems.plain_problem(net_input, y, frame.physics.operator, config.iters, clean,
                                      jnp.asarray(stds, jnp.float32))
@@ -597,11 +597,11 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
     problem = problems.staged_problems(
         k_targets, config.seeds, net_input, y, frame.physics.operator, config.iters,
         schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
-        sigma=stds if isinstance(stds, jax.Array) else float(stds), probe_ratio=config.probe,
+        sigma=stds, probe_ratio=config.probe,
         fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
         final_share=config.final_share, clean=clean)
     problem = problem.replace(loss_params=problems.stack([loss_params] * config.seeds))
-  if isinstance(frame.physics.noise, noise.PoissonNoise):
+  if poisson:
     problem = problem.replace(poisson=True)
   if config.holdout:
     problem = problems.with_holdout(problem, jax.random.fold_in(key, HOLDOUT_STREAM),
@@ -924,25 +924,29 @@ class FitRun:
     """The seeds' mean EMA output at the first criterion's stop (else the last), its name. A
     seed whose criterion never had a defined score (e.g. a noise level of 0 for the staged
     stop) gives its last iteration, with a warning: never the blank it started from."""
-    final = self.frame.unpad(np.asarray(self.states.ema))
     if not self.fit_config.criteria:
-      return final.mean(0), "last iteration"
+      return self.frame.unpad(np.asarray(self.states.ema)).mean(0), "last iteration"
     name = self.fit_config.criteria[0].name
-    kept = self.frame.unpad(np.asarray(self.states.kept[:, 0]))
-    never = np.asarray(self.states.monitors.best_step[:, 0]) < 0
+    steps, kept = self.stops()[name]
+    never = steps == 0
     if never.any():
       logging.warning("the %s criterion never had a defined score in %d of %d seed(s): their "
                       "last iteration is taken", name, never.sum(), never.size)
-      kept = np.where(never[:, None, None, None], final, kept)
       if never.all():
         name = f"last iteration ({name}: no stop)"
     return kept.mean(0), name
 
   def stops(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per criterion, (1-based stop iterations (seeds,), EMA outputs there (seeds, H, W, C));
-    iteration 0 where its score was never defined."""
-    return {name: (np.asarray(step) + 1, self.frame.unpad(np.asarray(kept)))
-            for name, (step, kept) in fit.stops(self.states, self.fit_config).items()}
+    iteration 0 where its score was never defined, with the last EMA output there (not the
+    blank the criterion's slot started as)."""
+    final = self.frame.unpad(np.asarray(self.states.ema))
+    found = {}
+    for name, (step, kept) in fit.stops(self.states, self.fit_config).items():
+      step = np.asarray(step) + 1
+      found[name] = (step, np.where((step == 0)[:, None, None, None], final,
+                                    self.frame.unpad(np.asarray(kept))))
+    return found
 
 
 def _load_ddpm(config: RestoreConfig, channels: int):

@@ -130,14 +130,12 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[d
   run.compile(compiler)
   run.fit()
   curve = np.nanmean(run.trace["psnr_clean_ema"], axis=0)
-  final = frame.unpad(np.asarray(run.states.ema))
   stops = {}
   for name, (steps, kept) in run.stops().items():
     never = steps == 0  # its score was never defined (discrepancy never crossed): the last
-    kept = np.where(never[:, None, None, None], final, kept)
     stops[name] = dict(stop=int(np.mean(np.where(never, config.iters, steps))),
                        never=int(never.sum()), **pipeline.score(kept.mean(0), clean))
-  last = pipeline.score(final.mean(0), clean)
+  last = pipeline.score(frame.unpad(np.asarray(run.states.ema)).mean(0), clean)
   row = dict(stops=stops, last=last, oracle_peak=dict(psnr=float(np.nanmax(curve)),
                                                       stop=int(np.nanargmax(curve)) + 1),
              sigma_used=round(255 * sigma, 4), compile_seconds=round(run.compile_seconds, 1),

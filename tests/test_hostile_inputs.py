@@ -224,6 +224,9 @@ def test_a_stop_that_never_fires_gives_the_last_iteration_not_a_blank(clean):
   result = pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean)
   assert result.restored_at == "last iteration (discrepancy: no stop)"
   np.testing.assert_array_equal(result.image, result.ema.mean(0))
+  steps, kept = result.stops["discrepancy"]
+  assert (steps == 0).all()
+  np.testing.assert_array_equal(kept, result.ema)  # its scores are of the last output too
 
 
 def test_a_noise_level_estimated_as_zero_is_refused(clean):
