@@ -1,7 +1,8 @@
 """Image quality metrics for images in [0, 1], shape (H, W, C) or batches (..., H, W, C).
 
-Both functions are thin wrappers of dm_pix that accept any number of leading batch axes and
-raise ValueError on mismatched shapes; they are jittable and vmappable.
+psnr and ssim are thin wrappers of dm_pix; psnr_y is the super-resolution literature's luma PSNR.
+All accept any number of leading batch axes, raise ValueError on mismatched shapes, and are
+jittable and vmappable.
 """
 
 from __future__ import annotations
@@ -44,6 +45,35 @@ def psnr(a: Array, b: Array, data_range: float = 1.0) -> Array:
   a, b = jnp.asarray(a), jnp.asarray(b)
   _check_pair(a, b, "psnr")
   return _per_image(lambda x, y: pix.psnr(x / data_range, y / data_range), a, b)
+
+
+# ITU-R BT.601 luma on the studio range [16, 235] / 255 (MATLAB's rgb2ycbcr, OpenCV's YCrCb
+# rescaled as in the DIP repository's super-resolution_eval_script.py).
+_LUMA = (65.481 / 255, 128.553 / 255, 24.966 / 255)
+
+
+def psnr_y(a: Array, b: Array, border: int = 0) -> Array:
+  """PSNR (dB) of the BT.601 luma, Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255, with
+  `border` pixels trimmed from every side: the protocol of super-resolution tables (the DIP
+  paper's Set5 / Set14 figures; border = the scale factor by convention).
+
+  Args:
+    a, b: RGB images (..., H, W, 3) in [0, 1] (grey (..., H, W, 1): Y = (16 + 219 g) / 255).
+    border: pixels dropped at each edge before the error, 0 <= border < min(H, W) / 2.
+
+  Returns:
+    PSNR of each image pair's luma, shape (...).
+  """
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  _check_pair(a, b, "psnr_y")
+  if a.shape[-1] not in (1, 3):
+    raise ValueError(f"psnr_y needs RGB or grey images, got {a.shape[-1]} channels")
+  if not 0 <= border < min(a.shape[-3:-1]) / 2:
+    raise ValueError(f"psnr_y: border {border} must be in [0, {min(a.shape[-3:-1]) / 2})")
+  weights = jnp.asarray(_LUMA) if a.shape[-1] == 3 else jnp.asarray([219 / 255])
+  luma = lambda x: (x[..., border:x.shape[-3] - border, border:x.shape[-2] - border, :]
+                    @ weights)[..., None]  # the offset 16 / 255 cancels in the difference
+  return psnr(luma(a), luma(b))
 
 
 def ssim(a: Array, b: Array) -> Array:

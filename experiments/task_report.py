@@ -32,6 +32,7 @@ import common
 import fits
 import task_sections
 from dipjax import io
+from dipjax import metrics
 from dipjax import pipeline
 from dipjax import plots
 
@@ -40,6 +41,8 @@ _DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.
 _OUT = flags.DEFINE_string("out", None, "Rows (default docs/results/tasks/<section>.jsonl).")
 _SETTINGS = flags.DEFINE_list("settings", None, "Only these settings of the section.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the section's first N images (0: all).")
+_IMAGES = flags.DEFINE_list("images", None, "Only the section's images whose path contains one "
+                            "of these (e.g. butterfly).")
 _ITERS = flags.DEFINE_integer("iters", None, "Override the section's iterations (a smoke run).")
 _WIDTH = flags.DEFINE_integer("width", None, "Override the section's network width.")
 _SUMMARY = flags.DEFINE_bool("summary", False, "Write the section's table and figure from its "
@@ -121,6 +124,15 @@ def anscombe_bm3d(y: np.ndarray, peak: float) -> np.ndarray:
   return np.maximum(inverse - 1 / 8, 0) / peak
 
 
+def score(config: pipeline.RestoreConfig, x: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+  """PSNR / SSIM of x against clean; for SR also the DIP paper's figure, the luma PSNR with
+  `factor` pixels trimmed at each edge (its super-resolution_eval_script.py: BT.601 Y)."""
+  found = pipeline.score(x, clean)
+  if config.task == "sr":
+    found["psnr_y"] = float(metrics.psnr_y(x, clean, config.factor))
+  return found
+
+
 def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[dict, dict]:
   """One fit, every criterion's stop scored against `clean`: (row fields, curves)."""
   frame = pipeline.make_frame(config, y, clean, mask)
@@ -134,8 +146,8 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[d
   for name, (steps, kept) in run.stops().items():
     never = steps == 0  # its score was never defined (discrepancy never crossed): the last
     stops[name] = dict(stop=int(np.mean(np.where(never, config.iters, steps))),
-                       never=int(never.sum()), **pipeline.score(kept.mean(0), clean))
-  last = pipeline.score(frame.unpad(np.asarray(run.states.ema)).mean(0), clean)
+                       never=int(never.sum()), **score(config, kept.mean(0), clean))
+  last = score(config, frame.unpad(np.asarray(run.states.ema)).mean(0), clean)
   row = dict(stops=stops, last=last, oracle_peak=dict(psnr=float(np.nanmax(curve)),
                                                       stop=int(np.nanargmax(curve)) + 1),
              sigma_used=round(255 * sigma, 4), compile_seconds=round(run.compile_seconds, 1),
@@ -149,18 +161,18 @@ COLUMNS = (("dip", "last"), ("dip", "oracle"), ("dip", "holdout"), ("dip", "es_w
            ("dip", "discrepancy"), ("staged", "oracle"), ("staged", "staged"))
 
 
-def _cell(rows: list[dict], method: str, what: str) -> str:
-  """Mean PSNR / SSIM over a setting's images of one stop, with its mean gap to the fit's own
-  oracle peak (dB); '-' where the fit or criterion is absent."""
+def _cell(rows: list[dict], method: str, what: str, metric: str) -> str:
+  """Mean `metric` (psnr or psnr_y) / SSIM over a setting's images of one stop, with its mean
+  gap to the fit's own oracle stop in that metric (dB); '-' where the fit or criterion is
+  absent."""
   rows = [r for r in rows if r["method"] == method]
   if not rows or (what not in ("last", "oracle") and what not in rows[0]["stops"]):
     return "-"
   got = [r["last"] if what == "last" else r["stops"][what] for r in rows]
-  psnr = np.mean([g["psnr"] for g in got])
-  text = f"{psnr:.2f} / {np.mean([g['ssim'] for g in got]):.3f}"
+  text = f"{np.mean([g[metric] for g in got]):.2f} / {np.mean([g['ssim'] for g in got]):.3f}"
   if what == "oracle":
     return text
-  gap = np.mean([r["stops"]["oracle"]["psnr"] - g["psnr"] for r, g in zip(rows, got)])
+  gap = np.mean([r["stops"]["oracle"][metric] - g[metric] for r, g in zip(rows, got)])
   return text + f" ({-gap:+.2f})"
 
 
@@ -169,6 +181,7 @@ def summarise(section: task_sections.Section, rows: list[dict]) -> None:
   PSNR-vs-iteration figure per setting (its first image, the stops marked)."""
   if not rows:
     raise ValueError(f"no rows in {_out()}: run the section first")
+  metric = "psnr_y" if all("psnr_y" in r["last"] for r in rows) else "psnr"
   head = ["setting", "images", "DIP, last it", "DIP oracle", "DIP holdout stop", "DIP ES-WMV",
           "DIP discrepancy", "staged oracle", "staged stop", "baselines"]
   body = []
@@ -181,19 +194,34 @@ def summarise(section: task_sections.Section, rows: list[dict]) -> None:
       for k, v in r.get("baselines", {}).items():
         base.setdefault(k, []).append(v)
     base_text = ", ".join(
-        f"{k} {np.mean([x['psnr'] for x in v]):.2f} / {np.mean([x['ssim'] for x in v]):.3f}"
+        f"{k} {np.mean([x[metric] for x in v]):.2f} / {np.mean([x['ssim'] for x in v]):.3f}"
         if all(isinstance(x, dict) for x in v) else f"{k}: {v[0]}" for k, v in base.items())
     images = len({r["image"] for r in mine})
-    body.append([label, str(images)] + [_cell(mine, m, w) for m, w in COLUMNS] + [base_text])
+    cells = [_cell(mine, m, w, metric) for m, w in COLUMNS]
+    body.append([label, str(images)] + cells + [base_text])
     _figure(label, mine)
   stem = _out().removesuffix(".jsonl")
+  what = ("PSNR of the luma, the scale factor's border trimmed (the DIP paper's protocol)"
+          if metric == "psnr_y" else "PSNR")
   dates = sorted({r["date"] for r in rows})
   with open(stem + ".md", "w") as f:
-    f.write(f"`python experiments/task_report.py --section={_SECTION.value}` on "
-            f"{rows[0]['machine']}, {dates[0]}..{dates[-1]}; PSNR (dB) / SSIM, means over images "
-            "(gap to the fit's oracle peak in brackets).\n\n")
+    f.write(f"`{_command()}` on "
+            f"{rows[0]['machine']}, {dates[0]}..{dates[-1]}; {what} (dB) / SSIM, means over "
+            "images (gap to the fit's oracle stop in brackets).\n\n")
     f.write(common.md_table(head, body) + "\n")
   logging.info("wrote %s.md", stem)
+
+
+def _command() -> str:
+  """The command that makes the rows (the row-defining flags that were set)."""
+  words = [f"python experiments/task_report.py --section={_SECTION.value}"]
+  for flag in (_IMAGES, _ITERS, _WIDTH):
+    if flag.value:
+      value = ",".join(flag.value) if flag is _IMAGES else flag.value
+      words.append(f"--{flag.name}={value}")
+  if _OUT.value:
+    words.append(f"--out={os.path.relpath(_OUT.value, common.REPO)}")
+  return " ".join(words)
 
 
 def _figure(label: str, rows: list[dict]) -> None:
@@ -212,7 +240,8 @@ def _figure(label: str, rows: list[dict]) -> None:
 
 def run() -> None:
   section = task_sections.SECTIONS[_SECTION.value]
-  names = section.images[:_LIMIT.value or None]
+  names = [n for n in section.images[:_LIMIT.value or None]
+           if not _IMAGES.value or any(part in n for part in _IMAGES.value)]
   settings = {k: v for k, v in section.settings.items()
               if not _SETTINGS.value or k in _SETTINGS.value}
   if _SUMMARY.value:
@@ -234,7 +263,7 @@ def run() -> None:
           y, mask = observe(config, clean, name)
           row, curves = fit_row(config, y, clean, mask, compiler)
           found = baselines(config, y, mask, clean.shape) if method == "dip" else {}
-          row["baselines"] = {k: pipeline.score(v, clean) if isinstance(v, np.ndarray) else v
+          row["baselines"] = {k: score(config, v, clean) if isinstance(v, np.ndarray) else v
                               for k, v in found.items()}
           if config.task == "denoise" or config.task == "deblur":
             row["degraded"] = pipeline.score(y, clean)

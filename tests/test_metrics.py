@@ -60,3 +60,17 @@ def test_bad_shapes():
     metrics.psnr(np.zeros((8, 8, 3)), np.zeros((8, 8, 1)))
   with pytest.raises(ValueError, match="at least 11x11"):
     metrics.ssim(np.zeros((8, 8, 1)), np.zeros((8, 8, 1)))
+
+
+def test_psnr_y_matches_skimage_luma():
+  """The SR tables' figure: BT.601 luma (skimage's rgb2ycbcr, Y in [16, 235]), border trimmed."""
+  from skimage import color
+  a, b = _pair((32, 40, 3))
+  y = lambda x: color.rgb2ycbcr(x)[4:-4, 4:-4, 0]
+  want = skm.peak_signal_noise_ratio(y(a), y(b), data_range=255)
+  np.testing.assert_allclose(metrics.psnr_y(a, b, border=4), want, atol=1e-4)
+  grey = metrics.psnr_y(a[..., :1], b[..., :1])
+  plain = metrics.psnr(a[..., :1], b[..., :1])
+  np.testing.assert_allclose(grey, plain + 20 * np.log10(255 / 219), atol=1e-4)
+  with pytest.raises(ValueError, match="border"):
+    metrics.psnr_y(a, b, border=16)
