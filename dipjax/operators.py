@@ -12,6 +12,13 @@ An :class:`Operator` maps an image (H, W, C), or a batch (N, H, W, C), to its me
 
 The arrays (`mask`, `kernel`) are pytree leaves and everything else is static, so operators of the
 same kind and shapes can be stacked (``jax.tree.map(jnp.stack, ...)``) and vmapped.
+
+Besides A, each kind solves with its Gram matrix in closed form, (A A^T + lam I)^+ r
+(:meth:`Operator.gram_solve`), which gives the data steps of the diffusion posterior solvers
+exactly (:func:`data_step`): DDNM's projection onto {x : A x = y} (lam = 0) and DiffPIR's proximal
+step (lam > 0). A mask's Gram matrix is diagonal, a circular blur's diagonal in Fourier, and a
+downsampler's the Kronecker product of two small per-axis matrices (its kernel is separable),
+solved through their eigenvectors (as DDRM's SVD of separable operators).
 """
 
 from __future__ import annotations
@@ -31,6 +38,14 @@ Array = jax.Array
 FACTORS = (2, 4, 8)
 KERNELS = ("lanczos", "box")
 BOUNDARIES = ("circular", "reflect")
+PINV_RTOL = 1e-5  # eigenvalues of A A^T below this share of the largest count as 0 (lam = 0)
+
+
+def _pinv(values: Array, lam: Array | float) -> Array:
+  """1 / (values + lam), 0 where values + lam <= PINV_RTOL * max (the pseudo-inverse)."""
+  s = values + lam
+  keep = s > PINV_RTOL * jnp.max(s)
+  return jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
 
 
 def check_divisible(shape: Sequence[int], factor: int) -> None:
@@ -63,6 +78,16 @@ class Operator:
     """The shape A maps an image of `shape` ((..., H, W, C)) to."""
     return tuple(shape)
 
+  def image_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the images whose measurements have `shape` ((..., h, w, C))."""
+    return tuple(shape)
+
+  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
+    """(A A^T + lam I)^+ r for a measurement-shaped r ((h, w, C) or (N, h, w, C)), lam >= 0:
+    exact, in closed form; the pseudo-inverse drops eigenvalues below PINV_RTOL of the largest.
+    """
+    raise NotImplementedError(f"{type(self).__name__} has no closed-form Gram solve")
+
 
 @flax.struct.dataclass
 class Identity(Operator):
@@ -70,6 +95,9 @@ class Identity(Operator):
 
   def apply(self, x: Array) -> Array:
     return x
+
+  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
+    return r / (1.0 + lam)
 
 
 @flax.struct.dataclass
@@ -81,6 +109,9 @@ class Mask(Operator):
     if self.mask.shape[:2] != x.shape[-3:-1] or self.mask.shape[2] not in (1, x.shape[-1]):
       raise ValueError(f"mask of shape {self.mask.shape} does not fit images of shape {x.shape}")
     return x * self.mask
+
+  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
+    return r * self.mask * _pinv(self.mask, lam)  # A A^T = diag(mask), mask in {0, 1}
 
 
 @flax.struct.dataclass
@@ -108,6 +139,28 @@ class Downsample(Operator):
     h, w, c = shape[-3:]
     return shape[:-3] + (h // self.factor, w // self.factor, c)
 
+  def image_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(shape)
+    return shape[:-3] + (shape[-3] * self.factor, shape[-2] * self.factor, shape[-1])
+
+  def axis_matrix(self, n: int) -> Array:
+    """The operator along one axis of n pixels, (n / factor, n) float32: A x = D_H X D_W^T per
+    channel, for the separable kernels of :func:`downsampler` (kernel = outer(t, t))."""
+    taps = self.kernel.sum(axis=1)  # t, the kernel's 1-D factor (t sums to 1)
+    source = (jnp.arange(n // self.factor)[:, None] * self.factor
+              + jnp.arange(taps.shape[0])[None, :] - self.pad)  # edge padding: clipped index
+    return jnp.einsum("k,ikn->in", taps, jax.nn.one_hot(jnp.clip(source, 0, n - 1), n))
+
+  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
+    h, w = r.shape[-3], r.shape[-2]
+    hi = jax.lax.Precision.HIGHEST
+    dh, dw = self.axis_matrix(h * self.factor), self.axis_matrix(w * self.factor)
+    eh, uh = jnp.linalg.eigh(jnp.matmul(dh, dh.T, precision=hi))
+    ew, uw = jnp.linalg.eigh(jnp.matmul(dw, dw.T, precision=hi))
+    inverse = _pinv(eh[:, None] * ew[None, :], lam)[:, :, None]  # A A^T = G_H (x) G_W
+    coef = jnp.einsum("hi,...hwc,wj->...ijc", uh, r, uw, precision=hi)
+    return jnp.einsum("hi,...ijc,wj->...hwc", uh, coef * inverse, uw, precision=hi)
+
 
 @flax.struct.dataclass
 class Blur(Operator):
@@ -124,11 +177,7 @@ class Blur(Operator):
     batch = x.reshape((-1,) + x.shape[-3:])
     n, h, w, c = batch.shape
     if self.boundary == "circular":
-      if k > min(h, w):
-        raise ValueError(f"a {k}x{k} blur kernel does not fit images of shape {x.shape}")
-      embedded = jnp.roll(jnp.zeros((h, w), batch.dtype).at[:k, :k].set(self.kernel),
-                          (-r, -r), axis=(0, 1))
-      spectrum = jnp.fft.rfft2(embedded)[None, :, :, None]
+      spectrum = self._spectrum(h, w, batch.dtype)[None, :, :, None]
       y = jnp.fft.irfft2(jnp.fft.rfft2(batch, axes=(1, 2)) * spectrum, s=(h, w), axes=(1, 2))
       return y.astype(x.dtype).reshape(x.shape)
     if r >= min(h, w):
@@ -138,6 +187,48 @@ class Blur(Operator):
     flipped = self.kernel[::-1, ::-1, None, None].astype(x.dtype)
     y = conv2d(planes, flipped)
     return jnp.moveaxis(y.reshape(n, c, h, w), 1, -1).reshape(x.shape)
+
+  def _spectrum(self, h: int, w: int, dtype) -> Array:
+    """The kernel's transfer function on an h x w periodic grid, (h, w // 2 + 1) complex."""
+    k = self.kernel.shape[0]
+    if k > min(h, w):
+      raise ValueError(f"a {k}x{k} blur kernel does not fit images of {h}x{w} pixels")
+    embedded = jnp.roll(jnp.zeros((h, w), dtype).at[:k, :k].set(self.kernel.astype(dtype)),
+                        (-(k // 2), -(k // 2)), axis=(0, 1))
+    return jnp.fft.rfft2(embedded)
+
+  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
+    if self.boundary != "circular":
+      raise ValueError("a closed-form data step needs a circular blur (boundary='circular'); "
+                       f"this one is {self.boundary!r}")
+    h, w = r.shape[-3], r.shape[-2]
+    gain = _pinv(jnp.abs(self._spectrum(h, w, jnp.float32)) ** 2, lam)[:, :, None]
+    solved = jnp.fft.irfft2(jnp.fft.rfft2(r, axes=(-3, -2)) * gain, s=(h, w), axes=(-3, -2))
+    return solved.astype(r.dtype)
+
+
+def adjoint(op: Operator, y: Array, x_shape: Sequence[int]) -> Array:
+  """A^T y: the transpose of `op` (linear) applied to a measurement y, into images of x_shape
+  ((H, W, C) or (N, H, W, C))."""
+  transpose = jax.linear_transpose(op.apply, jax.ShapeDtypeStruct(tuple(x_shape), y.dtype))
+  return transpose(y)[0]
+
+
+def data_step(op: Operator, x: Array, y: Array, lam: Array | float = 0.0) -> Array:
+  """x + A^T (A A^T + lam I)^+ (y - A x): the data step of the posterior solvers.
+
+  lam = 0: the projection of x onto {x' : A x' = y} (DDNM's A^+ y + (I - A^+ A) x), exact where
+  A A^T is invertible (masks, downsamplers; blur at the frequencies it keeps). lam > 0: the
+  proximal point argmin_x' ||A x' - y||^2 + lam ||x' - x||^2 (DiffPIR's data step).
+
+  Args:
+    op: a kind with :meth:`Operator.gram_solve` (not a reflect-boundary blur).
+    x: image (H, W, C) or batch (N, H, W, C).
+    y: measurement, op(x)'s shape.
+    lam: >= 0, scalar (traced or not).
+  """
+  residual = y - op(x)
+  return x + adjoint(op, op.gram_solve(residual, lam), x.shape)
 
 
 def identity() -> Operator:

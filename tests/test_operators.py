@@ -164,3 +164,51 @@ def test_blur_kernels():
     operators.blur(g, "zero")
   with pytest.raises(ValueError, match="does not fit"):
     operators.blur(operators.motion_kernel(0, size=31))(jnp.zeros((16, 16, 3)))
+
+
+_SOLVABLE = {
+    "identity": operators.identity(),
+    "mask": operators.inpainting(np.random.default_rng(0).random((16, 24)) > 0.5),
+    "sr2_lanczos": operators.downsampler(2), "sr4_lanczos": operators.downsampler(4),
+    "sr8_box": operators.downsampler(8, "box"),
+    "blur_mild": operators.blur(operators.gaussian_kernel(0.6)),
+    "blur_motion": operators.blur(operators.motion_kernel(2, size=5))}
+
+
+@pytest.mark.parametrize("name", list(_SOLVABLE))
+def test_data_step_projection_and_proximal_point(name):
+  """lam = 0 lands on {A x = y} and fixes its points; lam > 0 solves the proximal problem (its
+  gradient vanishes); the adjoint is the transpose."""
+  op = _SOLVABLE[name]
+  x0, x = _image((16, 24, 3)), _image((16, 24, 3), seed=1)
+  y = op(x0)
+  aty = operators.adjoint(op, y, x.shape)
+  np.testing.assert_allclose(jnp.vdot(op(x), y), jnp.vdot(x, aty), rtol=1e-5)
+  projected = operators.data_step(op, x, y)
+  np.testing.assert_allclose(op(projected), y, atol=2e-6)
+  np.testing.assert_allclose(operators.data_step(op, x0, y), x0, atol=2e-6)
+  lam = 0.3
+  prox = operators.data_step(op, x, y, lam)
+  grad = jax.grad(lambda z: jnp.sum((op(z) - y) ** 2) + lam * jnp.sum((z - x) ** 2))(prox)
+  np.testing.assert_allclose(grad, 0, atol=2e-6)
+
+
+def test_downsampler_is_separable_and_its_pseudo_inverse_exact():
+  op = operators.downsampler(4)
+  x = _image((32, 48, 2))
+  dh, dw = op.axis_matrix(32), op.axis_matrix(48)
+  np.testing.assert_allclose(jnp.einsum("ih,hwc,jw->ijc", dh, x, dw), op(x), atol=1e-6)
+  # A A^+ = I on the low-resolution grid: the data step from 0 gives A^+ y with A A^+ y = y.
+  y = _image((8, 12, 2), seed=2)
+  np.testing.assert_allclose(op(operators.data_step(op, jnp.zeros_like(x), y)), y, atol=2e-6)
+
+
+def test_data_step_batched_and_reflect_refused():
+  op = _SOLVABLE["sr4_lanczos"]
+  xs = _image((2, 16, 24, 3))
+  ys = op(_image((2, 16, 24, 3), seed=4))
+  np.testing.assert_allclose(operators.data_step(op, xs, ys)[1],
+                             operators.data_step(op, xs[1], ys[1]), atol=1e-6)
+  reflect = operators.blur(operators.gaussian_kernel(1.0, 5), "reflect")
+  with pytest.raises(ValueError, match="needs a circular blur"):
+    operators.data_step(reflect, xs[0], xs[0])
