@@ -45,6 +45,7 @@ from dipjax import physics as physics_lib
 from dipjax import problems
 from dipjax import schedules
 from dipjax import stopping
+from dipjax.ddpm import posterior
 from dipjax.ddpm import solvers as ddpm_solvers
 from dipjax.ddpm import train as ddpm_train
 from dipjax.ddpm import unet as ddpm_unet
@@ -53,9 +54,11 @@ TASKS = ("denoise", "inpaint", "sr", "deblur")
 BLURS = ("gaussian", "motion", "file")
 NOISES = ("gaussian", "poisson")
 MASK_KINDS = ("file",) + masks.KINDS
-METHODS = ("dip", "staged", "ddpm", "dip_ddpm", "dip_guided")
-DDPM_METHODS = ("ddpm", "dip_ddpm", "dip_guided")
-HYBRIDS = ("dip_ddpm", "dip_guided")  # a DIP fit, then the DDPM
+POSTERIOR = posterior.SOLVERS  # diffusion posterior solvers for any task: DDPM alone from noise
+DIP_POSTERIOR = tuple(f"dip_{s}" for s in POSTERIOR)  # the same from a DIP fit at t*
+METHODS = ("dip", "staged", "ddpm", "dip_ddpm", "dip_guided") + POSTERIOR + DIP_POSTERIOR
+DDPM_METHODS = ("ddpm", "dip_ddpm", "dip_guided") + POSTERIOR + DIP_POSTERIOR
+HYBRIDS = ("dip_ddpm", "dip_guided") + DIP_POSTERIOR  # a DIP fit, then the DDPM
 INPUTS = ("noise", "meshgrid", "ddpm")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("linear", "cosine")
@@ -65,12 +68,17 @@ SCHEDULES = ("linear", "cosine")
 # stop halts a longer fit. dip: RESULTS' DIP vs CBM3D table (width 32, 1800 it) for denoising
 # and the DIP paper's super-resolution budget (2000 it) otherwise; the hybrids: the DDPM
 # report's 300-iteration fit, which the DDPM finishes.
-DEFAULT_ITERS = dict(staged=1500, dip=1800, dip_ddpm=300, dip_guided=300, ddpm=0)
+DEFAULT_ITERS = dict(staged=1500, dip=1800, dip_ddpm=300, dip_guided=300, ddpm=0,
+                     **dict.fromkeys(POSTERIOR, 0), **dict.fromkeys(DIP_POSTERIOR, 1000))
 DEFAULT_ITERS_NOISE_FREE = 2000  # dip for sr / inpaint
 DEFAULT_WIDTH = dict(staged=16)  # else 32
 # RESULTS, "dipjax's own DDPM": NFE 5 is the DDPM alone's best or within 0.2 dB of it at
 # sigma 25 and 50 on CSet9 and Set12; the report ran dip_ddpm at NFE 5, dip_guided at NFE 20.
-DEFAULT_NFE = dict(ddpm=5, dip_ddpm=5, dip_guided=20)
+# The posterior solvers: 20 steps from noise (DiffPIR's inpainting setting; the papers' 100-1000
+# are a CPU's hours), 5 from a DIP start.
+DEFAULT_NFE = dict(ddpm=5, dip_ddpm=5, dip_guided=20, **dict.fromkeys(POSTERIOR, 20),
+                   **dict.fromkeys(DIP_POSTERIOR, 5))
+DIP_POSTERIOR_HOLDOUT = 0.05  # the dip_* solvers' default hold-out: t* from its error
 # One seeding convention (experiments/grid.py's, so the reports' rows are reproduced): from the
 # run's key, the problem (input, probe, stage noise) from fold_in(key, PROBLEM_STREAM), the fits
 # from split(key, seeds), the DDPM stage from fold_in(key, DDPM_STREAM).
@@ -130,8 +138,11 @@ class RestoreConfig:
       blur_seed, blur_size pixels wide) or 'file' (blur_file: a grey image or a 2-D .npy,
       normalised); boundary 'circular' (FFT) or 'reflect'.
     method: 'staged' (DDPM-staged targets with a probe), 'dip' (fit y), 'ddpm' (dipjax's DDPM
-      alone), 'dip_ddpm' / 'dip_guided' (a DIP fit refined by the DDPM; denoising only).
-      None: 'staged' for denoising, 'dip' for the noise-free tasks.
+      alone), 'dip_ddpm' / 'dip_guided' (a DIP fit refined by the DDPM; denoising only);
+      'ddnm' / 'diffpir' / 'dps' (a diffusion posterior solver of :mod:`dipjax.ddpm.posterior`
+      from pure noise, any task with Gaussian noise) and 'dip_ddnm' / 'dip_diffpir' / 'dip_dps'
+      (the same started from a DIP fit forward-noised to t*, t* matched to the fit's held-out
+      error at its stop). None: 'staged' for denoising, 'dip' for the noise-free tasks.
     schedule, stages, t_max, fresh_eps, scaled_targets, probe, final_share: the staged
       targets (:func:`problems.staged_problem`).
     iters: total fit iterations (any count); None: :data:`DEFAULT_ITERS` of the method.
@@ -143,10 +154,11 @@ class RestoreConfig:
     lr, exp_weight, loss, vgg19: Adam step, output EMA weight, training loss, VGG19 weights
       (.npz) for the perceptual loss.
     stop: criteria to monitor (:data:`stopping.KINDS`); the restored image is the EMA output at
-      the first one's stop. None: ('staged',) for the staged method with a probe, else none
-      (the last iteration).
+      the first one's stop. None: ('staged',) for the staged method with a probe, ('holdout',)
+      for the dip_* solvers, else none (the last iteration).
     holdout: share of the measurement entries held out of the loss, whose error the 'holdout'
-      stop watches (:func:`problems.with_holdout`); 0: none.
+      stop watches (:func:`problems.with_holdout`); 0: none. None: 0.05 for the dip_* solvers
+      (their t*), else 0.
     halt: end the fit when the first criterion fires. None: True when `stop` was defaulted.
     window: ES-WMV window (with 'es_wmv').
     ddpm_weights, nfe, ddpm_samples, ddpm_eta, guide_weight: the DDPM methods' U-Net weights
@@ -194,7 +206,7 @@ class RestoreConfig:
   vgg19: str | None = None
   stop: tuple[str, ...] | None = None
   halt: bool | None = None
-  holdout: float = 0.0
+  holdout: float | None = None
   window: int = 100
   ddpm_weights: str | None = None
   nfe: int | None = None
@@ -226,12 +238,15 @@ class RestoreConfig:
           self.method, 1))
     if self.nfe is None:
       resolve("nfe", DEFAULT_NFE.get(self.method, 5))
+    if self.holdout is None:
+      resolve("holdout", DIP_POSTERIOR_HOLDOUT if self.method in DIP_POSTERIOR else 0.0)
     if self.width is None:
       resolve("width", DEFAULT_WIDTH.get(self.method, 32))
     defaulted = self.stop is None
     if defaulted:
       has_probe = self.method == "staged" and self.probe > 0 and self.noisy
-      resolve("stop", ("staged",) if has_probe else ())
+      dip_start = self.method in DIP_POSTERIOR and self.holdout > 0
+      resolve("stop", ("staged",) if has_probe else ("holdout",) if dip_start else ())
     resolve("stop", tuple(self.stop))
     if self.halt is None:
       resolve("halt", defaulted and bool(self.stop))
@@ -242,7 +257,7 @@ class RestoreConfig:
       stopping.get(name)  # a clear error for an unknown name
 
   def _checks(self) -> list[tuple[bool, str]]:
-    staged, fits = self.method == "staged", self.method != "ddpm"
+    staged, fits = self.method == "staged", self.fits
     checks = [
         (self.method not in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
         (not 0 <= self.sigma <= 255, f"sigma must lie in [0, 255] (0-255 units), got "
@@ -309,11 +324,23 @@ class RestoreConfig:
 
   def _ddpm_checks(self) -> list[tuple[bool, str]]:
     m = f"method {self.method!r}"
-    return [
-        (self.task != "denoise", f"{m} denoises only, not task {self.task!r}"),
-        (self.noise != "gaussian", f"{m} takes Gaussian noise only, not {self.noise!r}"),
-        (self.sigma_known and not self.sigma, f"{m} needs the noise level: sigma > 0, or "
-         "sigma_known=False (estimated from the observation)"),
+    solver = self.method.removeprefix("dip_")
+    if solver in POSTERIOR:
+      task_checks = [
+          (self.noise != "gaussian", f"{m} takes Gaussian noise only, not {self.noise!r}"),
+          (solver != "dps" and self.task == "deblur" and self.boundary != "circular",
+           f"{m} solves its data step in closed form: it needs boundary 'circular', not "
+           f"{self.boundary!r} (method 'dps' takes either)"),
+          (self.method in DIP_POSTERIOR and not self.holdout, f"{m} takes t* from the fit's "
+           "held-out error: it needs holdout > 0"),
+          (self.method in POSTERIOR and bool(self.stop), f"{m} fits nothing: no stop applies")]
+    else:
+      task_checks = [
+          (self.task != "denoise", f"{m} denoises only, not task {self.task!r}"),
+          (self.noise != "gaussian", f"{m} takes Gaussian noise only, not {self.noise!r}"),
+          (self.sigma_known and not self.sigma, f"{m} needs the noise level: sigma > 0, or "
+           "sigma_known=False (estimated from the observation)")]
+    return task_checks + [
         (not self.ddpm_weights, f"{m} needs ddpm_weights (dipjax ships assets/ddpm_colour.npz)"),
         (self.nfe < 1, f"nfe must be >= 1, got {self.nfe}"),
         (self.ddpm_samples < 1, f"ddpm_samples must be >= 1, got {self.ddpm_samples}"),
@@ -330,8 +357,8 @@ class RestoreConfig:
 
   @property
   def fits(self) -> bool:
-    """Whether the method fits a DIP network (all but 'ddpm')."""
-    return self.method != "ddpm"
+    """Whether the method fits a DIP network (all but 'ddpm' and the solvers from noise)."""
+    return self.method not in ("ddpm",) + POSTERIOR
 
   @property
   def scale(self) -> int:
@@ -544,7 +571,8 @@ def noise_sigma(config: RestoreConfig, frame: Frame) -> float:
   if config.sigma_known:
     return sigma
   logging.info("noise level estimated from the observation: sigma = %.2f (0-255)", 255 * sigma)
-  needs = [f"method {config.method!r}"] if config.method in DDPM_METHODS + ("staged",) else []
+  level_methods = ("ddpm", "dip_ddpm", "dip_guided", "staged")
+  needs = [f"method {config.method!r}"] if config.method in level_methods else []
   needs += [f"stop {name!r}" for name in config.stop if name in ("staged", "discrepancy")]
   if needs and sigma <= 0:
     raise ValueError(f"{' and '.join(needs)} need(s) the noise level, but its estimate from the "
@@ -670,7 +698,7 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
   sigma = noise_sigma(config, padded)
   k_ddpm = jax.random.fold_in(key, DDPM_STREAM)
   if not config.fits:
-    image, info = _ddpm_stage(config, ddpm, y, sigma, None, k_ddpm)
+    image, info = _ddpm_stage(config, ddpm, y, sigma, None, k_ddpm, mask=mask)
     return _result(config, padded, y, sigma, image, "ddpm", None, ddpm=info)
   length = chunk_length(config, chunk, checkpoint_every)
   found = False
@@ -685,7 +713,9 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
   fit_image, restored_at = run.restored()
   image, info = fit_image, None
   if ddpm is not None:
-    image, info = _ddpm_stage(config, ddpm, y, sigma, fit_image, k_ddpm)
+    held_out = run.held_out_error() if config.method in DIP_POSTERIOR else None
+    image, info = _ddpm_stage(config, ddpm, y, sigma, fit_image, k_ddpm, mask=mask,
+                              est_mse=held_out)
   return _result(config, padded, y, sigma, image, restored_at, run,
                  fit_image=fit_image if ddpm is not None else None, ddpm=info)
 
@@ -936,6 +966,17 @@ class FitRun:
         name = f"last iteration ({name}: no stop)"
     return kept.mean(0), name
 
+  def held_out_error(self) -> float:
+    """The seeds' mean held-out error (MSE on the held-out measurements, [0, 1] units squared)
+    of the EMA output at the first criterion's stop, or at the last iteration (a seed whose
+    criterion never stopped, or no criterion): what the dip_* solvers take t* from."""
+    errors = self.trace["holdout_mse_ema"][:, :self.done]
+    steps = (self.stops()[self.fit_config.criteria[0].name][0] if self.fit_config.criteria
+             else np.zeros(self.config.seeds, int))
+    last = [np.flatnonzero(np.isfinite(e))[-1] for e in errors]
+    at = [s - 1 if s > 0 else l for s, l in zip(steps, last)]
+    return float(np.mean([e[i] for e, i in zip(errors, at)]))
+
   def stops(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per criterion, (1-based stop iterations (seeds,), EMA outputs there (seeds, H, W, C));
     iteration 0 where its score was never defined, with the last EMA output there (not the
@@ -963,38 +1004,55 @@ def _load_ddpm(config: RestoreConfig, channels: int):
 
 
 def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
-                x_hat: np.ndarray | None, key: jax.Array) -> tuple[np.ndarray, dict]:
-  """The method's DDPM on y (h, w, C) and, for the hybrids, the fit's estimate x_hat, jitted
-  once: (restored (h, w, C), the stage's settings and timings)."""
+                x_hat: np.ndarray | None, key: jax.Array, *, mask: np.ndarray | None = None,
+                est_mse: float | None = None) -> tuple[np.ndarray, dict]:
+  """The method's DDPM on y (h, w, C) and, for the hybrids, the fit's estimate x_hat (H, W, C),
+  jitted once: (restored (H, W, C), the stage's settings and timings). The posterior solvers
+  take the task's operator (inpainting: `mask`, as :func:`make_physics`) and, from a DIP start,
+  t* matched to est_mse (the fit's held-out error)."""
   params, unet_config = ddpm
   schedule = schedules.get(unet_config.schedule, unet_config.num_steps)
   method, nfe = config.method, config.nfe
-  kw = dict(samples=config.ddpm_samples, eta=config.ddpm_eta, config=unet_config)
-  est = None if x_hat is None else float(ddpm_solvers.estimate_dip_error(x_hat, y, sigma))
+  solver = method.removeprefix("dip_")
+  kw = dict(samples=config.ddpm_samples, config=unet_config)
+  if solver in POSTERIOR:
+    op = make_physics(config, mask).operator
+    if x_hat is None:
+      t_start = schedule.num_steps
+    else:
+      t_start = int(ddpm_solvers.dip_timestep(schedule, est_mse))
+      kw.update(start=x_hat, t_start=t_start)
+  else:
+    kw.update(eta=config.ddpm_eta)
+    est_mse = None if x_hat is None else float(ddpm_solvers.estimate_dip_error(x_hat, y, sigma))
+    t_start = int(ddpm_solvers.dip_timestep(schedule, est_mse) if method == "dip_ddpm"
+                  else ddpm_solvers.matched_timestep(schedule, ddpm_solvers.observed_sigma(
+                      sigma, y.shape[-1], unet_config)))
 
   def run(params, key):
     eps = ddpm_unet.eps_fn(unet_config, params)
+    if solver == "dps":
+      return posterior.dps(eps, schedule, op, y, nfe, key, **kw)
+    if solver in POSTERIOR:
+      return getattr(posterior, solver)(eps, schedule, op, y, sigma, nfe, key, **kw)
     if method == "ddpm":
       return ddpm_solvers.ddpm_denoise(eps, schedule, y, sigma, nfe, key, **kw)
     if method == "dip_ddpm":
-      return ddpm_solvers.dip_ddpm(eps, schedule, x_hat, est, nfe, key, **kw)
+      return ddpm_solvers.dip_ddpm(eps, schedule, x_hat, est_mse, nfe, key, **kw)
     return ddpm_solvers.dip_guided(eps, schedule, x_hat, y, sigma, nfe, key,
-                                   weight=config.guide_weight, est_mse=est, **kw)
+                                   weight=config.guide_weight, est_mse=est_mse, **kw)
 
   t0 = time.perf_counter()
   compiled = jax.jit(run).lower(params, key).compile()
   t1 = time.perf_counter()
   restored = np.asarray(compiled(params, key))
   t2 = time.perf_counter()
-  t_start = int(ddpm_solvers.dip_timestep(schedule, est) if method == "dip_ddpm"
-                else ddpm_solvers.matched_timestep(schedule, ddpm_solvers.observed_sigma(
-                    sigma, y.shape[-1], unet_config)))
   logging.info("DDPM (%s): t* = %d, %d evaluations in %.2f s (compiled in %.1f s)", method,
-               t_start, nfe, t2 - t1, t1 - t0)
+               t_start, min(nfe, t_start), t2 - t1, t1 - t0)
   return restored, dict(
       weights=os.path.abspath(config.ddpm_weights), model=json.loads(unet_config.to_json()),
-      t_start=t_start, nfe=nfe, steps=min(nfe, t_start), samples=kw["samples"], eta=kw["eta"],
-      sigma=round(255 * sigma, 4), est_mse=est,
+      t_start=t_start, nfe=nfe, steps=min(nfe, t_start), samples=kw["samples"],
+      eta=kw.get("eta"), sigma=round(255 * sigma, 4), est_mse=est_mse,
       guide_weight=config.guide_weight if method == "dip_guided" else None,
       compile_seconds=round(t1 - t0, 2), seconds=round(t2 - t1, 3))
 

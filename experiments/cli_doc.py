@@ -38,6 +38,12 @@ DEFAULT_ROWS = [
     (dict(method="dip_guided", ddpm_weights="x"), "the same report: 300 iterations, NFE 20"),
     (dict(method="ddpm", ddpm_weights="x"), "the same report: NFE 5 is the DDPM alone's best "
      "or within 0.2 dB of it at σ 25 and 50 on CSet9 and Set12"),
+    (dict(task="inpaint", method="ddnm", ddpm_weights="x"), "not yet validated: DiffPIR's "
+     "inpainting NFE (20); the same for diffpir and dps (the papers' 100-1000 steps are hours "
+     "on a CPU)"),
+    (dict(task="inpaint", method="dip_ddnm", ddpm_weights="x"), "not yet validated: a short "
+     "fit (1000 iterations) halted by its 5% hold-out, whose error sets t*, then NFE 5; the "
+     "same for dip_diffpir and dip_dps"),
 ]
 
 
@@ -63,9 +69,9 @@ def defaults_table() -> list[str]:
   for fields, source in DEFAULT_ROWS:
     c = pipeline.RestoreConfig(**fields)
     stop = ", ".join(c.stop) or "none (last iteration)"
-    width, iters = (c.width, c.iters) if c.fits else ("—", "—")
+    width, iters, stop, halt = (c.width, c.iters, stop, c.halt) if c.fits else ("—",) * 4
     nfe = c.nfe if c.method in pipeline.DDPM_METHODS else "—"
-    lines.append(f"| {c.task}, {c.method} | {width} | {iters} | {nfe} | {stop} | {c.halt} "
+    lines.append(f"| {c.task}, {c.method} | {width} | {iters} | {nfe} | {stop} | {halt} "
                  f"| {source} |")
   return lines
 

@@ -82,8 +82,10 @@ flags.DEFINE_enum("boundary", D["boundary"].default, ["circular", "reflect"],
 flags.DEFINE_enum("method", None, list(pipeline.METHODS),
                   "staged: DIP fitted to DDPM-noised targets, noisiest first, with a probe "
                   "that gives a ground-truth-free stop; dip: fit y; ddpm: dipjax's DDPM alone; "
-                  "dip_ddpm / dip_guided: a DIP fit refined by the DDPM (denoising only). "
-                  "Default: staged for denoise, dip otherwise.")
+                  "dip_ddpm / dip_guided: a DIP fit refined by the DDPM (denoising only); "
+                  "ddnm / diffpir / dps: a diffusion posterior solver from noise (any task); "
+                  "dip_ddnm / dip_diffpir / dip_dps: the same from a DIP fit at t* (from its "
+                  "held-out error). Default: staged for denoise, dip otherwise.")
 flags.DEFINE_enum("schedule", D["schedule"].default, list(pipeline.SCHEDULES), "Noise schedule.")
 flags.DEFINE_integer("stages", D["stages"].default, "Stage count (staged).")
 flags.DEFINE_integer("t_max", D["t_max"].default, "Timestep of the noisiest stage (staged).")
@@ -120,8 +122,9 @@ flags.DEFINE_list("stop", None, f"Stopping criteria ({', '.join(stopping.KINDS)}
 flags.DEFINE_bool("halt", None, f"End the fit when the first --stop criterion fires "
                   f"{METHOD_DEFAULT}.")
 flags.DEFINE_integer("window", D["window"].default, "ES-WMV window (--stop es_wmv).")
-flags.DEFINE_float("holdout", D["holdout"].default, "Share of the measurements held out of the "
-                   "loss for --stop holdout (self-validation; 0: none).")
+flags.DEFINE_float("holdout", None, "Share of the measurements held out of the loss for --stop "
+                   "holdout (self-validation; 0: none). Default: 0.05 for the dip_* solvers, "
+                   "else 0.")
 flags.DEFINE_string("ddpm_weights", os.path.join(ASSETS, "ddpm_colour.npz"),
                     "The DDPM methods' U-Net weights (.npz of experiments/train_ddpm.py).")
 flags.DEFINE_integer("nfe", None, f"DDPM methods: network evaluations {METHOD_DEFAULT}.")

@@ -259,12 +259,37 @@ def test_restore_cli_dip_ddpm_after_a_short_fit(weights, tmp_path):
   assert (out / "trace.csv").exists()
 
 
+def test_restore_cli_posterior_solvers(weights, tmp_path):
+  """DDNM from noise on inpainting satisfies the data (noise-free: A x = y on the known
+  pixels); DPS from a short DIP fit on SR takes t* from its held-out error (the default 0.05)."""
+  out = tmp_path / "ddnm"
+  _run(RESTORE, "--method=ddnm", "--task=inpaint", "--mask_kind=random", "--crop=32", "--nfe=2",
+       f"--ddpm_weights={weights[0]}", f"--out_dir={out}")
+  ddpm = json.loads((out / "metrics.json").read_text())["ddpm"]
+  assert ddpm["t_start"] == 1000 and ddpm["steps"] == 2 and ddpm["est_mse"] is None
+  restored, degraded = (np.load(out / f"{n}.npy") for n in ("restored", "degraded"))
+  known = np.any(degraded > 0, axis=-1)  # the generated mask's known pixels (non-black here)
+  np.testing.assert_allclose(restored[known], degraded[known], atol=1e-4)
+  out = tmp_path / "dip_dps"
+  _run(RESTORE, "--method=dip_dps", "--task=sr", "--factor=2", "--crop=32", "--width=4",
+       "--scales=1", "--iters=50", "--nfe=1", f"--ddpm_weights={weights[0]}", f"--out_dir={out}")
+  result = json.loads((out / "metrics.json").read_text())
+  assert result["config"]["holdout"] == 0.05 and result["config"]["stop"] == ["holdout"]
+  ddpm = result["ddpm"]
+  assert ddpm["est_mse"] > 0 and 1 <= ddpm["t_start"] <= 1000 and ddpm["steps"] == 1
+  assert np.load(out / "restored.npy").shape == (32, 32, 3)
+
+
 def test_restore_cli_ddpm_errors(weights, tmp_path):
   cases = [
       (["--method=ddpm", f"--ddpm_weights={tmp_path / 'missing.npz'}"],
        "no DDPM weights file .*missing.npz: run experiments/train_ddpm.py"),
       (["--method=dip_ddpm", "--task=sr", f"--ddpm_weights={weights[0]}"],
        "method 'dip_ddpm' denoises only"),
+      (["--method=ddnm", "--task=deblur", "--boundary=reflect", f"--ddpm_weights={weights[0]}"],
+       "method 'ddnm' solves its data step in closed form: it needs boundary 'circular'"),
+      (["--method=dip_diffpir", "--task=inpaint", "--mask_kind=random", "--holdout=0",
+        f"--ddpm_weights={weights[0]}"], "needs holdout > 0"),
   ]
   with np.load(weights[0]) as z:  # parameters of the tiny model, a config of another
     arrays = dict(z)
