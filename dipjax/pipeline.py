@@ -79,6 +79,7 @@ DEFAULT_WIDTH = dict(staged=16)  # else 32
 DEFAULT_NFE = dict(ddpm=5, dip_ddpm=5, dip_guided=20, **dict.fromkeys(POSTERIOR, 20),
                    **dict.fromkeys(DIP_POSTERIOR, 5))
 DIP_POSTERIOR_HOLDOUT = 0.05  # the dip_* solvers' default hold-out: t* from its error
+ERROR_FLOOR = 1e-6  # the smallest error estimate a dip_* solver's t* is matched to
 # One seeding convention (experiments/grid.py's, so the reports' rows are reproduced): from the
 # run's key, the problem (input, probe, stage noise) from fold_in(key, PROBLEM_STREAM), the fits
 # from split(key, seeds), the DDPM stage from fold_in(key, DDPM_STREAM).
@@ -142,7 +143,8 @@ class RestoreConfig:
       'ddnm' / 'diffpir' / 'dps' (a diffusion posterior solver of :mod:`dipjax.ddpm.posterior`
       from pure noise, any task with Gaussian noise) and 'dip_ddnm' / 'dip_diffpir' / 'dip_dps'
       (the same started from a DIP fit forward-noised to t*, t* matched to the fit's held-out
-      error at its stop). None: 'staged' for denoising, 'dip' for the noise-free tasks.
+      error at its stop less the noise variance: the error in the measurement space, the one
+      the data can tell; for SR it misses what the down-sampler removes). None: 'staged' for denoising, 'dip' for the noise-free tasks.
     schedule, stages, t_max, fresh_eps, scaled_targets, probe, final_share: the staged
       targets (:func:`problems.staged_problem`).
     iters: total fit iterations (any count); None: :data:`DEFAULT_ITERS` of the method.
@@ -713,9 +715,11 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
   fit_image, restored_at = run.restored()
   image, info = fit_image, None
   if ddpm is not None:
-    held_out = run.held_out_error() if config.method in DIP_POSTERIOR else None
+    est = None
+    if config.method in DIP_POSTERIOR:  # held-out residuals = A x_hat - A x - noise: E = err + s^2
+      est = max(run.held_out_error() - sigma**2, ERROR_FLOOR)
     image, info = _ddpm_stage(config, ddpm, y, sigma, fit_image, k_ddpm, mask=mask,
-                              est_mse=held_out)
+                              est_mse=est)
   return _result(config, padded, y, sigma, image, restored_at, run,
                  fit_image=fit_image if ddpm is not None else None, ddpm=info)
 
