@@ -144,7 +144,8 @@ class RestoreConfig:
       from pure noise, any task with Gaussian noise) and 'dip_ddnm' / 'dip_diffpir' / 'dip_dps'
       (the same started from a DIP fit forward-noised to t*, t* matched to the fit's held-out
       error at its stop less the noise variance: the error in the measurement space, the one
-      the data can tell; for SR it misses what the down-sampler removes). None: 'staged' for denoising, 'dip' for the noise-free tasks.
+      the data can tell; for SR it misses what the down-sampler removes). None: 'staged' for
+      denoising, 'dip' for the noise-free tasks.
     schedule, stages, t_max, fresh_eps, scaled_targets, probe, final_share: the staged
       targets (:func:`problems.staged_problem`).
     iters: total fit iterations (any count); None: :data:`DEFAULT_ITERS` of the method.

@@ -121,3 +121,23 @@ def image_row(path: str | os.PathLike, images: list[tuple[str, np.ndarray]],
   fig.tight_layout(rect=(0, 0, 1, 0.93))
   fig.savefig(path)
   plt.close(fig)
+
+
+def psnr_vs_time(path: str | os.PathLike, series: dict[str, list[tuple[float, float]]],
+                 title: str = "") -> None:
+  """Saves a PNG of PSNR (dB) against wall time (s, log axis): per label, its (seconds, PSNR)
+  points joined in order of time (a single point: a marker)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+  for label, points in series.items():
+    t, p = zip(*sorted(points))
+    ax.plot(t, p, marker="o", markersize=3, linewidth=1, label=label)
+  ax.set_xscale("log")
+  ax.set_xlabel("wall time per image (s)")
+  ax.set_ylabel("PSNR (dB)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

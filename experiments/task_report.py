@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import os
 import time
-import zlib
 
 from absl import flags
 from absl import logging
@@ -32,7 +31,6 @@ import common
 import fits
 import task_sections
 from dipjax import io
-from dipjax import metrics
 from dipjax import pipeline
 from dipjax import plots
 
@@ -68,13 +66,6 @@ def restore_config(section: task_sections.Section, setting: dict,
       width=_WIDTH.value or section.width, seeds=section.seeds,
       stop=task_sections.criteria(setting, method), halt=False,
       holdout=task_sections.HOLDOUT if method == "dip" else 0.0)
-
-
-def observe(config: pipeline.RestoreConfig, clean: np.ndarray, name: str):
-  """(observation, mask or None), drawn from a seed of the image's name only."""
-  seed = zlib.crc32(name.encode())
-  mask = pipeline.make_mask(config, clean.shape, seed) if config.task == "inpaint" else None
-  return pipeline.degrade(config, clean, seed=seed, mask=mask), mask
 
 
 def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | None,
@@ -124,15 +115,6 @@ def anscombe_bm3d(y: np.ndarray, peak: float) -> np.ndarray:
   return np.maximum(inverse - 1 / 8, 0) / peak
 
 
-def score(config: pipeline.RestoreConfig, x: np.ndarray, clean: np.ndarray) -> dict[str, float]:
-  """PSNR / SSIM of x against clean; for SR also the DIP paper's figure, the luma PSNR with
-  `factor` pixels trimmed at each edge (its super-resolution_eval_script.py: BT.601 Y)."""
-  found = pipeline.score(x, clean)
-  if config.task == "sr":
-    found["psnr_y"] = float(metrics.psnr_y(x, clean, config.factor))
-  return found
-
-
 def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[dict, dict]:
   """One fit, every criterion's stop scored against `clean`: (row fields, curves)."""
   frame = pipeline.make_frame(config, y, clean, mask)
@@ -146,8 +128,9 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[d
   for name, (steps, kept) in run.stops().items():
     never = steps == 0  # its score was never defined (discrepancy never crossed): the last
     stops[name] = dict(stop=int(np.mean(np.where(never, config.iters, steps))),
-                       never=int(never.sum()), **score(config, kept.mean(0), clean))
-  last = score(config, frame.unpad(np.asarray(run.states.ema)).mean(0), clean)
+                       never=int(never.sum()),
+                       **task_sections.score(config, kept.mean(0), clean))
+  last = task_sections.score(config, frame.unpad(np.asarray(run.states.ema)).mean(0), clean)
   row = dict(stops=stops, last=last, oracle_peak=dict(psnr=float(np.nanmax(curve)),
                                                       stop=int(np.nanargmax(curve)) + 1),
              sigma_used=round(255 * sigma, 4), compile_seconds=round(run.compile_seconds, 1),
@@ -260,11 +243,12 @@ def run() -> None:
           if key in done:
             continue
           t0 = time.time()
-          y, mask = observe(config, clean, name)
+          y, mask = task_sections.observe(config, clean, name)
           row, curves = fit_row(config, y, clean, mask, compiler)
           found = baselines(config, y, mask, clean.shape) if method == "dip" else {}
-          row["baselines"] = {k: score(config, v, clean) if isinstance(v, np.ndarray) else v
-                              for k, v in found.items()}
+          row["baselines"] = {
+              k: task_sections.score(config, v, clean) if isinstance(v, np.ndarray) else v
+              for k, v in found.items()}
           if config.task == "denoise" or config.task == "deblur":
             row["degraded"] = pipeline.score(y, clean)
           common.save_arrays(os.path.join(common.arrays_dir(_out()), key + ".npz"), curves)

@@ -1,5 +1,6 @@
 """The sections of the task report (experiments/task_report.py): per section its images, crop,
-settings (each a dipjax.pipeline.RestoreConfig's task fields) and fits; no flags.
+settings (each a dipjax.pipeline.RestoreConfig's task fields) and fits; and how a task's
+observation is drawn and scored (shared with experiments/posterior_report.py). No flags.
 
 Every setting is fitted by plain DIP with a share of its measurements held out (the 'holdout'
 stop) and, where the observation is noisy, by the staged method with its probe (the 'staged'
@@ -9,6 +10,12 @@ stop); each fit traces every criterion that applies, so all stops are read off t
 from __future__ import annotations
 
 import dataclasses
+import zlib
+
+import numpy as np
+
+from dipjax import metrics
+from dipjax import pipeline
 
 # Images are paths under the report's --data folder (../shared/data). Set12's images among the
 # DIP paper's 11 inpainting images (Papyan et al.'s set): C.man, House, Peppers, Lena, Barbara,
@@ -64,3 +71,19 @@ def criteria(setting: dict, method: str) -> tuple[str, ...]:
   if method == "staged":
     return ("staged", "oracle", "fixed")
   return ("holdout", "oracle", "fixed", "es_wmv") + (("discrepancy",) if noisy(setting) else ())
+
+
+def observe(config: pipeline.RestoreConfig, clean: np.ndarray, name: str):
+  """(observation, mask or None), drawn from a seed of the image's name only."""
+  seed = zlib.crc32(name.encode())
+  mask = pipeline.make_mask(config, clean.shape, seed) if config.task == "inpaint" else None
+  return pipeline.degrade(config, clean, seed=seed, mask=mask), mask
+
+
+def score(config: pipeline.RestoreConfig, x: np.ndarray, clean: np.ndarray) -> dict[str, float]:
+  """PSNR / SSIM of x against clean; for SR also the DIP paper's figure, the luma PSNR with
+  `factor` pixels trimmed at each edge (its super-resolution_eval_script.py: BT.601 Y)."""
+  found = pipeline.score(x, clean)
+  if config.task == "sr":
+    found["psnr_y"] = float(metrics.psnr_y(x, clean, config.factor))
+  return found

@@ -353,3 +353,29 @@ def test_report_quick_resumes_and_summarises(weights, tmp_path):
   proc = _run(REPORT, "--summary", "--iters=5", f"--out_dir={out}", check=False)
   # grid.py's flags are not the report's: it imports no other script.
   assert proc.returncode == 1 and "Unknown command line flag 'iters'" in proc.stderr
+
+
+def test_posterior_report_resumes_and_summarises(weights, tmp_path):
+  """One image, inpainting: the DIP row and DDNM from noise and from the DIP start; a rerun
+  adds no row; the summary writes the table and the PSNR-vs-time figure."""
+  data = tmp_path / "data"
+  (data / "CSet9").mkdir(parents=True)
+  io.save_image(data / "CSet9" / "image_House256rgb.png", _image((40, 36, 3)))
+  out = tmp_path / "rows.jsonl"
+  script = os.path.join(ROOT, "experiments", "posterior_report.py")
+  args = [f"--weights={weights[0]}", f"--data={data}", "--limit=1", "--crop=32", "--iters=20",
+          "--width=4", "--tasks=inpaint_random50", "--solvers=ddnm", "--nfe_noise=1",
+          "--nfe_dip=1", f"--out={out}"]
+  _run(script, *args)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert sorted((r["method"], r.get("start")) for r in rows) == [
+      ("ddnm", "dip"), ("ddnm", "noise"), ("dip", None)]
+  dip = next(r for r in rows if r["method"] == "dip")
+  start = next(r for r in rows if r.get("start") == "dip")
+  assert dip["est_mse"] > 0 and 1 <= start["t_start"] <= 1000
+  assert start["wall_seconds"] >= dip["seconds"]
+  _run(script, *args)
+  assert out.read_text().count("\n") == len(rows)
+  _run(script, "--summary", f"--out={out}")
+  assert "ddnm from dip" in (tmp_path / "rows.md").read_text()
+  assert (tmp_path / "rows_inpaint_random50.png").exists()

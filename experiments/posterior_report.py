@@ -1,0 +1,213 @@
+r"""The posterior-solver report (docs/RESULTS.md, "Diffusion posterior solvers"): DDNM, DiffPIR
+and DPS on dipjax's DDPM from pure noise and from a DIP fit, against DIP alone at its
+ground-truth-free stop, on inpainting, super-resolution and deblurring crops.
+
+  python experiments/posterior_report.py              # rows; resumable
+  python experiments/posterior_report.py --summary    # tables + PSNR-vs-wall-time figures
+
+Per (task, image): one DIP fit (width 32, 5% of the measurements held out, halted by the
+'holdout' stop: its wall time is the time to that stop), then each solver from pure noise at
+NFE_NOISE and from the fit's output, forward-noised to t* matched to its held-out error less
+the noise variance, at NFE_DIP. A DIP-start row's wall time is the fit's plus the solver's; a
+solver's time excludes its compile (one per solver, NFE and shape, reused over images). Each
+result is a row of docs/results/posterior/rows.jsonl, appended as it ends: a killed report
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import functools
+import os
+import time
+import zlib
+
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cli
+import common
+import fits
+import task_sections
+from dipjax import pipeline
+from dipjax import schedules
+from dipjax.ddpm import posterior
+from dipjax.ddpm import solvers as ddpm_solvers
+from dipjax.ddpm import train as ddpm_train
+from dipjax.ddpm import unet as ddpm_unet
+
+TASKS = {
+    "inpaint_random50": dict(task="inpaint", mask_kind="random", mask_ratio=0.5),
+    "inpaint_text": dict(task="inpaint", mask_kind="text"),
+    "sr_x4": dict(task="sr", factor=4),
+    "deblur_gauss_1pct": dict(task="deblur", blur="gaussian", sigma=2.55)}
+IMAGES = task_sections.CSET9[2:4] + task_sections.CSET9[5:8] + tuple(
+    f"Set12/{i:02d}.png" for i in (1, 2, 5))
+NFE_NOISE = (10, 20, 50, 100)
+NFE_DIP = (1, 2, 5, 10, 20)
+
+_TASKS = flags.DEFINE_list("tasks", list(TASKS), f"Tasks, of {', '.join(TASKS)}.")
+_SOLVERS = flags.DEFINE_list("solvers", list(posterior.SOLVERS), "Posterior solvers.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N images (0: all).")
+_CROP = flags.DEFINE_integer("crop", 128, "Centre crop of every image.")
+_ITERS = flags.DEFINE_integer("iters", 2000, "The DIP fit's budget (halted by its hold-out).")
+_WIDTH = flags.DEFINE_integer("width", 32, "The DIP network's width.")
+_NFE_NOISE = flags.DEFINE_list("nfe_noise", list(map(str, NFE_NOISE)), "NFEs from noise.")
+_NFE_DIP = flags.DEFINE_list("nfe_dip", list(map(str, NFE_DIP)), "NFEs from the DIP start.")
+_WEIGHTS = flags.DEFINE_string("weights", os.path.join(common.REPO, "assets", "ddpm_colour.npz"),
+                               "DDPM weights (.npz).")
+_DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
+_OUT = flags.DEFINE_string("out", os.path.join(common.REPO, "docs", "results", "posterior",
+                                               "rows.jsonl"), "Rows file.")
+_SUMMARY = flags.DEFINE_bool("summary", False, "Write the tables and figures from the rows.")
+
+
+class Solvers:
+  """The posterior solvers with the weights, operator, measurement and start as arguments,
+  compiled once per (solver, NFE, start or not, argument shapes), timed apart from compiling;
+  keeps the `keep` most recent executables."""
+
+  def __init__(self, params, config: ddpm_unet.UNetConfig, keep: int = 16):
+    self.params, self.config = params, config
+    self.schedule = schedules.get(config.schedule, config.num_steps)
+    self._compiled = collections.OrderedDict()
+    self._keep = keep
+
+  def _fn(self, solver: str, nfe: int, params, op, y, sigma, key, start=None, t_start=None):
+    eps = ddpm_unet.eps_fn(self.config, params)
+    kw = dict(start=start, t_start=t_start, config=self.config)
+    if solver == "dps":
+      return posterior.dps(eps, self.schedule, op, y, nfe, key, **kw)
+    return getattr(posterior, solver)(eps, self.schedule, op, y, sigma, nfe, key, **kw)
+
+  def __call__(self, solver: str, nfe: int, *args) -> tuple[np.ndarray, float]:
+    """(output (H, W, C), seconds of the run, compile excluded)."""
+    leaves = jax.tree.leaves(args)
+    signature = (solver, nfe, len(args), jax.tree.structure(args)) + tuple(
+        (jnp.shape(a), str(jnp.asarray(a).dtype)) for a in leaves)
+    if signature in self._compiled:
+      self._compiled.move_to_end(signature)
+    else:
+      if len(self._compiled) >= self._keep:
+        self._compiled.popitem(last=False)
+      fn = functools.partial(self._fn, solver, nfe)
+      self._compiled[signature] = jax.jit(fn).lower(self.params, *args).compile()
+    t0 = time.perf_counter()
+    out = np.asarray(jax.block_until_ready(self._compiled[signature](self.params, *args)))
+    return out, time.perf_counter() - t0
+
+
+def dip_fit(setting: dict, y, clean, mask, compiler) -> tuple[np.ndarray, dict]:
+  """The DIP fit halted by its hold-out: (its output (H, W, C), row fields)."""
+  config = pipeline.RestoreConfig(**setting, method="dip", iters=_ITERS.value,
+                                  width=_WIDTH.value, holdout=0.05, stop=("holdout", "oracle"),
+                                  halt=True)
+  frame = pipeline.make_frame(config, y, clean, mask)
+  sigma = pipeline.noise_sigma(config, frame)
+  run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0), chunk=100)
+  run.compile(compiler)
+  run.fit()
+  image, at = run.restored()
+  est = max(run.held_out_error() - sigma**2, pipeline.ERROR_FLOOR)
+  curve = np.nanmean(run.trace["psnr_clean_ema"], axis=0)
+  return image, dict(restored_at=at, stop=int(run.stops()["holdout"][0].mean()), done=run.done,
+                     oracle_psnr=float(np.nanmax(curve)), est_mse=est,
+                     seconds=round(run.fit_seconds, 2),
+                     **task_sections.score(config, image, clean))
+
+
+def run() -> None:
+  params, unet_config = ddpm_train.load_weights(_WEIGHTS.value)
+  solve = Solvers(params, unet_config)
+  compiler = fits.Compiler()
+  unknown = [t for t in _TASKS.value if t not in TASKS]
+  if unknown:
+    raise ValueError(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}")
+  nfe_noise = common.parse_list("nfe_noise", _NFE_NOISE.value, int)
+  nfe_dip = common.parse_list("nfe_dip", _NFE_DIP.value, int)
+  base = dict(crop=_CROP.value, iters=_ITERS.value, width=_WIDTH.value,
+              weights=os.path.basename(_WEIGHTS.value))
+  with common.Results(_OUT.value) as results:
+    done = {r["key"] for r in results.rows}
+
+    def emit(spec: dict, fields: dict) -> None:
+      results.append(dict(spec, key=common.row_key(spec), **fields, machine=common.host(),
+                          date=str(datetime.date.today())))
+      logging.info("%s: %.2f dB", {k: spec[k] for k in ("task", "image", "method", "nfe")
+                                   if k in spec}, fields["psnr"])
+
+    for name in IMAGES[:_LIMIT.value or None]:
+      clean = common.load_clean(os.path.join(_DATA.value, name), _CROP.value)
+      for task in _TASKS.value:
+        config = pipeline.RestoreConfig(**TASKS[task])
+        y, mask = task_sections.observe(config, clean, name)
+        op = pipeline.make_physics(config, mask).operator
+        sigma = config.sigma / 255
+        dip_spec = dict(base, task=task, image=name, method="dip")
+        wanted = [dict(base, task=task, image=name, method=s, start=start, nfe=n)
+                  for s in _SOLVERS.value for start, nfes in (("noise", nfe_noise),
+                                                              ("dip", nfe_dip)) for n in nfes]
+        if all(common.row_key(s) in done for s in wanted + [dip_spec]):
+          continue
+        x_hat, fit = dip_fit(TASKS[task], y, clean, mask, compiler)
+        if common.row_key(dip_spec) not in done:
+          emit(dip_spec, fit)
+        t_start = int(ddpm_solvers.dip_timestep(solve.schedule, fit["est_mse"]))
+        key = jax.random.PRNGKey(zlib.crc32(name.encode()))
+        for spec in wanted:
+          if common.row_key(spec) in done:
+            continue
+          args = (op, y, sigma, key) + ((x_hat, t_start) if spec["start"] == "dip" else ())
+          out, seconds = solve(spec["method"], spec["nfe"], *args)
+          total = seconds + (fit["seconds"] if spec["start"] == "dip" else 0.0)
+          emit(spec, dict(task_sections.score(config, out, clean), seconds=round(seconds, 3),
+                          wall_seconds=round(total, 2),
+                          t_start=t_start if spec["start"] == "dip" else solve.schedule.num_steps))
+
+
+def summarise(rows: list[dict]) -> None:
+  """Per task, a table of mean PSNR / SSIM / wall time over images, and a figure of PSNR
+  against wall time (one line per solver and start, DIP alone a point)."""
+  if not rows:
+    raise ValueError(f"no rows in {_OUT.value}: run the report first")
+  from dipjax import plots  # pylint: disable=g-import-not-at-top
+  stem = _OUT.value.removesuffix(".jsonl")
+  dates = sorted({r["date"] for r in rows})
+  lines = [f"`python experiments/posterior_report.py` on {rows[0]['machine']}, "
+           f"{dates[0]}..{dates[-1]}; means over images (count in brackets), {rows[0]['crop']}² "
+           "crops; wall time per image, the DIP fit's included for a DIP start.", ""]
+  for task in TASKS:
+    mine = [r for r in rows if r["task"] == task]
+    if not mine:
+      continue
+    groups = collections.defaultdict(list)
+    for r in mine:
+      groups[(r["method"], r.get("start", ""), r.get("nfe", 0))].append(r)
+    body, series = [], collections.defaultdict(list)
+    for (method, start, nfe), got in sorted(groups.items(), key=lambda g: (g[0][0] != "dip", g[0])):
+      psnr, ssim = np.mean([g["psnr"] for g in got]), np.mean([g["ssim"] for g in got])
+      wall = np.mean([g.get("wall_seconds", g["seconds"]) for g in got])
+      label = "DIP (holdout stop)" if method == "dip" else f"{method} from {start}"
+      body.append([label, str(nfe or "—"), f"{psnr:.2f} / {ssim:.3f} ({len(got)})",
+                   f"{wall:.1f}"])
+      series[label].append((wall, psnr))
+    lines += [f"### {task}", "", common.md_table(["method", "NFE", "PSNR / SSIM", "wall s"], body),
+              ""]
+    plots.psnr_vs_time(f"{stem}_{task}.png", dict(series), title=task)
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(lines))
+  logging.info("wrote %s.md", stem)
+
+
+def main() -> None:
+  if _SUMMARY.value:
+    return summarise(common.read_rows(_OUT.value))
+  return run()
+
+
+if __name__ == "__main__":
+  cli.run_main(__file__, main)
