@@ -24,7 +24,7 @@ solved through their eigenvectors (as DDRM's SVD of separable operators).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax
 import jax
@@ -38,14 +38,19 @@ Array = jax.Array
 FACTORS = (2, 4, 8)
 KERNELS = ("lanczos", "box")
 BOUNDARIES = ("circular", "reflect")
-PINV_RTOL = 1e-5  # eigenvalues of A A^T below this share of the largest count as 0 (lam = 0)
+PINV_RTOL = 1e-5  # eigenvalues + lam of A A^T below this share of the largest count as 0
+
+# A spectral weight: eigenvalues of A A^T (any shape) -> a multiplier of the same shape.
+Weight = Callable[[Array], Array]
 
 
-def _pinv(values: Array, lam: Array | float) -> Array:
-  """1 / (values + lam), 0 where values + lam <= PINV_RTOL * max (the pseudo-inverse)."""
+def _gain(values: Array, lam: Array | float, weight: Weight | None) -> Array:
+  """weight(values) / (values + lam), 0 where values + lam <= PINV_RTOL * max(values) (the
+  pseudo-inverse; exact for lam >= PINV_RTOL * max(values))."""
   s = values + lam
-  keep = s > PINV_RTOL * jnp.max(s)
-  return jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+  keep = s > PINV_RTOL * jnp.max(values)
+  gain = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+  return gain if weight is None else gain * weight(values)
 
 
 def check_divisible(shape: Sequence[int], factor: int) -> None:
@@ -82,10 +87,12 @@ class Operator:
     """The shape of the images whose measurements have `shape` ((..., h, w, C))."""
     return tuple(shape)
 
-  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
-    """(A A^T + lam I)^+ r for a measurement-shaped r ((h, w, C) or (N, h, w, C)), lam >= 0:
-    exact, in closed form; the pseudo-inverse drops eigenvalues below PINV_RTOL of the largest.
-    """
+  def gram_solve(self, r: Array, lam: Array | float = 0.0, weight: Weight | None = None
+                 ) -> Array:
+    """(A A^T + lam I)^+ r for a measurement-shaped r ((h, w, C) or (N, h, w, C)), lam >= 0,
+    in closed form through A A^T's eigenvectors; eigenvalues + lam below PINV_RTOL of the
+    largest eigenvalue count as 0 (the pseudo-inverse). `weight` (optional) scales each
+    eigen-direction by weight(its eigenvalue): DDNM+'s per-direction lambda."""
     raise NotImplementedError(f"{type(self).__name__} has no closed-form Gram solve")
 
 
@@ -96,8 +103,9 @@ class Identity(Operator):
   def apply(self, x: Array) -> Array:
     return x
 
-  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
-    return r / (1.0 + lam)
+  def gram_solve(self, r: Array, lam: Array | float = 0.0, weight: Weight | None = None
+                 ) -> Array:
+    return r * _gain(jnp.ones(()), lam, weight)
 
 
 @flax.struct.dataclass
@@ -110,8 +118,9 @@ class Mask(Operator):
       raise ValueError(f"mask of shape {self.mask.shape} does not fit images of shape {x.shape}")
     return x * self.mask
 
-  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
-    return r * self.mask * _pinv(self.mask, lam)  # A A^T = diag(mask), mask in {0, 1}
+  def gram_solve(self, r: Array, lam: Array | float = 0.0, weight: Weight | None = None
+                 ) -> Array:
+    return r * self.mask * _gain(self.mask, lam, weight)  # A A^T = diag(mask), mask in {0, 1}
 
 
 @flax.struct.dataclass
@@ -151,13 +160,14 @@ class Downsample(Operator):
               + jnp.arange(taps.shape[0])[None, :] - self.pad)  # edge padding: clipped index
     return jnp.einsum("k,ikn->in", taps, jax.nn.one_hot(jnp.clip(source, 0, n - 1), n))
 
-  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
+  def gram_solve(self, r: Array, lam: Array | float = 0.0, weight: Weight | None = None
+                 ) -> Array:
     h, w = r.shape[-3], r.shape[-2]
     hi = jax.lax.Precision.HIGHEST
     dh, dw = self.axis_matrix(h * self.factor), self.axis_matrix(w * self.factor)
     eh, uh = jnp.linalg.eigh(jnp.matmul(dh, dh.T, precision=hi))
     ew, uw = jnp.linalg.eigh(jnp.matmul(dw, dw.T, precision=hi))
-    inverse = _pinv(eh[:, None] * ew[None, :], lam)[:, :, None]  # A A^T = G_H (x) G_W
+    inverse = _gain(eh[:, None] * ew[None, :], lam, weight)[:, :, None]  # A A^T = G_H (x) G_W
     coef = jnp.einsum("hi,...hwc,wj->...ijc", uh, r, uw, precision=hi)
     return jnp.einsum("hi,...ijc,wj->...hwc", uh, coef * inverse, uw, precision=hi)
 
@@ -197,12 +207,13 @@ class Blur(Operator):
                         (-(k // 2), -(k // 2)), axis=(0, 1))
     return jnp.fft.rfft2(embedded)
 
-  def gram_solve(self, r: Array, lam: Array | float = 0.0) -> Array:
+  def gram_solve(self, r: Array, lam: Array | float = 0.0, weight: Weight | None = None
+                 ) -> Array:
     if self.boundary != "circular":
       raise ValueError("a closed-form data step needs a circular blur (boundary='circular'); "
                        f"this one is {self.boundary!r}")
     h, w = r.shape[-3], r.shape[-2]
-    gain = _pinv(jnp.abs(self._spectrum(h, w, jnp.float32)) ** 2, lam)[:, :, None]
+    gain = _gain(jnp.abs(self._spectrum(h, w, jnp.float32)) ** 2, lam, weight)[:, :, None]
     solved = jnp.fft.irfft2(jnp.fft.rfft2(r, axes=(-3, -2)) * gain, s=(h, w), axes=(-3, -2))
     return solved.astype(r.dtype)
 
@@ -214,21 +225,24 @@ def adjoint(op: Operator, y: Array, x_shape: Sequence[int]) -> Array:
   return transpose(y)[0]
 
 
-def data_step(op: Operator, x: Array, y: Array, lam: Array | float = 0.0) -> Array:
+def data_step(op: Operator, x: Array, y: Array, lam: Array | float = 0.0,
+              weight: Weight | None = None) -> Array:
   """x + A^T (A A^T + lam I)^+ (y - A x): the data step of the posterior solvers.
 
   lam = 0: the projection of x onto {x' : A x' = y} (DDNM's A^+ y + (I - A^+ A) x), exact where
   A A^T is invertible (masks, downsamplers; blur at the frequencies it keeps). lam > 0: the
-  proximal point argmin_x' ||A x' - y||^2 + lam ||x' - x||^2 (DiffPIR's data step).
+  proximal point argmin_x' ||A x' - y||^2 + lam ||x' - x||^2 (DiffPIR's data step). `weight`
+  scales the step along each eigen-direction of A A^T by weight(eigenvalue) (DDNM+).
 
   Args:
     op: a kind with :meth:`Operator.gram_solve` (not a reflect-boundary blur).
     x: image (H, W, C) or batch (N, H, W, C).
     y: measurement, op(x)'s shape.
     lam: >= 0, scalar (traced or not).
+    weight: eigenvalues -> multipliers (same shape), jittable; None: 1.
   """
   residual = y - op(x)
-  return x + adjoint(op, op.gram_solve(residual, lam), x.shape)
+  return x + adjoint(op, op.gram_solve(residual, lam, weight), x.shape)
 
 
 def identity() -> Operator:

@@ -165,7 +165,8 @@ class RestoreConfig:
     halt: end the fit when the first criterion fires. None: True when `stop` was defaulted.
     window: ES-WMV window (with 'es_wmv').
     ddpm_weights, nfe, ddpm_samples, ddpm_eta, guide_weight: the DDPM methods' U-Net weights
-      (.npz of ``ddpm.train.save_weights``), network evaluations, samples averaged, DDIM eta,
+      (.npz of ``ddpm.train.save_weights``), network evaluations, samples averaged, DDIM eta
+      (None: DDNM's 0.85 for ddnm / dip_ddnm, else 0; diffpir and dps take none),
       dip_guided's constant blending weight (None: inverse-variance weights). nfe None:
       :data:`DEFAULT_NFE` of the method.
   """
@@ -214,7 +215,7 @@ class RestoreConfig:
   ddpm_weights: str | None = None
   nfe: int | None = None
   ddpm_samples: int = 1
-  ddpm_eta: float = 0.0
+  ddpm_eta: float | None = None
   guide_weight: float | None = None
 
   def __post_init__(self):
@@ -243,6 +244,8 @@ class RestoreConfig:
       resolve("nfe", DEFAULT_NFE.get(self.method, 5))
     if self.holdout is None:
       resolve("holdout", DIP_POSTERIOR_HOLDOUT if self.method in DIP_POSTERIOR else 0.0)
+    if self.ddpm_eta is None:
+      resolve("ddpm_eta", posterior.DDNM_ETA if self.method.endswith("ddnm") else 0.0)
     if self.width is None:
       resolve("width", DEFAULT_WIDTH.get(self.method, 32))
     defaulted = self.stop is None
@@ -272,6 +275,9 @@ class RestoreConfig:
         (not self.peak > 0, f"peak must be positive, got {self.peak}"),
         (self.noise != "gaussian" and not self.sigma_known,
          "an unknown noise level (sigma_known=False) is estimated as Gaussian: noise 'gaussian'"),
+        (self.task == "inpaint" and not self.sigma_known,
+         "an unknown noise level is estimated from the whole observation, whose missing pixels "
+         "would count as noise: give sigma for inpainting"),
         (self.mask_kind not in MASK_KINDS,
          f"mask_kind must be one of {MASK_KINDS}, got {self.mask_kind!r}"),
         (not 0 <= self.mask_ratio < 1, f"mask_ratio must lie in [0, 1), got {self.mask_ratio}"),
@@ -336,7 +342,11 @@ class RestoreConfig:
            f"{self.boundary!r} (method 'dps' takes either)"),
           (self.method in DIP_POSTERIOR and not self.holdout, f"{m} takes t* from the fit's "
            "held-out error: it needs holdout > 0"),
-          (self.method in POSTERIOR and bool(self.stop), f"{m} fits nothing: no stop applies")]
+          (self.method in POSTERIOR and bool(self.stop), f"{m} fits nothing: no stop applies"),
+          (self.method in POSTERIOR and self.holdout > 0,
+           f"{m} fits nothing: holdout does not apply"),
+          (solver in ("diffpir", "dps") and self.ddpm_eta > 0,
+           f"{m} takes no ddpm_eta (DiffPIR's zeta and DPS's ancestral steps set its noise)")]
     else:
       task_checks = [
           (self.task != "denoise", f"{m} denoises only, not task {self.task!r}"),
@@ -350,6 +360,8 @@ class RestoreConfig:
         (not 0 <= self.ddpm_eta <= 1, f"ddpm_eta must lie in [0, 1], got {self.ddpm_eta}"),
         (self.guide_weight is not None and not 0 <= self.guide_weight <= 1,
          f"guide_weight must lie in [0, 1], got {self.guide_weight}"),
+        (self.guide_weight is not None and self.method != "dip_guided",
+         f"guide_weight applies to method 'dip_guided' only, not {self.method!r}"),
         (self.method == "ddpm" and bool(self.stop), "method 'ddpm' fits nothing: no stop applies"),
     ]
 
@@ -717,8 +729,9 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
   image, info = fit_image, None
   if ddpm is not None:
     est = None
-    if config.method in DIP_POSTERIOR:  # held-out residuals = A x_hat - A x - noise: E = err + s^2
-      est = max(run.held_out_error() - sigma**2, ERROR_FLOOR)
+    if config.method in DIP_POSTERIOR:  # held-out residuals = A x_hat - A x - noise
+      est = max(run.held_out_error() - noise_energy(config, y, fit_image, sigma, mask),
+                ERROR_FLOOR)
     image, info = _ddpm_stage(config, ddpm, y, sigma, fit_image, k_ddpm, mask=mask,
                               est_mse=est)
   return _result(config, padded, y, sigma, image, restored_at, run,
@@ -972,9 +985,11 @@ class FitRun:
     return kept.mean(0), name
 
   def held_out_error(self) -> float:
-    """The seeds' mean held-out error (MSE on the held-out measurements, [0, 1] units squared)
-    of the EMA output at the first criterion's stop, or at the last iteration (a seed whose
-    criterion never stopped, or no criterion): what the dip_* solvers take t* from."""
+    """The mean over seeds of the held-out error (MSE on the held-out measurements, [0, 1]
+    units squared, noise included) of each seed's EMA output at the first criterion's stop, or
+    at the last iteration (a seed whose criterion never stopped, or no criterion): what the
+    dip_* solvers take t* from. With several seeds it exceeds the error of their mean image
+    (the restored one), so t* errs late: towards more noise."""
     errors = self.trace["holdout_mse_ema"][:, :self.done]
     steps = (self.stops()[self.fit_config.criteria[0].name][0] if self.fit_config.criteria
              else np.zeros(self.config.seeds, int))
@@ -993,6 +1008,20 @@ class FitRun:
       found[name] = (step, np.where((step == 0)[:, None, None, None], final,
                                     self.frame.unpad(np.asarray(kept))))
     return found
+
+
+def noise_energy(config: RestoreConfig, y: np.ndarray, x_hat: np.ndarray, sigma: float,
+                 mask: np.ndarray | None = None) -> float:
+  """E mean e^2 of the noise e in y's measured entries ([0, 1] units squared; inpainting: the
+  known pixels of `mask`): sigma^2, or less where y lies in [0, 1] and its noise was clipped,
+  at the clean measurement taken as A x_hat (:func:`noise.noise_std`). What the held-out error
+  of x_hat (H, W, C) carries beside its own."""
+  measured = np.ones(np.shape(y), bool)
+  if config.task == "inpaint":
+    measured = np.broadcast_to(_mask_of(mask, np.shape(y)) > 0, np.shape(y))
+  proxy = np.asarray(make_physics(config, mask).operator(jnp.asarray(x_hat, jnp.float32)))
+  y = np.asarray(y, np.float32)
+  return float(noise.noise_std(y[measured], sigma, proxy=proxy[measured])) ** 2
 
 
 def _load_ddpm(config: RestoreConfig, channels: int):
@@ -1022,6 +1051,10 @@ def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
   kw = dict(samples=config.ddpm_samples, config=unet_config)
   if solver in POSTERIOR:
     op = make_physics(config, mask).operator
+    settings = dict(ddnm=dict(eta=config.ddpm_eta),
+                    diffpir=dict(lam=posterior.DIFFPIR_LAMBDA, zeta=posterior.DIFFPIR_ZETA),
+                    dps=dict(scale=posterior.DPS_SCALE))[solver]
+    kw.update(settings)
     if x_hat is None:
       t_start = schedule.num_steps
     else:
@@ -1057,7 +1090,8 @@ def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
   return restored, dict(
       weights=os.path.abspath(config.ddpm_weights), model=json.loads(unet_config.to_json()),
       t_start=t_start, nfe=nfe, steps=min(nfe, t_start), samples=kw["samples"],
-      eta=kw.get("eta"), sigma=round(255 * sigma, 4), est_mse=est_mse,
+      **{k: kw[k] for k in ("eta", "lam", "zeta", "scale") if k in kw},
+      sigma=round(255 * sigma, 4), est_mse=est_mse,
       guide_weight=config.guide_weight if method == "dip_guided" else None,
       compile_seconds=round(t1 - t0, 2), seconds=round(t2 - t1, 3))
 

@@ -112,7 +112,8 @@ def dip_fit(setting: dict, y, clean, mask, compiler) -> tuple[np.ndarray, dict]:
   run.compile(compiler)
   run.fit()
   image, at = run.restored()
-  est = max(run.held_out_error() - sigma**2, pipeline.ERROR_FLOOR)
+  est = max(run.held_out_error() - pipeline.noise_energy(config, y, image, sigma, mask),
+            pipeline.ERROR_FLOOR)
   curve = np.nanmean(run.trace["psnr_clean_ema"], axis=0)
   return image, dict(restored_at=at, stop=int(run.stops()["holdout"][0].mean()), done=run.done,
                      oracle_psnr=float(np.nanmax(curve)), est_mse=est,

@@ -129,7 +129,8 @@ flags.DEFINE_string("ddpm_weights", os.path.join(ASSETS, "ddpm_colour.npz"),
                     "The DDPM methods' U-Net weights (.npz of experiments/train_ddpm.py).")
 flags.DEFINE_integer("nfe", None, f"DDPM methods: network evaluations {METHOD_DEFAULT}.")
 flags.DEFINE_integer("ddpm_samples", D["ddpm_samples"].default, "DDPM methods: samples averaged.")
-flags.DEFINE_float("ddpm_eta", D["ddpm_eta"].default, "DDPM methods: 0 DDIM .. 1 ancestral.")
+flags.DEFINE_float("ddpm_eta", None, "DDPM methods and ddnm: 0 DDIM .. 1 ancestral (default: "
+                   "0.85 for ddnm / dip_ddnm, DDNM's; else 0).")
 flags.DEFINE_float("guide_weight", None, "dip_guided: a constant blending weight in [0, 1] "
                    "(default: inverse-variance weights).")
 

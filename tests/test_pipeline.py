@@ -36,6 +36,14 @@ def test_defaults_are_the_validated_settings():
   # A staged fit with no noise to measure has no probe, so no default stop.
   assert pipeline.RestoreConfig(sigma=0).stop == ()
   assert pipeline.RestoreConfig(sigma_known=False).stop == ("staged",)
+  # The posterior solvers: from noise no fit; from DIP a 1000-iteration fit halted by a 5%
+  # hold-out; DDNM's eta.
+  ddnm = pipeline.RestoreConfig(task="inpaint", method="ddnm", ddpm_weights="w.npz")
+  assert (ddnm.fits, ddnm.holdout, ddnm.stop, ddnm.nfe, ddnm.ddpm_eta) == (
+      False, 0.0, (), 20, 0.85)
+  dip_dps = pipeline.RestoreConfig(task="sr", method="dip_dps", ddpm_weights="w.npz")
+  assert (dip_dps.iters, dip_dps.holdout, dip_dps.stop, dip_dps.halt, dip_dps.nfe,
+          dip_dps.ddpm_eta) == (1000, 0.05, ("holdout",), True, 5, 0.0)
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -50,6 +58,11 @@ def test_defaults_are_the_validated_settings():
     (dict(method="ddpm"), "needs ddpm_weights"),
     (dict(method="dip_guided", task="sr", ddpm_weights="w.npz"), "denoises only"),
     (dict(width=0), "width and scales must be positive"),
+    (dict(task="inpaint", sigma_known=False), "give sigma for inpainting"),
+    (dict(method="ddnm", task="sr", noise="poisson", ddpm_weights="w.npz"), "Gaussian noise only"),
+    (dict(method="ddnm", task="sr", holdout=0.1, ddpm_weights="w.npz"), "holdout does not apply"),
+    (dict(method="dps", task="sr", ddpm_eta=0.5, ddpm_weights="w.npz"), "takes no ddpm_eta"),
+    (dict(method="dip_ddnm", guide_weight=0.5, ddpm_weights="w.npz"), "applies to method"),
 ])
 def test_bad_fields_raise_one_clear_error(fields, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

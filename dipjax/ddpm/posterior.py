@@ -52,6 +52,7 @@ Operator = operators.Operator
 # The papers' defaults: DDNM eta (its README, main.py); DiffPIR lambda and zeta (the deblurring
 # script's; its SR config sweeps lambda 2..12 at zeta 0.25, its inpainting config uses zeta 1);
 # DPS's step scale (its SR / deblur configs; 0.5 for inpainting), at 1000 steps.
+SOLVERS = ("ddnm", "diffpir", "dps")
 DDNM_ETA = 0.85
 DIFFPIR_LAMBDA = 7.0
 DIFFPIR_ZETA = 0.3
@@ -79,14 +80,15 @@ def _interior_add(x: Array, delta: Array) -> Array:
 
 
 def _data_correction(op: Operator, y: Array, unframe: Callable[[Array], Array]
-                     ) -> Callable[[Array, Array | float], Array]:
-  """correct(x0, lam) -> the data step's change to x0 (S, H', W', C', model units), as a
-  model-unit array of x0's shape (0 outside the image's crop)."""
+                     ) -> Callable[..., Array]:
+  """correct(x0, lam, weight=None) -> the data step's change to x0 (S, H', W', C', model
+  units; :func:`dipjax.operators.data_step` in [0, 1]), 0 outside the image's crop."""
 
-  def correct(x0: Array, lam: Array | float) -> Array:
+  def correct(x0: Array, lam: Array | float, weight: operators.Weight | None = None) -> Array:
     image = diffusion.from_model(unframe(x0))  # (S, H, W, C) in [0, 1]
     grey_in_colour = image.shape[-1] != x0.shape[-1]
-    stepped = operators.data_step(op, image, y, lam * (x0.shape[-1] if grey_in_colour else 1))
+    lam = lam * (x0.shape[-1] if grey_in_colour else 1)
+    stepped = operators.data_step(op, image, y, lam, weight)
     return _interior_add(jnp.zeros_like(x0), 2.0 * (stepped - image))
 
   return correct
@@ -105,9 +107,12 @@ def _start(schedule: Schedule, framed: Array, start: Array | None, t_start: Arra
   return jnp.sqrt(abar) * diffusion.to_model(framed) + jnp.sqrt(1.0 - abar) * z, t
 
 
-def _setup(schedule, op, y, start, t_start, nfe, samples, key, config):
+def _setup(schedule: Schedule, op: Operator, y: Array, start: Array | None,
+           t_start: Array | int | None, nfe: int, samples: int, key: Array,
+           config: UNetConfig | None) -> tuple[Array, Array, Callable[[Array], Array],
+                                               Callable[..., Array], Array]:
   """Checks, frames (the start image, or a zero image of y's pre-image shape) and draws the
-  start: (x_start, timesteps, unframe, correct, key)."""
+  start: (x_start (samples, H', W', C'), timesteps (nfe,), unframe, correct, the key left)."""
   if (start is None) != (t_start is None):
     raise ValueError("give both start (an image) and t_start, or neither (pure noise at T)")
   y = jnp.asarray(y, jnp.float32)
@@ -133,10 +138,14 @@ def ddnm(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: Arr
          nfe: int, key: Array, *, start: Array | None = None, t_start: Array | int | None = None,
          samples: int = 1, eta: float = DDNM_ETA, config: UNetConfig | None = None) -> Array:
   """DDNM (sigma_y = 0) / DDNM+ (sigma_y > 0): each step t -> s predicts x0 and eps, corrects
-  x0 <- x0 - lambda A^+ (A x0 - y), and steps x_s = a x0 + gamma (eta z + sqrt(1 - eta^2) eps),
-  a = sqrt(abar_s), sigma_s = sqrt(1 - abar_s), s_y = 2 sigma_y (model units): lambda = 1,
-  gamma = sqrt(sigma_s^2 - (a s_y)^2) while sigma_s >= a s_y, else lambda = sigma_s / (a s_y),
-  gamma = 0 (the paper's eq. 19). x0 is not clipped (as the paper's code).
+  x0 <- x0 - A^T Lambda (A A^T)^+ (A x0 - y), and steps x_s = a x0 + gamma (eta z +
+  sqrt(1 - eta^2) eps), a = sqrt(abar_s), sigma_s = sqrt(1 - abar_s), s_y = 2 sigma_y (model
+  units). Lambda is per eigen-direction of A A^T (singular value s_i, along which A^+ y carries
+  noise of std s_y / s_i), as DDNM's SVD code: lambda_i = min(1, sigma_s s_i / (a s_y)), so the
+  correction never injects more noise than the step's own level (a blur's small s_i would
+  otherwise amplify it many times); gamma = sqrt(max(sigma_s^2 - (a s_y)^2, 0)), the paper's
+  eq. 19 (exact for unit singular values: denoising, masks). x0 is not clipped (as the paper's
+  code).
 
   Args:
     eps_fn: the eps predictor (model units); schedule: its schedule.
@@ -162,10 +171,13 @@ def ddnm(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: Arr
     eps = eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
     x0 = diffusion.predict_x0(schedule, x, t, eps)
     a, sigma_s = jnp.sqrt(_abar(schedule, s)), jnp.sqrt(1.0 - _abar(schedule, s))
-    noisy_enough = sigma_s >= a * s_y
-    lam = jnp.where(noisy_enough, 1.0, sigma_s / jnp.maximum(a * s_y, 1e-12))
-    gamma = jnp.where(noisy_enough, jnp.sqrt(jnp.maximum(sigma_s**2 - (a * s_y) ** 2, 0.0)), 0.0)
-    x0 = x0 + lam * correct(x0, 0.0)
+
+    def weight(e):  # lambda_i of eigenvalue e = s_i^2
+      carried = a * s_y / jnp.sqrt(jnp.maximum(e, 1e-30))
+      return jnp.where(sigma_s >= carried, 1.0, sigma_s / jnp.maximum(carried, 1e-30))
+
+    gamma = jnp.sqrt(jnp.maximum(sigma_s**2 - (a * s_y) ** 2, 0.0))
+    x0 = x0 + correct(x0, 0.0, weight)
     z = jax.random.normal(k, x.shape, jnp.float32)
     return a * x0 + gamma * (eta * z + jnp.sqrt(1.0 - eta**2) * eps)
 
@@ -251,5 +263,3 @@ def dps(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, nfe: int, key
   x0 = diffusion._scan_steps(step, x_start, steps, key)  # pylint: disable=protected-access
   return _output(x0, unframe)
 
-
-SOLVERS = ("ddnm", "diffpir", "dps")
