@@ -93,7 +93,8 @@ _SIZE = flags.DEFINE_integer("size", 128, "Centre crop side (0: whole images).")
 _NOISE_LEVELS = flags.DEFINE_list("noise_levels", ["25", "50"], "Noise std, 0-255 units.")
 _NFES = flags.DEFINE_list("nfes", ["1", "2", "5", "10", "20", "50"], "NFEs of the DDPM alone.")
 _DIP_ITERS = flags.DEFINE_list("dip_iters", ["100", "300", "1000"], "DIP iterations after "
-                               "which the DDPM refines the fit (one fit to the largest).")
+                               "which the DDPM refines the fit (one fit to the largest; empty: "
+                               "no DIP fit, with --hybrids= --gen_images=0).")
 _DIP_NFES = flags.DEFINE_list("dip_nfes", ["1", "5", "20"], "NFEs of the DDPM after DIP.")
 _HYBRIDS = flags.DEFINE_list("hybrids", list(HYBRIDS), "DIP + DDPM methods.")
 _GUIDE_WEIGHT = flags.DEFINE_float("guide_weight", None, "dip_guided's constant weight "
@@ -122,7 +123,7 @@ class ReportSpec:
   size: int = 128
   sigmas: tuple[float, ...] = (25.0, 50.0)
   nfes: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
-  dip_iters: tuple[int, ...] = (100, 300, 1000)
+  dip_iters: tuple[int, ...] = (100, 300, 1000)  # empty: no DIP fit
   dip_nfes: tuple[int, ...] = (1, 5, 20)
   hybrids: tuple[str, ...] = HYBRIDS
   guide_weight: float | None = None
@@ -136,11 +137,12 @@ class ReportSpec:
 
   def __post_init__(self):
     lists = dict(images=self.images, noise_levels=self.sigmas, nfes=self.nfes,
-                 dip_iters=self.dip_iters, dip_nfes=self.dip_nfes, gen_t=self.gen_t,
-                 gen_nfes=self.gen_nfes)
+                 dip_nfes=self.dip_nfes, gen_t=self.gen_t, gen_nfes=self.gen_nfes)
     for name, values in lists.items():
       if not values:
         raise ValueError(f"--{name} is empty")
+    if not self.dip_iters and (self.hybrids or self.gen_images):
+      raise ValueError("--dip_iters= (no DIP fit) needs --hybrids= and --gen_images=0")
     unknown = [h for h in self.hybrids if h not in HYBRIDS]
     counts = [*self.nfes, *self.dip_nfes, *self.gen_nfes, self.gen_ref_nfe, *self.dip_iters,
               *self.gen_t]
@@ -364,6 +366,8 @@ class Report:
             output=common.uint8(out))
       self._emit(dict(base, kind="bm3d"), bm3d)
 
+    if not spec.dip_iters:  # the DDPM and BM3D only
+      return
     dip_config = dict(_dip_config(base, spec), kind="dip")
     dip = self._emit(dip_config, lambda: self._fit(dip_config, clean, noisy))
     with np.load(self._arrays(dip["key"])) as z:

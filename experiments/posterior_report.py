@@ -8,7 +8,8 @@ ground-truth-free stop, on inpainting, super-resolution and deblurring crops.
 Per (task, image): one DIP fit (width 32, 5% of the measurements held out, halted by the
 'holdout' stop: its wall time is the time to that stop), then each solver from pure noise at
 NFE_NOISE and from the fit's output, forward-noised to t* matched to its held-out error less
-the noise variance, at NFE_DIP. A DIP-start row's wall time is the fit's plus the solver's; a
+the noise variance, at NFE_DIP, with and without that output guiding every x0 prediction
+(STARTS). A DIP-start row's wall time is the fit's plus the solver's; a
 solver's time excludes its compile (one per solver, NFE and shape, reused over images). Each
 result is a row of docs/results/posterior/rows.jsonl, appended as it ends: a killed report
 resumes where it stopped.
@@ -49,6 +50,10 @@ IMAGES = task_sections.CSET9[2:4] + task_sections.CSET9[5:8] + tuple(
     f"Set12/{i:02d}.png" for i in (1, 2, 5))
 NFE_NOISE = (10, 20, 50, 100)
 NFE_DIP = (1, 2, 5, 10, 20)
+# Where a solver starts: pure noise at T; the DIP output forward-noised to t*; the same start
+# that also guides every x0 prediction (posterior's guide_mse = the fit's estimated MSE).
+STARTS = ("noise", "dip", "dip_guide")
+START_LABELS = dict(noise="from noise", dip="from DIP", dip_guide="from DIP, guided")
 
 _TASKS = flags.DEFINE_list("tasks", list(TASKS), f"Tasks, of {', '.join(TASKS)}.")
 _SOLVERS = flags.DEFINE_list("solvers", list(posterior.SOLVERS), "Posterior solvers.")
@@ -58,6 +63,7 @@ _ITERS = flags.DEFINE_integer("iters", 2000, "The DIP fit's budget (halted by it
 _WIDTH = flags.DEFINE_integer("width", 32, "The DIP network's width.")
 _NFE_NOISE = flags.DEFINE_list("nfe_noise", list(map(str, NFE_NOISE)), "NFEs from noise.")
 _NFE_DIP = flags.DEFINE_list("nfe_dip", list(map(str, NFE_DIP)), "NFEs from the DIP start.")
+_STARTS = flags.DEFINE_list("starts", list(STARTS), f"Starts, of {', '.join(STARTS)}.")
 _WEIGHTS = flags.DEFINE_string("weights", os.path.join(common.REPO, "assets", "ddpm_colour.npz"),
                                "DDPM weights (.npz).")
 _DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
@@ -77,9 +83,10 @@ class Solvers:
     self._compiled = collections.OrderedDict()
     self._keep = keep
 
-  def _fn(self, solver: str, nfe: int, params, op, y, sigma, key, start=None, t_start=None):
+  def _fn(self, solver: str, nfe: int, params, op, y, sigma, key, start=None, t_start=None,
+          guide_mse=None):
     eps = ddpm_unet.eps_fn(self.config, params)
-    kw = dict(start=start, t_start=t_start, config=self.config)
+    kw = dict(start=start, t_start=t_start, guide_mse=guide_mse, config=self.config)
     if solver == "dps":
       return posterior.dps(eps, self.schedule, op, y, nfe, key, **kw)
     return getattr(posterior, solver)(eps, self.schedule, op, y, sigma, nfe, key, **kw)
@@ -125,9 +132,11 @@ def run() -> None:
   params, unet_config = ddpm_train.load_weights(_WEIGHTS.value)
   solve = Solvers(params, unet_config)
   compiler = fits.Compiler()
-  unknown = [t for t in _TASKS.value if t not in TASKS]
-  if unknown:
-    raise ValueError(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}")
+  for name, values, valid in (("tasks", _TASKS.value, TASKS), ("starts", _STARTS.value, STARTS),
+                              ("solvers", _SOLVERS.value, posterior.SOLVERS)):
+    unknown = [v for v in values if v not in valid]
+    if unknown:
+      raise ValueError(f"--{name}: unknown {unknown}; valid: {', '.join(valid)}")
   nfe_noise = common.parse_list("nfe_noise", _NFE_NOISE.value, int)
   nfe_dip = common.parse_list("nfe_dip", _NFE_DIP.value, int)
   base = dict(crop=_CROP.value, iters=_ITERS.value, width=_WIDTH.value,
@@ -150,8 +159,8 @@ def run() -> None:
         sigma = config.sigma / 255
         dip_spec = dict(base, task=task, image=name, method="dip")
         wanted = [dict(base, task=task, image=name, method=s, start=start, nfe=n)
-                  for s in _SOLVERS.value for start, nfes in (("noise", nfe_noise),
-                                                              ("dip", nfe_dip)) for n in nfes]
+                  for s in _SOLVERS.value for start in _STARTS.value
+                  for n in (nfe_noise if start == "noise" else nfe_dip)]
         if all(common.row_key(s) in done for s in wanted + [dip_spec]):
           continue
         x_hat, fit = dip_fit(TASKS[task], y, clean, mask, compiler)
@@ -162,12 +171,14 @@ def run() -> None:
         for spec in wanted:
           if common.row_key(spec) in done:
             continue
-          args = (op, y, sigma, key) + ((x_hat, t_start) if spec["start"] == "dip" else ())
+          from_dip = spec["start"] != "noise"
+          args = (op, y, sigma, key) + ((x_hat, t_start) if from_dip else ()) + (
+              (fit["est_mse"],) if spec["start"] == "dip_guide" else ())
           out, seconds = solve(spec["method"], spec["nfe"], *args)
-          total = seconds + (fit["seconds"] if spec["start"] == "dip" else 0.0)
+          total = seconds + (fit["seconds"] if from_dip else 0.0)
           emit(spec, dict(task_sections.score(config, out, clean), seconds=round(seconds, 3),
                           wall_seconds=round(total, 2),
-                          t_start=t_start if spec["start"] == "dip" else solve.schedule.num_steps))
+                          t_start=t_start if from_dip else solve.schedule.num_steps))
 
 
 def summarise(rows: list[dict]) -> None:
@@ -192,7 +203,7 @@ def summarise(rows: list[dict]) -> None:
     for (method, start, nfe), got in sorted(groups.items(), key=lambda g: (g[0][0] != "dip", g[0])):
       psnr, ssim = np.mean([g["psnr"] for g in got]), np.mean([g["ssim"] for g in got])
       wall = np.mean([g.get("wall_seconds", g["seconds"]) for g in got])
-      label = "DIP (holdout stop)" if method == "dip" else f"{method} from {start}"
+      label = "DIP (holdout stop)" if method == "dip" else f"{method} {START_LABELS[start]}"
       body.append([label, str(nfe or "—"), f"{psnr:.2f} / {ssim:.3f} ({len(got)})",
                    f"{wall:.1f}"])
       series[label].append((wall, psnr))

@@ -3,6 +3,9 @@ r"""Trains dipjax's own DDPM, an epsilon-prediction U-Net, on random patches of 
   python experiments/train_ddpm.py --workdir runs/ddpm         # 12,000 steps of 8 64x64 patches
   python experiments/train_ddpm.py --workdir runs/ddpm_grey --grey \
       --init_weights assets/ddpm_colour.npz --steps 2000 --warmup 0  # a grey model, fine-tuned
+  python experiments/train_ddpm.py --workdir runs/ddpm_denoiser --loss x0 --ssim_weight 0.1 \
+      --sigma_range 5,75 --init_weights assets/ddpm_colour.npz --lr 5e-5 --warmup 0 \
+      --steps 6000                           # the shipped model fine-tuned as a one-step denoiser
 
 Runs again with the same --workdir continue from its latest checkpoint (a run can be spread
 over several sessions; the settings must be the same, see <workdir>/config.json). Writes to
@@ -26,7 +29,10 @@ import matplotlib
 import numpy as np
 
 import cli
+import common
 from dipjax import checkpoint
+from dipjax import schedules
+from dipjax.ddpm import solvers
 from dipjax.ddpm import train
 from dipjax.ddpm.unet import UNetConfig
 
@@ -56,6 +62,12 @@ _T_HI = flags.DEFINE_integer(
     "t_hi", 0, "Timestep weighting: 0 samples t uniformly on [1, T]; else a fraction "
     "--frac_hi of the batches' timesteps is uniform on [1, t_hi].")
 _FRAC_HI = flags.DEFINE_float("frac_hi", 0.5, "Fraction of timesteps drawn from [1, t_hi].")
+_SIGMA_RANGE = flags.DEFINE_list(
+    "sigma_range", [], "Noise std range, 0-255 units (e.g. 5,75): every timestep drawn "
+    "uniformly from those matched to it (instead of --t_hi / --frac_hi).")
+_LOSS = flags.DEFINE_enum("loss", "eps", list(train.LOSSES), "eps: the DDPM's epsilon MSE; x0: "
+                          "the one-step denoiser's error (fine-tuning a model as a denoiser).")
+_SSIM_WEIGHT = flags.DEFINE_float("ssim_weight", 0.0, "--loss=x0: weight of 1 - SSIM.")
 _INIT = flags.DEFINE_string(
     "init_weights", None, "Start from this weights .npz (fine-tuning) instead of a random "
     "initialisation: a model of the same flags, or a colour model for --grey "
@@ -91,15 +103,25 @@ def _configs() -> tuple[UNetConfig, train.TrainConfig]:
                       num_res_blocks=_RES_BLOCKS.value, attention=_ATTENTION.value,
                       image_channels=1 if _GREY.value else 3, norm_groups=_GROUPS.value,
                       schedule=_SCHEDULE.value)
-  if _T_HI.value > config.num_steps:
-    raise ValueError(f"--t_hi must lie in [0, {config.num_steps}], got {_T_HI.value}")
+  t_lo, t_hi, frac_hi = 1, _T_HI.value, _FRAC_HI.value
+  if _SIGMA_RANGE.value:
+    if flags.FLAGS["t_hi"].present or flags.FLAGS["frac_hi"].present:
+      raise ValueError("--sigma_range sets the timesteps: give it or --t_hi / --frac_hi")
+    stds = common.parse_list("sigma_range", _SIGMA_RANGE.value, float)
+    if len(stds) != 2 or not 0 < stds[0] <= stds[1]:
+      raise ValueError(f"--sigma_range must be two stds 0 < low <= high, got {stds}")
+    schedule = schedules.get(config.schedule, config.num_steps)
+    t_lo, t_hi = (int(solvers.matched_timestep(schedule, s / 255)) for s in stds)
+    frac_hi = 1.0
+  if t_hi > config.num_steps:
+    raise ValueError(f"--t_hi must lie in [0, {config.num_steps}], got {t_hi}")
   if _PATCH.value < 1 or _PATCH.value % config.multiple:
     raise ValueError(f"--patch ({_PATCH.value}) must be a positive multiple of "
                      f"{config.multiple} for {len(mults)} levels")
   return config, train.TrainConfig(
       batch_size=_BATCH.value, patch_size=_PATCH.value, learning_rate=_LR.value,
       warmup_steps=_WARMUP.value, grad_clip=_GRAD_CLIP.value, ema_decay=_EMA.value,
-      t_hi=_T_HI.value, frac_hi=_FRAC_HI.value)
+      t_hi=t_hi, frac_hi=frac_hi, t_lo=t_lo, loss=_LOSS.value, ssim_weight=_SSIM_WEIGHT.value)
 
 
 def _check_data(folder: str) -> None:
@@ -128,6 +150,8 @@ def _settings_file(workdir: str, config: UNetConfig, train_config: train.TrainCo
   if os.path.exists(path):
     with open(path) as f:
       before, now = _flat(json.load(f)), _flat(json.loads(json.dumps(settings)))
+    defaults = _flat(dict(train=dataclasses.asdict(train.TrainConfig())))
+    before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
     diff = [f"{k} {before.get(k)} (now {now.get(k)})" for k in sorted(before.keys() | now.keys())
             if before.get(k) != now.get(k)]
     if diff:
@@ -161,7 +185,8 @@ def _publish(workdir: str, curve: list[list[float]], png: str, weights: str,
   ax.plot(steps, losses, linewidth=1)
   ax.set_yscale("log")
   ax.set_xlabel("step")
-  ax.set_ylabel(f"epsilon MSE (mean of {_LOG_EVERY.value} steps)")
+  name = {"eps": "epsilon MSE", "x0": "one-step x0 error"}[_LOSS.value]
+  ax.set_ylabel(f"{name} (mean of {_LOG_EVERY.value} steps)")
   ax.set_title(f"DDPM training, {os.path.basename(os.path.abspath(workdir))}")
   ax.grid(alpha=0.3)
   fig.tight_layout()

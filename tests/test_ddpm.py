@@ -16,7 +16,7 @@ from dipjax import checkpoint
 from dipjax import schedules
 from dipjax.ddpm import diffusion
 from dipjax.ddpm import train
-from dipjax.ddpm.unet import EpsUNet, UNetConfig
+from dipjax.ddpm.unet import EpsUNet, UNetConfig, eps_fn
 
 CONFIG = UNetConfig(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention=True,
                     norm_groups=4)
@@ -141,6 +141,23 @@ def test_predict_x0_inverts_q_sample():
   np.testing.assert_allclose(round_trip(x0), x0, atol=1e-4)
 
 
+def test_x0_loss_is_the_one_step_estimate_error():
+  """With the exact epsilon the loss is 0; an epsilon off by c everywhere moves x0_hat by
+  c sqrt(1 - abar) / sqrt(abar) in [-1, 1], half that in [0, 1] (t fixed by t_lo = t_hi)."""
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(rng.uniform(-1, 1, (2, 12, 12, 3)), jnp.float32)
+  key, t, c = jax.random.PRNGKey(3), 57, 0.3
+  loss = jax.jit(lambda eps_fn: diffusion.x0_loss(eps_fn, SCHEDULE, x0, key, t_hi=t, frac_hi=1.0,
+                                                  t_lo=t), static_argnums=0)
+  assert float(loss(_oracle(x0))) < 1e-10
+  abar = float(SCHEDULE.alphas_cumprod[t])
+  np.testing.assert_allclose(float(loss(lambda x, s: _oracle(x0)(x, s) + c)),
+                             c**2 * (1 - abar) / (4 * abar), rtol=1e-4)
+  with_ssim = diffusion.x0_loss(lambda x, s: _oracle(x0)(x, s) + c, SCHEDULE, x0, key, t_hi=t,
+                                frac_hi=1.0, t_lo=t, ssim_weight=1.0)
+  assert float(with_ssim) > float(loss(lambda x, s: _oracle(x0)(x, s) + c))
+
+
 @pytest.mark.parametrize("t_start,nfe", [(1, 1), (7, 7), (10, 3), (1000, 1), (1000, 25),
                                          (137, 10), (250, 249)])
 def test_timestep_sequence(t_start, nfe):
@@ -167,6 +184,10 @@ def test_sample_timesteps_concentrates_below_t_hi():
   assert abs(np.mean(mixed <= 100) - (0.5 + 0.5 * 0.1)) < 0.015
   with pytest.raises(ValueError, match="t_hi"):
     diffusion.sample_timesteps(key, 4, 1000, t_hi=1001)
+  ranged = np.asarray(diffusion.sample_timesteps(key, 2000, 1000, t_hi=167, frac_hi=1.0, t_lo=9))
+  assert ranged.min() == 9 and ranged.max() == 167
+  with pytest.raises(ValueError, match="t_lo"):
+    diffusion.sample_timesteps(key, 4, 1000, t_hi=100, t_lo=101)
 
 
 def test_to_and_from_model():
@@ -239,6 +260,29 @@ def test_resume_from_checkpoint_equals_uninterrupted(initial, trained, data, tra
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_denoiser_fine_tune_lowers_its_loss_and_resumes(trained, data, tmp_path):
+  """The x0 loss at the timesteps of a noise range (with SSIM) from the trained model: the loss
+  falls, and a checkpointed half resumes to the uninterrupted state."""
+  tune = train.TrainConfig(batch_size=4, patch_size=16, learning_rate=2e-3, warmup_steps=0,
+                           loss="x0", ssim_weight=0.2, t_lo=9, t_hi=167, frac_hi=1.0)
+  tune_fn = train.make_train_fn(CONFIG, tune, CHUNK)
+  start = jax.device_put(train.init_train_state(jax.random.PRNGKey(1), CONFIG, tune,
+                                                trained[0].ema_params), jax.devices()[0])
+  half, first = tune_fn(start, data)
+  state, second = tune_fn(half, data)
+  assert np.all(np.isfinite(np.concatenate([first, second])))
+  key = jax.random.PRNGKey(7)  # one fixed batch, timesteps and noise: before and after
+  x0 = diffusion.to_model(train.sample_batch(key, data, 16, tune.patch_size))
+  loss = jax.jit(lambda params: diffusion.x0_loss(eps_fn(CONFIG, params), SCHEDULE, x0, key,
+                                                  t_hi=167, frac_hi=1.0, t_lo=9))
+  assert float(loss(state.params)) < 0.9 * float(loss(start.params))
+  checkpoint.save(tmp_path, CHUNK, {"state": half})
+  resumed, again = tune_fn(checkpoint.load(tmp_path, {"state": start})["state"], data)
+  np.testing.assert_array_equal(again, second)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_grey_model_from_colour_predicts_the_channel_mean(trained):
   """adapt_channels: the grey model's eps is the colour model's eps on the replicated grey image,
   averaged over channels; a fine-tuning state starts from those parameters."""
@@ -308,6 +352,12 @@ def test_config_validation_and_json():
     UNetConfig.from_json('{"channels": 8}')
   with pytest.raises(ValueError, match="ema_decay"):
     train.TrainConfig(ema_decay=1.0)
+  with pytest.raises(ValueError, match="loss must be one of eps, x0"):
+    train.TrainConfig(loss="l1")
+  with pytest.raises(ValueError, match="ssim_weight applies to loss 'x0' only"):
+    train.TrainConfig(ssim_weight=0.1)
+  with pytest.raises(ValueError, match="t_lo"):
+    train.TrainConfig(t_lo=5)
 
 
 def _script(*args):
@@ -326,4 +376,7 @@ def test_script_refuses_test_sets_and_bad_data(tmp_path):
   result = _script(f"--data={tmp_path / 'small'}", f"--init_weights={tmp_path / 'none.npz'}",
                    f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 1 and "no DDPM weights file" in result.stderr
+  result = _script(f"--data={tmp_path / 'small'}", "--sigma_range=5,75", "--t_hi=100",
+                   f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1 and "give it or --t_hi / --frac_hi" in result.stderr
   assert not (tmp_path / "run").exists()

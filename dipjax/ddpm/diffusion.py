@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dipjax import metrics
 from dipjax import schedules
 from dipjax.schedules import Schedule
 
@@ -41,44 +42,78 @@ def _per_image(values: Array, ndim: int) -> Array:
 
 
 def sample_timesteps(key: Array, n: int, num_steps: int, t_hi: int = 0,
-                     frac_hi: float = 0.5) -> Array:
+                     frac_hi: float = 0.5, t_lo: int = 1) -> Array:
   """Training timesteps (n,) int32 in [1, T].
 
   t_hi = 0: uniform on [1, T] (the DDPM 'simple' loss). Otherwise a mixture concentrated on the
-  low-noise range a restoration uses: with probability frac_hi uniform on [1, t_hi], else
-  uniform on [1, T]; p(t) = frac_hi / t_hi + (1 - frac_hi) / T for t <= t_hi and
-  (1 - frac_hi) / T above. Sampling t from p weights the per-t epsilon MSE by p(t) T relative to
-  the simple loss.
+  range a restoration uses: with probability frac_hi uniform on [t_lo, t_hi], else uniform on
+  [1, T] (frac_hi = 1: only [t_lo, t_hi], e.g. the timesteps matched to a range of noise
+  levels). For t_lo = 1, p(t) = frac_hi / t_hi + (1 - frac_hi) / T for t <= t_hi and
+  (1 - frac_hi) / T above: sampling t from p weights the per-t loss by p(t) T relative to the
+  simple loss.
   """
   if not 0 <= t_hi <= num_steps:
     raise ValueError(f"t_hi must lie in [0, T={num_steps}], got {t_hi}")
   if not 0.0 <= frac_hi <= 1.0:
     raise ValueError(f"frac_hi must lie in [0, 1], got {frac_hi}")
+  if t_lo != 1 and not 1 <= t_lo <= t_hi:
+    raise ValueError(f"t_lo must lie in [1, t_hi={t_hi}], got {t_lo}")
   k_mix, k_lo, k_all = jax.random.split(key, 3)
   t = jax.random.randint(k_all, (n,), 1, num_steps + 1)
   if t_hi == 0:
     return t
-  low = jax.random.randint(k_lo, (n,), 1, t_hi + 1)
+  low = jax.random.randint(k_lo, (n,), t_lo, t_hi + 1)
   return jnp.where(jax.random.uniform(k_mix, (n,)) < frac_hi, low, t)
 
 
+def _noised(schedule: Schedule, x0: Array, key: Array, t_hi: int, frac_hi: float,
+            t_lo: int) -> tuple[Array, Array, Array]:
+  """(x_t, t, eps): x0 forward-noised at timesteps from :func:`sample_timesteps`."""
+  k_t, k_eps = jax.random.split(key)
+  t = sample_timesteps(k_t, x0.shape[0], schedule.num_steps, t_hi, frac_hi, t_lo)
+  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+  return schedules.q_sample(schedule, x0, t, eps), t, eps
+
+
 def eps_loss(eps_fn: EpsFn, schedule: Schedule, x0: Array, key: Array, t_hi: int = 0,
-             frac_hi: float = 0.5) -> Array:
+             frac_hi: float = 0.5, t_lo: int = 1) -> Array:
   """The simple DDPM loss: mean over pixels and images of |eps_fn(x_t, t) - eps|^2.
 
   Args:
     eps_fn: the epsilon predictor.
     schedule: the noise schedule.
     x0: (N, H, W, C) clean images in [-1, 1].
-    key: draws t (:func:`sample_timesteps` with t_hi, frac_hi) and eps ~ N(0, I).
+    key: draws t (:func:`sample_timesteps` with t_hi, frac_hi, t_lo) and eps ~ N(0, I).
 
   Returns:
     () float32 loss (1 for eps_fn = 0).
   """
-  k_t, k_eps = jax.random.split(key)
-  t = sample_timesteps(k_t, x0.shape[0], schedule.num_steps, t_hi, frac_hi)
-  eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
-  return jnp.mean(jnp.square(eps_fn(schedules.q_sample(schedule, x0, t, eps), t) - eps))
+  x_t, t, eps = _noised(schedule, x0, key, t_hi, frac_hi, t_lo)
+  return jnp.mean(jnp.square(eps_fn(x_t, t) - eps))
+
+
+def x0_loss(eps_fn: EpsFn, schedule: Schedule, x0: Array, key: Array, t_hi: int = 0,
+            frac_hi: float = 0.5, t_lo: int = 1, ssim_weight: float = 0.0) -> Array:
+  """The denoiser's loss: the error of the one-step estimate x0_hat = :func:`predict_x0` of
+  x_t, in dipjax's [0, 1] units, mean |x0_hat - x0|^2 + ssim_weight (1 - SSIM(x0_hat, x0)).
+
+  The loss of the image a one-step (NFE 1) denoiser returns, so fine-tuning with it at the
+  timesteps matched to a range of noise levels trains the model for exactly that use. Per
+  timestep it is the epsilon MSE weighted by (1 - abar_t) / (4 abar_t): the large-noise end of
+  the range dominates, as it does the restorations' error.
+
+  Args: as :func:`eps_loss`; ssim_weight >= 0 (SSIM of x0_hat clipped to [0, 1], dm-pix's).
+
+  Returns:
+    () float32 loss.
+  """
+  x_t, t, _ = _noised(schedule, x0, key, t_hi, frac_hi, t_lo)
+  estimate = from_model(predict_x0(schedule, x_t, t, eps_fn(x_t, t)))
+  truth = from_model(x0)
+  loss = jnp.mean(jnp.square(estimate - truth))
+  if ssim_weight:
+    loss += ssim_weight * (1.0 - jnp.mean(metrics.ssim(jnp.clip(estimate, 0.0, 1.0), truth)))
+  return loss
 
 
 def predict_x0(schedule: Schedule, x_t: Array, t: Array | int, eps: Array) -> Array:

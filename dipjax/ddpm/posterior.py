@@ -12,9 +12,11 @@ samples of p(x | y) for y = A x + noise, each a ``lax.scan`` over the timesteps.
 The data steps are exact (:func:`dipjax.operators.data_step`: masks, downsamplers, circular
 blurs in closed form); DPS needs only A's gradient, so it takes any operator. Each solver starts
 either from pure noise at T or from an image (a DIP estimate) forward-noised to t_start, as
-SDEdit does (:func:`dipjax.ddpm.solvers.sdedit`); t_start may be traced. NFE is the number of
-timesteps (one network evaluation each; :func:`dipjax.ddpm.solvers.timesteps`), `samples`
-draws along the batch axis and the result is their mean.
+SDEdit does (:func:`dipjax.ddpm.solvers.sdedit`); t_start may be traced; given the start's
+estimated MSE (guide_mse), the start also guides every x0 prediction by the inverse-variance
+blend of :func:`dipjax.ddpm.solvers.dip_guided`. NFE is the number of timesteps (one network
+evaluation each; :func:`dipjax.ddpm.solvers.timesteps`), `samples` draws along the batch axis
+and the result is their mean.
 
 Images are (H, W, C) in [0, 1] as everywhere in dipjax, y the operator's measurement of one,
 sigma_y its Gaussian noise std in [0, 1] units. The model works in [-1, 1]; the data steps are
@@ -108,13 +110,17 @@ def _start(schedule: Schedule, framed: Array, start: Array | None, t_start: Arra
 
 
 def _setup(schedule: Schedule, op: Operator, y: Array, start: Array | None,
-           t_start: Array | int | None, nfe: int, samples: int, key: Array,
-           config: UNetConfig | None) -> tuple[Array, Array, Callable[[Array], Array],
-                                               Callable[..., Array], Array]:
+           t_start: Array | int | None, guide_mse: Array | float | None, nfe: int, samples: int,
+           key: Array, config: UNetConfig | None
+           ) -> tuple[Array, Array, Callable[[Array], Array], Callable[..., Array],
+                      Callable[[Array, Array], Array], Array]:
   """Checks, frames (the start image, or a zero image of y's pre-image shape) and draws the
-  start: (x_start (samples, H', W', C'), timesteps (nfe,), unframe, correct, the key left)."""
+  start: (x_start (samples, H', W', C'), timesteps (nfe,), unframe, correct, guide, the key
+  left); guide(x0, t) blends the start image into an x0 prediction (:func:`_guide`)."""
   if (start is None) != (t_start is None):
     raise ValueError("give both start (an image) and t_start, or neither (pure noise at T)")
+  if guide_mse is not None and start is None:
+    raise ValueError("guide_mse guides by the start image: give start and t_start with it")
   y = jnp.asarray(y, jnp.float32)
   shape = op.image_shape(y.shape) if start is None else jnp.shape(start)
   _check(op, y, tuple(shape), nfe, samples)
@@ -123,7 +129,24 @@ def _setup(schedule: Schedule, op: Operator, y: Array, start: Array | None,
   k_start, key = jax.random.split(key)
   x_start, t = _start(schedule, framed, start, t_start, samples, k_start)
   correct = _data_correction(op, y, unframe)
-  return x_start, solvers.timesteps(t, nfe), unframe, correct, key
+  guide = _guide(schedule, framed, guide_mse)
+  return x_start, solvers.timesteps(t, nfe), unframe, correct, guide, key
+
+
+def _guide(schedule: Schedule, framed: Array, guide_mse: Array | float | None
+           ) -> Callable[[Array, Array], Array]:
+  """guide(x0, t): x0 (model units) blended with the framed start image, (1 - w_t) x0 + w_t
+  start, w_t = :func:`dipjax.ddpm.solvers.guide_weight` (t, guide_mse) (the inverse-variance
+  weight of an estimate of MSE guide_mse against the model's x0 at t); None: x0 unchanged."""
+  if guide_mse is None:
+    return lambda x0, t: x0
+  image = diffusion.to_model(framed)
+
+  def guide(x0: Array, t: Array) -> Array:
+    w = solvers.guide_weight(schedule, t, guide_mse)
+    return (1.0 - w) * x0 + w * image
+
+  return guide
 
 
 def _output(x0: Array, unframe: Callable[[Array], Array]) -> Array:
@@ -136,7 +159,8 @@ def _abar(schedule: Schedule, t: Array) -> Array:
 
 def ddnm(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: Array | float,
          nfe: int, key: Array, *, start: Array | None = None, t_start: Array | int | None = None,
-         samples: int = 1, eta: float = DDNM_ETA, config: UNetConfig | None = None) -> Array:
+         guide_mse: Array | float | None = None, samples: int = 1, eta: float = DDNM_ETA,
+         config: UNetConfig | None = None) -> Array:
   """DDNM (sigma_y = 0) / DDNM+ (sigma_y > 0): each step t -> s predicts x0 and eps, corrects
   x0 <- x0 - A^T Lambda (A A^T)^+ (A x0 - y), and steps x_s = a x0 + gamma (eta z +
   sqrt(1 - eta^2) eps), a = sqrt(abar_s), sigma_s = sqrt(1 - abar_s), s_y = 2 sigma_y (model
@@ -155,6 +179,9 @@ def ddnm(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: Arr
     key: the start's and the steps' noise.
     start, t_start: an image (H, W, C) in [0, 1] forward-noised to t_start in [1, T] (may be
       traced) as the start; None, None: pure noise at T.
+    guide_mse: with a start, the start image's estimated MSE ([0, 1] units): every x0
+      prediction is first blended with the start image by the inverse-variance weight
+      (:func:`dipjax.ddpm.solvers.guide_weight`), before the data step; None: no guide.
     samples: draws along the batch axis; eta: DDNM's stochasticity in [0, 1].
     config: the U-Net's config (padding, grey through colour); None: as it is.
 
@@ -163,13 +190,13 @@ def ddnm(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: Arr
   """
   if not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta must lie in [0, 1], got {eta}")
-  x_start, steps, unframe, correct, key = _setup(schedule, op, y, start, t_start, nfe, samples,
-                                                 key, config)
+  x_start, steps, unframe, correct, guide, key = _setup(
+      schedule, op, y, start, t_start, guide_mse, nfe, samples, key, config)
   s_y = 2.0 * jnp.asarray(sigma_y, jnp.float32)
 
   def step(x, t, s, k):
     eps = eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
-    x0 = diffusion.predict_x0(schedule, x, t, eps)
+    x0 = guide(diffusion.predict_x0(schedule, x, t, eps), t)
     a, sigma_s = jnp.sqrt(_abar(schedule, s)), jnp.sqrt(1.0 - _abar(schedule, s))
 
     def weight(e):  # lambda_i of eigenvalue e = s_i^2
@@ -187,8 +214,9 @@ def ddnm(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: Arr
 
 def diffpir(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: Array | float,
             nfe: int, key: Array, *, start: Array | None = None,
-            t_start: Array | int | None = None, samples: int = 1, lam: float = DIFFPIR_LAMBDA,
-            zeta: float = DIFFPIR_ZETA, config: UNetConfig | None = None) -> Array:
+            t_start: Array | int | None = None, guide_mse: Array | float | None = None,
+            samples: int = 1, lam: float = DIFFPIR_LAMBDA, zeta: float = DIFFPIR_ZETA,
+            config: UNetConfig | None = None) -> Array:
   """DiffPIR: each step t -> s predicts x0 (clipped to [-1, 1]), replaces it by the proximal
   point argmin_x ||A x - y||^2 + rho_t ||x - x0||^2 in [0, 1] units, rho_t = lam
   max(sigma_y, 1e-3)^2 abar_t / (1 - abar_t), recomputes eps_hat = (x_t - sqrt(abar_t) x0) /
@@ -198,8 +226,8 @@ def diffpir(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: 
   Args:
     lam: DiffPIR's lambda (> 0), the prior's weight against the data; zeta: in [0, 1], the
       share of fresh noise in each step (0: DDIM-like, 1: fully re-noised).
-    eps_fn, schedule, op, y, sigma_y, nfe, key, start, t_start, samples, config: as
-      :func:`ddnm`.
+    eps_fn, schedule, op, y, sigma_y, nfe, key, start, t_start, guide_mse, samples, config:
+      as :func:`ddnm`.
 
   Returns:
     (H, W, C) float32 in [0, 1], the mean of the samples.
@@ -208,14 +236,14 @@ def diffpir(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: 
     raise ValueError(f"DiffPIR's lambda must be positive, got {lam}")
   if not 0.0 <= zeta <= 1.0:
     raise ValueError(f"zeta must lie in [0, 1], got {zeta}")
-  x_start, steps, unframe, correct, key = _setup(schedule, op, y, start, t_start, nfe, samples,
-                                                 key, config)
+  x_start, steps, unframe, correct, guide, key = _setup(
+      schedule, op, y, start, t_start, guide_mse, nfe, samples, key, config)
   weight = lam * jnp.maximum(jnp.asarray(sigma_y, jnp.float32), SIGMA_FLOOR) ** 2
 
   def step(x, t, s, k):
     eps = eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
     abar_t, abar_s = _abar(schedule, t), _abar(schedule, s)
-    x0 = jnp.clip(diffusion.predict_x0(schedule, x, t, eps), -1.0, 1.0)
+    x0 = guide(jnp.clip(diffusion.predict_x0(schedule, x, t, eps), -1.0, 1.0), t)
     x0 = x0 + correct(x0, weight * abar_t / (1.0 - abar_t))
     eps_hat = (x - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
     z = jax.random.normal(k, x.shape, jnp.float32)
@@ -227,8 +255,9 @@ def diffpir(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, sigma_y: 
 
 
 def dps(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, nfe: int, key: Array, *,
-        start: Array | None = None, t_start: Array | int | None = None, samples: int = 1,
-        scale: float = DPS_SCALE, config: UNetConfig | None = None) -> Array:
+        start: Array | None = None, t_start: Array | int | None = None,
+        guide_mse: Array | float | None = None, samples: int = 1, scale: float = DPS_SCALE,
+        config: UNetConfig | None = None) -> Array:
   """DPS: each step t -> s predicts x0_hat(x_t) (clipped to [-1, 1]), draws x'_s from the
   posterior q(x_s | x_t, x0_hat) and steps x_s = x'_s - scale grad_{x_t} ||y - A x0_hat||
   (model units; the norm, not its square, as the paper's code), the gradient taken through the
@@ -237,20 +266,22 @@ def dps(eps_fn: EpsFn, schedule: Schedule, op: Operator, y: Array, nfe: int, key
   Args:
     scale: the step size (> 0; the paper's 0.3 for SR and deblurring, 0.5 for inpainting, at
       1000 steps).
-    eps_fn, schedule, op, y, nfe, key, start, t_start, samples, config: as :func:`ddnm`.
+    eps_fn, schedule, op, y, nfe, key, start, t_start, guide_mse, samples, config: as
+      :func:`ddnm` (the guide blends x0_hat before the residual, so the gradient flows through
+      the blend).
 
   Returns:
     (H, W, C) float32 in [0, 1], the mean of the samples.
   """
   if not scale > 0:
     raise ValueError(f"the DPS step scale must be positive, got {scale}")
-  x_start, steps, unframe, _, key = _setup(schedule, op, y, start, t_start, nfe, samples, key,
-                                           config)
+  x_start, steps, unframe, _, guide, key = _setup(schedule, op, y, start, t_start, guide_mse,
+                                                  nfe, samples, key, config)
   y = jnp.asarray(y, jnp.float32)
 
   def residual_norm(x, t):
     eps = eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32))
-    x0 = jnp.clip(diffusion.predict_x0(schedule, x, t, eps), -1.0, 1.0)
+    x0 = guide(jnp.clip(diffusion.predict_x0(schedule, x, t, eps), -1.0, 1.0), t)
     r = 2.0 * (y - op(diffusion.from_model(unframe(x0))))  # model units
     norms = jnp.sqrt(jnp.sum(r**2, axis=tuple(range(1, r.ndim))) + 1e-20)  # smooth at r = 0
     return jnp.sum(norms), x0

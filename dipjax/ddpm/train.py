@@ -32,6 +32,7 @@ Array = jax.Array
 PyTree = Any
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+LOSSES = ("eps", "x0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,11 @@ class TrainConfig:
     warmup_steps: linear warm-up of the step size from 0 (0: none).
     grad_clip: clip gradients to this global norm (0: no clipping).
     ema_decay: EMA of the parameters, ema <- decay ema + (1 - decay) params, in [0, 1).
-    t_hi, frac_hi: timestep sampling (:func:`diffusion.sample_timesteps`): t_hi = 0 uniform on
-      [1, T]; else a fraction frac_hi of the timesteps uniform on [1, t_hi].
+    t_hi, frac_hi, t_lo: timestep sampling (:func:`diffusion.sample_timesteps`): t_hi = 0
+      uniform on [1, T]; else a fraction frac_hi of the timesteps uniform on [t_lo, t_hi].
+    loss: 'eps', the DDPM's epsilon MSE (:func:`diffusion.eps_loss`), or 'x0', the one-step
+      denoiser's error (:func:`diffusion.x0_loss`: fine-tuning a model as a denoiser).
+    ssim_weight: the x0 loss's weight of 1 - SSIM (0: MSE only).
   """
   batch_size: int = 8
   patch_size: int = 64
@@ -56,6 +60,9 @@ class TrainConfig:
   ema_decay: float = 0.999
   t_hi: int = 0
   frac_hi: float = 0.5
+  t_lo: int = 1
+  loss: str = "eps"
+  ssim_weight: float = 0.0
 
   def __post_init__(self):
     checks = [
@@ -67,6 +74,12 @@ class TrainConfig:
         (not 0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
         (self.t_hi < 0, f"t_hi must be >= 0, got {self.t_hi}"),
         (not 0.0 <= self.frac_hi <= 1.0, f"frac_hi must lie in [0, 1], got {self.frac_hi}"),
+        (self.t_lo != 1 and not 1 <= self.t_lo <= self.t_hi,
+         f"t_lo must lie in [1, t_hi={self.t_hi}], got {self.t_lo}"),
+        (self.loss not in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+        (self.ssim_weight < 0, f"ssim_weight must be >= 0, got {self.ssim_weight}"),
+        (self.ssim_weight > 0 and self.loss != "x0",
+         f"ssim_weight applies to loss 'x0' only, got loss {self.loss!r}"),
     ]
     for failed, message in checks:
       if failed:
@@ -232,12 +245,17 @@ def adapt_channels(params: PyTree, config: UNetConfig, channels: int) -> tuple[P
 
 def ddpm_train_step(state: DDPMTrainState, data: Dataset, config: UNetConfig,
                train: TrainConfig) -> tuple[DDPMTrainState, Array]:
-  """One Adam step on the epsilon loss of a fresh batch; returns (new state, () loss)."""
+  """One Adam step on train.loss of a fresh batch; returns (new state, () loss)."""
   schedule = schedules.get(config.schedule, config.num_steps)
   key, k_batch, k_loss = jax.random.split(state.key, 3)
   x0 = diffusion.to_model(sample_batch(k_batch, data, train.batch_size, train.patch_size))
-  loss_fn = lambda params: diffusion.eps_loss(eps_fn(config, params), schedule, x0, k_loss,
-                                              train.t_hi, train.frac_hi)
+  sampling = dict(t_hi=train.t_hi, frac_hi=train.frac_hi, t_lo=train.t_lo)
+  if train.loss == "x0":
+    loss_fn = lambda params: diffusion.x0_loss(eps_fn(config, params), schedule, x0, k_loss,
+                                               ssim_weight=train.ssim_weight, **sampling)
+  else:
+    loss_fn = lambda params: diffusion.eps_loss(eps_fn(config, params), schedule, x0, k_loss,
+                                                **sampling)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = ddpm_optimizer(train).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
