@@ -13,8 +13,9 @@ EMA, divergence roll-back, per-iteration traces):
 * ms/it of `fit.fit`'s compiled scan (one fit), its compile time and XLA's memory analysis;
 * with --step_loop, the same `fit.train_step` jitted once and called from a Python loop;
 * when PyTorch is installed (`pip install -e '.[torch]'`), the original DIP network and loop in
-  PyTorch eager (experiments/torch_dip.py), timed in rounds alternating with dipjax's, so slow
-  drifts of the machine hit both sides alike;
+  PyTorch (experiments/torch_dip.py) in each of --torch_variants (eager, channels_last, bf16
+  autocast, torch.compile), timed in rounds alternating with dipjax's, so slow drifts of the
+  machine hit both sides alike; dipjax is compared with eager and with the fastest variant;
 * the analytic FLOP count of the network's convolutions (per layer in the JSON; training =
   3 x forward: forward, input gradient, weight gradient, as direct convolutions) and the
   achieved direct-convolution-equivalent GFLOP/s against a 2048² matmul timed in the same run.
@@ -60,6 +61,10 @@ _FITS = flags.DEFINE_list("fits", ["1", "2", "4", "8"],
 _FITS_AT = flags.DEFINE_list("fits_at", ["64:32", "128:32", "128:128"],
                              "size:width pairs of the many-fits table.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch original when installed.")
+_TORCH_VARIANTS = flags.DEFINE_list(
+    "torch_variants", ["eager", "channels_last", "bf16", "compile"],
+    "PyTorch variants timed (experiments/torch_dip.py VARIANTS): eager, channels_last, bf16 "
+    "(autocast), compile (torch.compile); dipjax is compared with the fastest.")
 _LAYERS = flags.DEFINE_list(
     "layers", ["16:128:128", "32:128:128", "64:36:32", "128:36:32", "128:64:64", "128:132:128",
                "256:68:64"],
@@ -160,18 +165,20 @@ def bench_one(size: int, width: int, dtype: str, iters: int, repeats: int,
   net, config, problem = _setup(size, width, iters, dtype)
   run, states, compile_s, xla_bytes = _compile_fits(1, 1, net, config, problem, iters)
   jax_timer = _Timer(run, states, problem)
-  torch_step, torch_times = None, []
+  torch_steps = {}
   if torch_dip is not None and dtype == "float32":
-    torch_step, _ = torch_dip.make_step(size, width)
-    for _ in range(2):
-      torch_step()
+    for variant in _TORCH_VARIANTS.value:
+      torch_steps[variant], _ = torch_dip.make_step(size, width, variant=variant)
+      for _ in range(2):  # warm-up (torch.compile compiles here)
+        torch_steps[variant]()
+  torch_times = {variant: [] for variant in torch_steps}
   for _ in range(repeats):
     jax_timer()
-    if torch_step is not None:
+    for variant, step in torch_steps.items():
       t0 = time.perf_counter()
       for _ in range(iters):
-        torch_step()
-      torch_times.append(time.perf_counter() - t0)
+        step()
+      torch_times[variant].append(time.perf_counter() - t0)
   per_layer = conv_layers(net, size)
   train_flop = 3 * sum(r["flop"] for r in per_layer)
   scan_ms = _median_ms(jax_timer.measured(), iters)
@@ -180,9 +187,13 @@ def bench_one(size: int, width: int, dtype: str, iters: int, repeats: int,
              gflops=train_flop / scan_ms / 1e6, layers=per_layer,
              scan_ms_runs=[t / iters * 1e3 for t in jax_timer.measured()])
   if torch_times:
-    torch_ms = _median_ms(torch_times, iters)
-    row.update(torch_ms=torch_ms, speedup_vs_torch=torch_ms / scan_ms,
-               torch_ms_runs=[t / iters * 1e3 for t in torch_times])
+    torch_ms = {v: _median_ms(t, iters) for v, t in torch_times.items()}
+    best = min(torch_ms, key=torch_ms.get)
+    row.update(torch_variants_ms=torch_ms, best_torch=best,
+               speedup_vs_best_torch=torch_ms[best] / scan_ms,
+               torch_ms_runs={v: [x / iters * 1e3 for x in t] for v, t in torch_times.items()})
+    if "eager" in torch_ms:
+      row.update(torch_ms=torch_ms["eager"], speedup_vs_torch=torch_ms["eager"] / scan_ms)
   if _STEP_LOOP.value:
     row.update(_bench_step_loop(net, config, problem, iters, repeats))
   return row
@@ -321,7 +332,7 @@ def _mib(b: int | None) -> str:
 def markdown(result: dict) -> str:
   """The benchmark's markdown tables."""
   rows, many = result["rows"], result["many_fits"]
-  torch = any("torch_ms" in r for r in rows)
+  torch = any("torch_variants_ms" in r or "torch_ms" in r for r in rows)
   loop = any("step_ms" in r for r in rows)
   out = [f"`python experiments/benchmark.py {result['flags']}` — {result['date']}, "
          f"{result['device']}, jax {result['jax']}"
@@ -333,9 +344,10 @@ def markdown(result: dict) -> str:
          "",
          "| size | width | dtype | dipjax scanned fit | it/s | compile | XLA memory |"
          + (" step in a Python loop |" if loop else "")
-         + (" PyTorch eager | dipjax speed-up |" if torch else "")
+         + (" PyTorch eager | best PyTorch variant | dipjax vs eager | dipjax vs best |"
+            if torch else "")
          + " GFLOP / it (direct conv) | GFLOP/s | % of matmul peak |",
-         "|---|---|---|---|---|---|---|" + ("---|" if loop else "") + ("---|---|" if torch else "")
+         "|---|---|---|---|---|---|---|" + ("---|" if loop else "") + ("---|" * 4 if torch else "")
          + "---|---|---|"]
   for r in rows:
     cells = [f"{r['size']}²", str(r["width"]), r["dtype"], f"{r['scan_ms']:.1f} ms/it",
@@ -343,8 +355,7 @@ def markdown(result: dict) -> str:
     if loop:
       cells.append(f"{r['step_ms']:.1f} ms/it" if "step_ms" in r else "—")
     if torch:
-      cells += ([f"{r['torch_ms']:.1f} ms/it", f"**{r['speedup_vs_torch']:.2f}×**"]
-                if "torch_ms" in r else ["—", "—"])
+      cells += _torch_cells(r)
     cells += [f"{r['train_gflop']:.2f}", f"{r['gflops']:.0f}",
               f"{100 * r['gflops'] / result['matmul_gflops']:.0f}%"]
     out.append("| " + " | ".join(cells) + " |")
@@ -368,6 +379,19 @@ def markdown(result: dict) -> str:
                  f"{r['ms_per_step_of_all']:.1f} | {r['aggregate_speedup']:.2f}× | "
                  f"{r['compile_s']:.1f} s | {_mib(r['xla_bytes'])} |")
   return "\n".join(out) + "\n"
+
+
+def _torch_cells(r: dict) -> list[str]:
+  """PyTorch eager, the fastest variant, dipjax's speed-up over each (runs before the variants
+  were timed hold eager only)."""
+  eager = (f"{r['torch_ms']:.1f} ms/it", f"{r['speedup_vs_torch']:.2f}×") if "torch_ms" in r \
+      else ("—", "—")
+  if "best_torch" not in r:
+    return [eager[0], "—", eager[1], "—"]
+  best = r["best_torch"]
+  others = ", ".join(f"{v} {ms:.1f}" for v, ms in r["torch_variants_ms"].items() if v != best)
+  return [eager[0], f"{best} {r['torch_variants_ms'][best]:.1f} ms/it ({others})", eager[1],
+          f"**{r['speedup_vs_best_torch']:.2f}×**"]
 
 
 def machine_page(runs: list[dict], machine: str) -> str:
@@ -402,6 +426,10 @@ def main(argv):
   if fits[0] != 1:
     raise app.UsageError("--fits must start with 1 (the reference)")
   torch_dip = _torch_dip()
+  unknown = [v for v in _TORCH_VARIANTS.value if torch_dip and v not in torch_dip.VARIANTS]
+  if unknown:
+    raise app.UsageError(f"--torch_variants: unknown {unknown}; valid: "
+                         f"{', '.join(torch_dip.VARIANTS)}")
   machine = _MACHINE.value or common.machine_tag()
   stem = os.path.join(_OUT_DIR.value, f"benchmark_{machine}") if _OUT_DIR.value else None
   if stem:
@@ -434,8 +462,8 @@ def main(argv):
   for size, width, dtype in configs:
     r = bench_one(size, width, dtype, _ITERS.value, _REPEATS.value, torch_dip)
     done("rows", [r], f"{size}² width {width} {dtype}: {r['scan_ms']:.1f} ms/it"
-         + (f", PyTorch {r['torch_ms']:.1f} ms/it ({r['speedup_vs_torch']:.2f}×)"
-            if "torch_ms" in r else ""))
+         + (f", PyTorch {r['best_torch']} {r['torch_variants_ms'][r['best_torch']]:.1f} ms/it "
+            f"({r['speedup_vs_best_torch']:.2f}×)" if "best_torch" in r else ""))
   for spec in _LAYERS.value:
     size, cin, cout = (int(v) for v in spec.split(":"))
     r = bench_layer(size, cin, cout, iters=3, repeats=3)

@@ -3,7 +3,7 @@
 Follows `models/skip.py` and `models/common.py` of github.com/DmitryUlyanov/deep-image-prior with
 the settings of its denoising notebook (reflection padding, LeakyReLU 0.2, stride downsampling,
 1x1 up convs, sigmoid output). `experiments/benchmark.py` uses it to time PyTorch beside dipjax on
-the same CPU.
+the same CPU, in the variants a PyTorch user switches on with one line (VARIANTS).
 """
 
 from __future__ import annotations
@@ -93,29 +93,44 @@ def skip(in_channels: int = 32, out_channels: int = 3, width: int = 128, scales:
   return model
 
 
-def make_step(size: int, width: int, threads: int | None = None, seed: int = 0):
+# What a PyTorch user switches on with one line: channels-last memory format, bf16 autocast
+# (oneDNN's AMX / AVX512-BF16 kernels where the CPU has them), torch.compile (Inductor).
+VARIANTS = ("eager", "channels_last", "bf16", "compile")
+
+
+def make_step(size: int, width: int, threads: int | None = None, seed: int = 0,
+              variant: str = "eager"):
   """The DIP denoising loop's iteration (Adam 0.01, input jitter 1/30, EMA 0.99) on a random
-  image, as a closure; returns (step, number of parameters)."""
+  image, as a closure, in one of VARIANTS; returns (step, number of parameters). torch.compile
+  compiles on the first call: warm up before timing."""
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
   torch.set_num_threads(threads or os.cpu_count())
   torch.manual_seed(seed)
   net = skip(width=width)
   params = sum(p.numel() for p in net.parameters())
   target = torch.rand(1, 3, size, size)
   net_input_saved = torch.rand(1, 32, size, size) * 0.1
+  if variant == "channels_last":
+    net = net.to(memory_format=torch.channels_last)
+    target, net_input_saved = (t.contiguous(memory_format=torch.channels_last)
+                               for t in (target, net_input_saved))
   noise = net_input_saved.clone()
   optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+  forward = torch.compile(net) if variant == "compile" else net
   out_avg = None
 
   def step() -> None:
     nonlocal out_avg
     optimizer.zero_grad()
     net_input = net_input_saved + noise.normal_() * (1 / 30)
-    out = net(net_input)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
+      out = forward(net_input)
+      loss = nn.functional.mse_loss(out.float(), target)
     if out_avg is None:
-      out_avg = out.detach()
+      out_avg = out.detach().float()
     else:
-      out_avg = out_avg * 0.99 + out.detach() * 0.01
-    loss = nn.functional.mse_loss(out, target)
+      out_avg = out_avg * 0.99 + out.detach().float() * 0.01
     loss.backward()
     optimizer.step()
 
