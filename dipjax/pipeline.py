@@ -45,6 +45,7 @@ from dipjax import physics as physics_lib
 from dipjax import problems
 from dipjax import schedules
 from dipjax import stopping
+from dipjax import tiles as tiles_lib
 from dipjax.ddpm import posterior
 from dipjax.ddpm import solvers as ddpm_solvers
 from dipjax.ddpm import train as ddpm_train
@@ -55,7 +56,8 @@ BLURS = ("gaussian", "motion", "file")
 NOISES = ("gaussian", "poisson")
 MASK_KINDS = ("file",) + masks.KINDS
 POSTERIOR = posterior.SOLVERS  # diffusion posterior solvers for any task: DDPM alone from noise
-DIP_POSTERIOR = tuple(f"dip_{s}" for s in POSTERIOR)  # the same from a DIP fit at t*
+# The same from a DIP fit: started at t* from its output, which also guides every x0 prediction.
+DIP_POSTERIOR = tuple(f"dip_{s}" for s in POSTERIOR)
 METHODS = ("dip", "staged", "ddpm", "dip_ddpm", "dip_guided") + POSTERIOR + DIP_POSTERIOR
 DDPM_METHODS = ("ddpm", "dip_ddpm", "dip_guided") + POSTERIOR + DIP_POSTERIOR
 HYBRIDS = ("dip_ddpm", "dip_guided") + DIP_POSTERIOR  # a DIP fit, then the DDPM
@@ -98,6 +100,7 @@ MEMORY_MODEL = types.MappingProxyType(dict(
     per_extra_seed_pixel_channel_bytes=76.6))
 DIVERGED_SHARE = 0.4  # a fit rolled back in this share of its recent iterations has diverged
 MIN_SIDE = 11  # the smallest image side restore takes: SSIM's 11 x 11 window
+TILE_OVERLAP = 32  # output pixels shared by neighbouring tiles, blended
 MASK_SLACK = 0.1  # mask values within this of 0 or 1 (compression noise) count as 0 or 1
 _NUMBER_FIELDS = {
     **dict.fromkeys(("sigma", "probe", "final_share", "reg_noise_std", "lr", "exp_weight",
@@ -405,6 +408,8 @@ class Restoration:
     ddpm: the DDPM stage's settings and timings, or None.
     scores: with a ground truth, PSNR / SSIM of 'restored', 'degraded' (same-size tasks),
       'fit' (hybrids), 'per_seed' and 'stops'; else None.
+    tiles: a tiled restoration's tiles (origin in the output, where each stopped, iterations,
+      seconds), else None; its stops, outputs and trace are the tiles' (in `tiles`), not here.
   """
   image: np.ndarray
   observation: np.ndarray
@@ -422,6 +427,7 @@ class Restoration:
   fit_seconds: float
   ddpm: dict | None
   scores: dict | None
+  tiles: list[dict] | None = None
 
   def summary(self) -> dict:
     """A JSON-able summary: where it stopped, timings, every criterion's stop and the scores
@@ -431,6 +437,9 @@ class Restoration:
                   **{k: scores[k] for k in ("restored", "degraded") if k in scores})
     if self.ddpm is not None:
       result["ddpm"] = dict(self.ddpm, **scores.get("restored", {}))
+    if self.tiles is not None:
+      result.update(compile_seconds=round(self.compile_seconds, 2),
+                    fit_seconds=round(self.fit_seconds, 2), tiles=self.tiles)
     if self.trace is None:
       return result
     result.update(
@@ -683,7 +692,8 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
             clean: np.ndarray | None = None, mask: np.ndarray | None = None,
             progress: Progress | None = None, chunk: int = 100,
             checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-            resume: bool = False) -> Restoration:
+            resume: bool = False, tile: int | None = None,
+            overlap: int = TILE_OVERLAP) -> Restoration:
   """Restores `observation` (h, w, C) in [0, 1] as `config` says.
 
   Args:
@@ -701,7 +711,20 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
       checkpoints exist.
     resume: continue from the latest checkpoint in `checkpoint_dir`, bit for bit (from the start
       when there is none yet); refused, naming what changed, if it is of another run.
+    tile, overlap: restore in square tiles of side `tile` (output pixels), neighbours
+      overlapping by `overlap`, one after the other and blended (:mod:`dipjax.tiles`), so that
+      the peak memory is the tile's: every tile is fitted with the same key, settings and
+      noise level (estimated once, from the whole observation) and stops by its own criterion.
+      0: the whole image; None: whole where :func:`memory_estimate` fits the available memory,
+      else the largest tile that does (:func:`auto_tile`). Fit methods without a DDPM stage
+      only (dip, staged), without checkpoints.
   """
+  if tile is None:
+    tile = auto_tile(config, np.shape(observation), overlap)
+  if tile:
+    if checkpoint_every or resume:
+      raise ValueError("a tiled restoration is not checkpointed: give tile=0, or no checkpoints")
+    return _restore_tiled(config, observation, key, clean, mask, progress, chunk, tile, overlap)
   if (resume or checkpoint_every) and not checkpoint_dir:
     raise ValueError("resume and checkpoint_every need a checkpoint_dir")
   if (resume or checkpoint_every) and not config.fits:
@@ -736,6 +759,92 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
                               est_mse=est)
   return _result(config, padded, y, sigma, image, restored_at, run,
                  fit_image=fit_image if ddpm is not None else None, ddpm=info)
+
+
+def auto_tile(config: RestoreConfig, shape: tuple[int, ...], overlap: int = TILE_OVERLAP,
+              free: int | None = None) -> int:
+  """The tile side :func:`restore` takes for tile=None: 0 (the whole image) where its
+  :func:`memory_estimate` fits `free` bytes (default :func:`available_memory`; always on an
+  accelerator, or where unknown, or for a method without a fit), else the largest multiple of
+  the network's 2^scales whose tile fits (at least 4 overlaps; 0 if none does, and
+  :func:`check_memory` refuses the run)."""
+  if not config.fits or jax.default_backend() != "cpu":
+    return 0
+  free = available_memory() if free is None else free
+  if free is None or memory_estimate(config, shape) <= free:
+    return 0
+  multiple = 2 ** config.scales
+  side = min(shape[0], shape[1]) * config.scale // multiple * multiple
+  while side >= max(4 * overlap, multiple):
+    if memory_estimate(config, (side // config.scale, side // config.scale, shape[-1])) <= free:
+      return side
+    side -= multiple
+  return 0
+
+
+def _restore_tiled(config: RestoreConfig, observation: np.ndarray, key: jax.Array,
+                   clean: np.ndarray | None, mask: np.ndarray | None,
+                   progress: Progress | None, chunk: int, tile: int,
+                   overlap: int) -> Restoration:
+  """:func:`restore` in tiles of side `tile` (output pixels) overlapping by `overlap`, one
+  compiled chunk for all of them, blended by :func:`tiles.merge`."""
+  s = config.scale
+  if config.method in DDPM_METHODS or config.task == "deblur":
+    what = "deblurring (a tile's blur reaches outside it)" if config.task == "deblur" else (
+        f"method {config.method!r}")
+    raise ValueError(f"tiled restoration runs the fit methods (dip, staged) on denoising, "
+                     f"inpainting and super-resolution, not {what}: give tile=0")
+  if tile % s or overlap % s or not 0 <= overlap < tile or tile // s < MIN_SIDE:
+    raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of the factor "
+                     f"{s} with 0 <= overlap < tile and tile >= {MIN_SIDE * s}")
+  y = io.check_image(observation, "the observation", min_size=2)
+  whole = make_frame(config, y, clean, mask)  # checks the inputs fit each other
+  sigma = noise_sigma(config, whole)
+  if not config.sigma_known and config.noise == "gaussian":
+    config = dataclasses.replace(config, sigma=255 * sigma, sigma_known=True)  # one level
+  grid = tiles_lib.Tiling(y.shape[:2], tile // s, overlap // s)
+  out_grid = grid.scaled(s)
+  check_memory(config, grid.size + y.shape[-1:])
+  logging.info("restoring %dx%d in %d tiles of %dx%d (overlap %d)", y.shape[1] * s,
+               y.shape[0] * s, len(grid.origins), out_grid.size[1], out_grid.size[0], overlap)
+  length = chunk_length(config, chunk)
+  compiled = {}
+
+  def compile_once(*args, **kwargs):  # every tile has the same shapes: one compiled chunk
+    if "chunk" not in compiled:
+      compiled["chunk"] = fit.compile_many(*args, **kwargs)
+    return compiled["chunk"]
+
+  images, found, compile_seconds, fit_seconds = [], [], 0.0, 0.0
+  for n, origin in enumerate(grid.origins):
+    out_origin = (origin[0] * s, origin[1] * s)
+    frame = make_frame(config, grid.crop(y, origin),
+                       None if clean is None else out_grid.crop(clean, out_origin),
+                       None if mask is None else grid.crop(_mask_of(mask, y.shape), origin))
+    run = FitRun(config, frame, noise_sigma(config, frame), key, chunk=length)
+    run.compile(compile_once)
+    run.fit(progress=progress)
+    image, at = run.restored()
+    images.append(image)
+    compile_seconds += run.compile_seconds
+    fit_seconds += run.fit_seconds
+    found.append(dict(origin=list(out_origin), restored_at=at, iterations=run.done,
+                      stops={k: [int(i) for i in v[0]] for k, v in run.stops().items()},
+                      fit_seconds=round(run.fit_seconds, 2)))
+    logging.info("tile %d/%d at %s: %s", n + 1, len(grid.origins), out_origin, at)
+  image = tiles_lib.merge(images, out_grid)
+  scores = None
+  if clean is not None:
+    scores = dict(restored=score(image, clean))
+    if config.task == "denoise" or s == 1:
+      scores["degraded"] = score(y, clean)
+  ats = sorted({t["restored_at"] for t in found})
+  return Restoration(
+      image=image, observation=y, restored_at=f"{len(found)} tiles at: {', '.join(ats)}",
+      sigma=float(sigma), stops={}, ema=None, out=None, fit_image=None, trace=None,
+      trace_every=0, stage_ends=(), iterations=max(t["iterations"] for t in found),
+      compile_seconds=compile_seconds, fit_seconds=fit_seconds, ddpm=None, scores=scores,
+      tiles=found)
 
 
 def network_size(config: RestoreConfig, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -1043,7 +1152,7 @@ def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
   """The method's DDPM on y (h, w, C) and, for the hybrids, the fit's estimate x_hat (H, W, C),
   jitted once: (restored (H, W, C), the stage's settings and timings). The posterior solvers
   take the task's operator (inpainting: `mask`, as :func:`make_physics`) and, from a DIP start,
-  t* matched to est_mse (the fit's held-out error)."""
+  t* matched to est_mse (the fit's held-out error), the start guiding every x0 prediction."""
   params, unet_config = ddpm
   schedule = schedules.get(unet_config.schedule, unet_config.num_steps)
   method, nfe = config.method, config.nfe
@@ -1059,7 +1168,7 @@ def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
       t_start = schedule.num_steps
     else:
       t_start = int(ddpm_solvers.dip_timestep(schedule, est_mse))
-      kw.update(start=x_hat, t_start=t_start)
+      kw.update(start=x_hat, t_start=t_start, guide_mse=est_mse)
   else:
     kw.update(eta=config.ddpm_eta)
     est_mse = None if x_hat is None else float(ddpm_solvers.estimate_dip_error(x_hat, y, sigma))
@@ -1091,7 +1200,7 @@ def _ddpm_stage(config: RestoreConfig, ddpm, y: np.ndarray, sigma: float,
       weights=os.path.abspath(config.ddpm_weights), model=json.loads(unet_config.to_json()),
       t_start=t_start, nfe=nfe, steps=min(nfe, t_start), samples=kw["samples"],
       **{k: kw[k] for k in ("eta", "lam", "zeta", "scale") if k in kw},
-      sigma=round(255 * sigma, 4), est_mse=est_mse,
+      sigma=round(255 * sigma, 4), est_mse=est_mse, guided_by_fit="guide_mse" in kw,
       guide_weight=config.guide_weight if method == "dip_guided" else None,
       compile_seconds=round(t1 - t0, 2), seconds=round(t2 - t1, 3))
 

@@ -70,7 +70,7 @@ def _write(out_dir: str, config: pipeline.RestoreConfig, r: pipeline.Restoration
     np.save(at("restored.npy"), r.image)  # exact float32
     io.save_image(at("degraded.png"), r.observation)
     np.save(at("degraded.npy"), r.observation)  # exact, for baselines
-    if config.fits:
+    if r.trace is not None:  # a fit, untiled
       write_trace_csv(at("trace.csv"), r)
       ends = r.stage_ends if len(r.stage_ends) > 1 else None
       plots.psnr_curves(at("psnr.png"), plots.fit_curves(r.trace), ends,

@@ -56,6 +56,13 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 0,
                                          "Iterations between checkpoints (0: none).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --out_dir "
                             "(from the start if none yet; refused if of other settings).")
+_TILE = flags.DEFINE_integer(
+    "tile", None, "Restore in overlapping square tiles of this side (output pixels), blended: "
+    "peak memory set by the tile. 0: the whole image; default: whole where the memory estimate "
+    "fits the available memory, else the largest tile that does (with checkpoints: whole).",
+    lower_bound=0)
+_TILE_OVERLAP = flags.DEFINE_integer("tile_overlap", pipeline.TILE_OVERLAP,
+                                     "Pixels neighbouring tiles share.", lower_bound=0)
 
 # One flag per RestoreConfig field, of the same name; None: the library's (method's) default.
 flags.DEFINE_enum("task", D["task"].default, list(pipeline.TASKS), "Restoration task.")
@@ -85,7 +92,7 @@ flags.DEFINE_enum("method", None, list(pipeline.METHODS),
                   "dip_ddpm / dip_guided: a DIP fit refined by the DDPM (denoising only); "
                   "ddnm / diffpir / dps: a diffusion posterior solver from noise (any task); "
                   "dip_ddnm / dip_diffpir / dip_dps: the same from a DIP fit at t* (from its "
-                  "held-out error). Default: staged for denoise, dip otherwise.")
+                  "held-out error), its output guiding every step. Default: staged for denoise, dip otherwise.")
 flags.DEFINE_enum("schedule", D["schedule"].default, list(pipeline.SCHEDULES), "Noise schedule.")
 flags.DEFINE_integer("stages", D["stages"].default, "Stage count (staged).")
 flags.DEFINE_integer("t_max", D["t_max"].default, "Timestep of the noisiest stage (staged).")
@@ -207,7 +214,10 @@ def run() -> None:
       config, y, key=jax.random.PRNGKey(_SEED.value), clean=clean, mask=mask,
       progress=progress, chunk=_LOG_EVERY.value,
       checkpoint_dir=os.path.join(os.path.abspath(out_dir), "checkpoints"),
-      checkpoint_every=_CHECKPOINT_EVERY.value, resume=_RESUME.value)
+      checkpoint_every=_CHECKPOINT_EVERY.value, resume=_RESUME.value,
+      tile=0 if _TILE.value is None and (_CHECKPOINT_EVERY.value or _RESUME.value)
+      else _TILE.value,
+      overlap=_TILE_OVERLAP.value)
   logging.info("persistent compilation cache: %d hits, %d misses", cache["hits"], cache["misses"])
   write_outputs(out_dir, config, result)
 

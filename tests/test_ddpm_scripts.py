@@ -68,6 +68,7 @@ def test_restore_cli_posterior_solvers(weights, tmp_path):
        f"--ddpm_weights={weights[0]}", f"--out_dir={out}")
   ddpm = json.loads((out / "metrics.json").read_text())["ddpm"]
   assert ddpm["t_start"] == 1000 and ddpm["steps"] == 2 and ddpm["est_mse"] is None
+  assert not ddpm["guided_by_fit"]
   restored, degraded = (np.load(out / f"{n}.npy") for n in ("restored", "degraded"))
   known = np.any(degraded > 0, axis=-1)  # the generated mask's known pixels (non-black here)
   np.testing.assert_allclose(restored[known], degraded[known], atol=1e-4)
@@ -78,6 +79,7 @@ def test_restore_cli_posterior_solvers(weights, tmp_path):
   assert result["config"]["holdout"] == 0.05 and result["config"]["stop"] == ["holdout"]
   ddpm = result["ddpm"]
   assert ddpm["est_mse"] > 0 and 1 <= ddpm["t_start"] <= 1000 and ddpm["steps"] == 1
+  assert ddpm["guided_by_fit"]
   assert np.load(out / "restored.npy").shape == (32, 32, 3)
 
 

@@ -1,0 +1,98 @@
+"""dipjax.tiles: tilings cover the image with the overlap asked, the blend is a partition of
+unity; restore() in tiles: one tile as large as the image is the untiled restoration, several
+blend into an image of the right size, the memory estimate picks the tile, bad input refused."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dipjax import io
+from dipjax import pipeline
+from dipjax import tiles
+
+TINY = dict(method="dip", width=4, scales=2, iters=40, stop=("oracle",), halt=False)
+KEY = jax.random.PRNGKey(0)
+IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                     "house.png")
+
+
+@pytest.fixture(scope="module")
+def clean():
+  return io.center_crop(io.load_image(IMAGE), 40, 48)
+
+
+@pytest.mark.parametrize("n,tile,overlap", [(100, 32, 8), (64, 32, 0), (33, 32, 8), (20, 32, 8),
+                                            (257, 64, 16)])
+def test_starts_cover_the_axis_with_the_overlap(n, tile, overlap):
+  s = tiles.starts(n, tile, overlap)
+  side = min(tile, n)
+  assert s[0] == 0 and s[-1] + side == n and s == sorted(set(s))
+  assert all(b - a <= tile - overlap for a, b in zip(s, s[1:]))  # neighbours share >= overlap
+
+
+def test_merge_of_an_images_tiles_is_the_image():
+  x = np.random.default_rng(0).random((50, 70, 3)).astype(np.float32)
+  grid = tiles.Tiling((50, 70), 24, 6)
+  parts = [grid.crop(x, o) for o in grid.origins]
+  np.testing.assert_allclose(tiles.merge(parts, grid), x, rtol=1e-6)
+  assert grid.scaled(2).shape == (100, 140) and grid.scaled(2).size == (48, 48)
+  with pytest.raises(ValueError, match="overlap"):
+    tiles.Tiling((50, 70), 24, 24)
+  with pytest.raises(ValueError, match="tiles for a tiling of"):
+    tiles.merge(parts[:-1], grid)
+
+
+@pytest.fixture(scope="module")
+def whole(clean):
+  """(config, observation, its untiled restoration)."""
+  config = pipeline.RestoreConfig(**TINY)
+  y = pipeline.degrade(config, clean, seed=1)
+  return config, y, pipeline.restore(config, y, key=KEY, clean=clean, tile=0)
+
+
+def test_one_tile_as_large_as_the_image_is_the_untiled_restoration(clean, whole):
+  config, y, whole = whole
+  one = pipeline.restore(config, y, key=KEY, clean=clean, tile=64)
+  assert len(one.tiles) == 1 and one.tiles[0]["origin"] == [0, 0]
+  np.testing.assert_allclose(one.image, whole.image, atol=1e-6)
+  assert one.summary()["tiles"][0]["iterations"] == 40
+
+
+def test_tiles_blend_into_the_image(clean, whole):
+  config, y, whole = whole
+  r = pipeline.restore(config, y, key=KEY, clean=clean, tile=24, overlap=8)
+  assert r.image.shape == clean.shape and len(r.tiles) == 2 * 3
+  assert abs(r.scores["restored"]["psnr"] - whole.scores["restored"]["psnr"]) < 1.0
+  assert r.restored_at.startswith("6 tiles at: oracle")
+  sr = pipeline.RestoreConfig(task="sr", factor=2, **TINY)
+  y = pipeline.degrade(sr, clean, seed=1)
+  r = pipeline.restore(sr, y, key=KEY, clean=clean, tile=24, overlap=8)  # 12x12 observed tiles
+  assert r.image.shape == clean.shape and len(r.tiles) == 6
+
+
+def test_the_memory_estimate_picks_the_tile():
+  config = pipeline.RestoreConfig(method="dip", width=32)
+  photo = (3000, 4000, 3)
+  assert pipeline.auto_tile(config, photo, free=10**13) == 0
+  need = pipeline.memory_estimate(config, (512, 512, 3))
+  tile = pipeline.auto_tile(config, photo, free=need)
+  assert tile == 512  # the largest multiple of 2^scales that fits
+  assert pipeline.memory_estimate(config, (tile + 32, tile + 32, 3)) > need
+  assert pipeline.auto_tile(pipeline.RestoreConfig(method="ddpm", ddpm_weights="w.npz"), photo,
+                            free=1) == 0
+
+
+@pytest.mark.parametrize("fields,kw,message", [
+    (dict(method="ddpm", ddpm_weights="w.npz"), dict(tile=24), "not method 'ddpm'"),
+    (dict(task="deblur"), dict(tile=24), "a tile's blur reaches outside it"),
+    (dict(task="sr", factor=2), dict(tile=25), "multiples of the factor 2"),
+    ({}, dict(tile=24, overlap=24), "0 <= overlap < tile"),
+    ({}, dict(tile=24, checkpoint_every=10, checkpoint_dir="x"), "not checkpointed"),
+])
+def test_tiling_refuses_what_it_cannot_do(clean, fields, kw, message):
+  config = pipeline.RestoreConfig(**fields)
+  y = clean[::2, ::2] if config.task == "sr" else clean
+  with pytest.raises(ValueError, match=message):
+    pipeline.restore(config, y, key=KEY, **kw)
