@@ -73,6 +73,17 @@ def read_rows(path: str) -> list[dict]:
   return _parse_rows(data[:data.rfind(b"\n") + 1], path)
 
 
+def write_rows(path: str, rows: list[dict]) -> None:
+  """Replaces a results file with `rows` in one rename (a reader sees the old or the new file)."""
+  tmp = path + ".rewrite"
+  with open(tmp, "wb") as f:
+    for row in rows:
+      f.write((json.dumps(_finite(row), allow_nan=False) + "\n").encode())
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 class Results:
   """A results file open for appending under an exclusive lock (one grid per file).
 
