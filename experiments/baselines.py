@@ -1,0 +1,93 @@
+"""The classical baselines of the task report (experiments/task_report.py), flag-free: bicubic
+(SR), biharmonic inpainting, Wiener / Richardson-Lucy / TV deconvolution, Anscombe + (C)BM3D
+(Poisson). scikit-image and bm3d are optional extras: a missing one is named, not raised.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from PIL import Image
+
+import common
+from dipjax import operators
+from dipjax import pipeline
+
+TV_ITERS = 60  # proximal-gradient iterations per TV solve
+TV_BISECTIONS = 8  # solves of the TV deconvolution's lambda search
+
+
+def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | None,
+              out_shape: tuple[int, ...]) -> dict[str, np.ndarray | str]:
+  """The task's classical baselines on y: an image each, or why it is missing."""
+  found = {}
+  if config.task == "sr":
+    size = (out_shape[1], out_shape[0])
+    up = lambda c: np.asarray(Image.fromarray(common.uint8(c)).resize(size, Image.BICUBIC))
+    found["bicubic"] = np.stack([up(y[..., c]) for c in range(y.shape[-1])], -1) / 255
+    return {"bicubic": found["bicubic"].astype(np.float32)}
+  try:
+    from skimage import restoration  # optional: pip install scikit-image
+  except ImportError:
+    return {"scikit-image": "not installed"}
+  if config.task == "inpaint":
+    found["biharmonic"] = restoration.inpaint_biharmonic(y, mask[..., 0] < 0.5, channel_axis=-1)
+  elif config.task == "deblur":
+    psf = pipeline.blur_kernel(config)
+    psf = psf / psf.sum()
+    per_channel = lambda f: np.stack([f(y[..., c]) for c in range(y.shape[-1])], -1)
+    found["wiener"] = per_channel(
+        lambda c: restoration.unsupervised_wiener(c, psf, rng=0)[0])  # a seeded Gibbs sampler
+    r = psf.shape[0] // 2  # the observation's blur is circular: so is the deconvolution's
+
+    def lucy(c):
+      return restoration.richardson_lucy(np.pad(c, r, mode="wrap"), psf, 30)[r:-r, r:-r]
+
+    found["richardson_lucy"] = per_channel(lucy)
+    found["tv"] = tv_deconvolution(config, y, restoration.denoise_tv_chambolle)
+  elif config.noise == "poisson" and not config.sigma:  # the plain Anscombe: no read noise
+    try:
+      found["bm3d_anscombe"] = anscombe_bm3d(y, config.peak)
+    except ImportError:
+      found["bm3d_anscombe"] = "bm3d not installed (pip install -e '.[baselines]')"
+  return {k: np.clip(v, 0, 1).astype(np.float32) if isinstance(v, np.ndarray) else v
+          for k, v in found.items()}
+
+
+def tv_deconvolution(config: pipeline.RestoreConfig, y: np.ndarray, tv_prox,
+                     iters: int = TV_ITERS) -> np.ndarray:
+  """argmin_x 1/2 ||A x - y||^2 + lam TV(x) for the config's blur A, by proximal gradient (unit
+  step: the kernel sums to 1, so ||A|| <= 1; the prox of TV by Chambolle's algorithm, `tv_prox` =
+  scikit-image's denoise_tv_chambolle, per channel), lam chosen without the ground truth by the
+  discrepancy principle: the largest with ||A x - y||^2 <= n sigma^2 (bisection in log lam over
+  [1e-5, 1], each solve warm-started from the last)."""
+  op = pipeline.make_physics(config).operator
+  forward = jax.jit(op.apply)
+  back = jax.jit(lambda r: operators.adjoint(op, r, y.shape))
+  target, x = y.size * (config.sigma / 255) ** 2, y.copy()
+
+  def solve(lam: float, x: np.ndarray) -> tuple[np.ndarray, float]:
+    for _ in range(iters):
+      x = tv_prox(x - np.asarray(back(forward(x) - y)), weight=lam, channel_axis=-1)
+    return x, float(np.sum((np.asarray(forward(x)) - y) ** 2))
+
+  lo, hi, best = np.log(1e-5), 0.0, None
+  for _ in range(TV_BISECTIONS):
+    mid = (lo + hi) / 2
+    x, residual = solve(float(np.exp(mid)), x)
+    if residual <= target:
+      lo, best = mid, x
+    else:
+      hi = mid
+  return best if best is not None else solve(1e-5, x)[0]
+
+
+def anscombe_bm3d(y: np.ndarray, peak: float) -> np.ndarray:
+  """(C)BM3D of a Poisson observation through the Anscombe transform (unit variance) and its
+  closed-form unbiased inverse (Makitalo & Foi, 2011)."""
+  counts = np.maximum(y * peak, 0)
+  a = 2 * np.sqrt(counts + 3 / 8)
+  lo, hi = a.min(), a.max()
+  d = common.bm3d_denoise((a - lo) / (hi - lo), 1 / (hi - lo)) * (hi - lo) + lo
+  inverse = (d / 2) ** 2 + np.sqrt(1.5) / 4 / d - 11 / 8 / d**2 + 5 * np.sqrt(1.5) / 8 / d**3
+  return np.maximum(inverse - 1 / 8, 0) / peak

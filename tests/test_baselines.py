@@ -1,0 +1,42 @@
+"""experiments/baselines.py: the TV deconvolution baseline deblurs and picks its lambda by the
+discrepancy principle (no ground truth); bicubic SR has the output's shape."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from dipjax import io
+from dipjax import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import baselines  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+restoration = pytest.importorskip("skimage.restoration",
+                                  reason="needs scikit-image (pip install -e '.[test]')")
+
+
+def _clean():
+  return io.center_crop(io.load_image(os.path.join(ROOT, "assets", "house.png")), 48, 48)
+
+
+def test_tv_deconvolution_deblurs_within_the_noise():
+  config = pipeline.RestoreConfig(task="deblur", sigma=7.65, blur_size=9, method="dip")
+  clean = _clean()
+  y = pipeline.degrade(config, clean, seed=0)
+  x = baselines.tv_deconvolution(config, y, restoration.denoise_tv_chambolle, iters=20)
+  psnr = lambda a: pipeline.score(a, clean)["psnr"]
+  assert psnr(x) > psnr(y) + 1.0
+  op = pipeline.make_physics(config).operator
+  residual = float(np.sum((np.asarray(op.apply(x)) - y) ** 2))
+  assert residual <= y.size * (config.sigma / 255) ** 2  # the discrepancy principle's bound
+
+
+def test_bicubic_has_the_outputs_shape():
+  config = pipeline.RestoreConfig(task="sr", factor=2, method="dip")
+  clean = _clean()
+  y = pipeline.degrade(config, clean, seed=0)
+  found = baselines.baselines(config, y, None, clean.shape)
+  assert found["bicubic"].shape == clean.shape and found["bicubic"].dtype == np.float32
