@@ -9,7 +9,8 @@ Per (task, image): one DIP fit (width 32, 5% of the measurements held out, halte
 'holdout' stop: its wall time is the time to that stop), then each solver from pure noise at
 NFE_NOISE and from the fit's output, forward-noised to t* matched to its held-out error less
 the noise variance, at NFE_DIP, with and without that output guiding every x0 prediction
-(STARTS). A DIP-start row's wall time is the fit's plus the solver's; a
+(STARTS); and from the same fit's output at DIP_CHECKPOINTS iterations (guided, NFE 5), so that
+the curve of PSNR against wall time shows what a shorter fit buys. A DIP-start row's wall time is the fit's plus the solver's; a
 solver's time excludes its compile (one per solver, NFE and shape, reused over images). Each
 result is a row of docs/results/posterior/rows.jsonl, appended as it ends: a killed report
 resumes where it stopped.
@@ -54,6 +55,9 @@ NFE_DIP = (1, 2, 5, 10, 20)
 # that also guides every x0 prediction (posterior's guide_mse = the fit's estimated MSE).
 STARTS = ("noise", "dip", "dip_guide")
 START_LABELS = dict(noise="from noise", dip="from DIP", dip_guide="from DIP, guided")
+# Shorter fits of the same run (its output at these iterations): the guided start at NFE 5 from
+# each, so that PSNR against wall time shows what a shorter DIP fit buys.
+DIP_CHECKPOINTS = (200, 500, 1000)
 
 _TASKS = flags.DEFINE_list("tasks", list(TASKS), f"Tasks, of {', '.join(TASKS)}.")
 _SOLVERS = flags.DEFINE_list("solvers", list(posterior.SOLVERS), "Posterior solvers.")
@@ -64,6 +68,9 @@ _WIDTH = flags.DEFINE_integer("width", 32, "The DIP network's width.")
 _NFE_NOISE = flags.DEFINE_list("nfe_noise", list(map(str, NFE_NOISE)), "NFEs from noise.")
 _NFE_DIP = flags.DEFINE_list("nfe_dip", list(map(str, NFE_DIP)), "NFEs from the DIP start.")
 _STARTS = flags.DEFINE_list("starts", list(STARTS), f"Starts, of {', '.join(STARTS)}.")
+_CHECKPOINTS = flags.DEFINE_list("dip_checkpoints", list(map(str, DIP_CHECKPOINTS)),
+                                 "Iterations (multiples of 100) whose fit output also starts "
+                                 "each solver, guided, at NFE 5 (empty: none).")
 _WEIGHTS = flags.DEFINE_string("weights", os.path.join(common.REPO, "assets", "ddpm_colour.npz"),
                                "DDPM weights (.npz).")
 _DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
@@ -108,8 +115,10 @@ class Solvers:
     return out, time.perf_counter() - t0
 
 
-def dip_fit(setting: dict, y, clean, mask, compiler) -> tuple[np.ndarray, dict]:
-  """The DIP fit halted by its hold-out: (its output (H, W, C), row fields)."""
+def dip_fit(setting: dict, y, clean, mask, compiler,
+            checkpoints: tuple[int, ...]) -> tuple[np.ndarray, dict, dict]:
+  """The DIP fit halted by its hold-out: (its output (H, W, C), row fields, {iteration: (the
+  output there, its row fields)} for the `checkpoints` it reached before halting)."""
   config = pipeline.RestoreConfig(**setting, method="dip", iters=_ITERS.value,
                                   width=_WIDTH.value, holdout=0.05, stop=("holdout", "oracle"),
                                   halt=True)
@@ -117,15 +126,29 @@ def dip_fit(setting: dict, y, clean, mask, compiler) -> tuple[np.ndarray, dict]:
   sigma = pipeline.noise_sigma(config, frame)
   run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0), chunk=100)
   run.compile(compiler)
-  run.fit()
+
+  def error_estimate(held_out: float, image: np.ndarray) -> float:
+    return max(held_out - pipeline.noise_energy(config, y, image, sigma, mask),
+               pipeline.ERROR_FLOOR)
+
+  early = {}
+
+  def keep(fitted: pipeline.FitRun) -> None:
+    if fitted.done in checkpoints:
+      image = fitted.frame.unpad(np.asarray(fitted.states.ema)).mean(0)
+      held_out = float(np.mean(fitted.trace["holdout_mse_ema"][:, fitted.done - 1]))
+      early[fitted.done] = image, dict(est_mse=error_estimate(held_out, image),
+                                       seconds=round(fitted.fit_seconds, 2),
+                                       **task_sections.score(config, image, clean))
+
+  run.fit(on_chunk=keep)
   image, at = run.restored()
-  est = max(run.held_out_error() - pipeline.noise_energy(config, y, image, sigma, mask),
-            pipeline.ERROR_FLOOR)
   curve = np.nanmean(run.trace["psnr_clean_ema"], axis=0)
   return image, dict(restored_at=at, stop=int(run.stops()["holdout"][0].mean()), done=run.done,
-                     oracle_psnr=float(np.nanmax(curve)), est_mse=est,
+                     oracle_psnr=float(np.nanmax(curve)),
+                     est_mse=error_estimate(run.held_out_error(), image),
                      seconds=round(run.fit_seconds, 2),
-                     **task_sections.score(config, image, clean))
+                     **task_sections.score(config, image, clean)), early
 
 
 def run() -> None:
@@ -139,6 +162,10 @@ def run() -> None:
       raise ValueError(f"--{name}: unknown {unknown}; valid: {', '.join(valid)}")
   nfe_noise = common.parse_list("nfe_noise", _NFE_NOISE.value, int)
   nfe_dip = common.parse_list("nfe_dip", _NFE_DIP.value, int)
+  checkpoints = common.parse_list("dip_checkpoints", _CHECKPOINTS.value, int)
+  if any(k < 100 or k % 100 or k >= _ITERS.value for k in checkpoints):
+    raise ValueError(f"--dip_checkpoints must be multiples of 100 below --iters "
+                     f"({_ITERS.value}), got {checkpoints}")
   base = dict(crop=_CROP.value, iters=_ITERS.value, width=_WIDTH.value,
               weights=os.path.basename(_WEIGHTS.value))
   with common.Results(_OUT.value) as results:
@@ -161,11 +188,28 @@ def run() -> None:
         wanted = [dict(base, task=task, image=name, method=s, start=start, nfe=n)
                   for s in _SOLVERS.value for start in _STARTS.value
                   for n in (nfe_noise if start == "noise" else nfe_dip)]
-        if all(common.row_key(s) in done for s in wanted + [dip_spec]):
+        early_specs = {k: [dict(dip_spec, dip_iters=k)] + [
+            dict(base, task=task, image=name, method=s, start="dip_guide", nfe=5, dip_iters=k)
+            for s in _SOLVERS.value] for k in checkpoints}
+        specs = wanted + [dip_spec] + [s for got in early_specs.values() for s in got]
+        if all(common.row_key(s) in done for s in specs):
           continue
-        x_hat, fit = dip_fit(TASKS[task], y, clean, mask, compiler)
+        x_hat, fit, early = dip_fit(TASKS[task], y, clean, mask, compiler, checkpoints)
         if common.row_key(dip_spec) not in done:
           emit(dip_spec, fit)
+        for k, (image, fields) in early.items():  # the shorter fits and the solvers from them
+          key = jax.random.PRNGKey(zlib.crc32(name.encode()))
+          t_k = int(ddpm_solvers.dip_timestep(solve.schedule, fields["est_mse"]))
+          for spec in early_specs[k]:
+            if common.row_key(spec) in done:
+              continue
+            if spec["method"] == "dip":
+              emit(spec, fields)
+              continue
+            out, seconds = solve(spec["method"], 5, op, y, sigma, key, image, t_k,
+                                 fields["est_mse"])
+            emit(spec, dict(task_sections.score(config, out, clean), seconds=round(seconds, 3),
+                            wall_seconds=round(seconds + fields["seconds"], 2), t_start=t_k))
         t_start = int(ddpm_solvers.dip_timestep(solve.schedule, fit["est_mse"]))
         key = jax.random.PRNGKey(zlib.crc32(name.encode()))
         for spec in wanted:
@@ -191,20 +235,26 @@ def summarise(rows: list[dict]) -> None:
   dates = sorted({r["date"] for r in rows})
   lines = [f"`python experiments/posterior_report.py` on {rows[0]['machine']}, "
            f"{dates[0]}..{dates[-1]}; means over images (count in brackets), {rows[0]['crop']}² "
-           "crops; wall time per image, the DIP fit's included for a DIP start.", ""]
+           "crops; wall time per image, the DIP fit's included for a DIP start.", "",
+           _headline(rows), ""]
   for task in TASKS:
     mine = [r for r in rows if r["task"] == task]
     if not mine:
       continue
     groups = collections.defaultdict(list)
     for r in mine:
-      groups[(r["method"], r.get("start", ""), r.get("nfe", 0))].append(r)
+      groups[(r["method"], r.get("start", ""), r.get("nfe", 0), r.get("dip_iters", 0))].append(r)
     body, series = [], collections.defaultdict(list)
-    for (method, start, nfe), got in sorted(groups.items(), key=lambda g: (g[0][0] != "dip", g[0])):
+    for (method, start, nfe, k), got in sorted(groups.items(),
+                                               key=lambda g: (g[0][0] != "dip", g[0])):
       psnr, ssim = np.mean([g["psnr"] for g in got]), np.mean([g["ssim"] for g in got])
       wall = np.mean([g.get("wall_seconds", g["seconds"]) for g in got])
       label = "DIP (holdout stop)" if method == "dip" else f"{method} {START_LABELS[start]}"
-      body.append([label, str(nfe or "—"), f"{psnr:.2f} / {ssim:.3f} ({len(got)})",
+      line = label
+      if k:  # a shorter fit: one curve over the fit's length
+        label = f"{label.removesuffix(' (holdout stop)')} by fit length"
+        line = f"{line.removesuffix(' (holdout stop)')} at {k} it"
+      body.append([line, str(nfe or "—"), f"{psnr:.2f} / {ssim:.3f} ({len(got)})",
                    f"{wall:.1f}"])
       series[label].append((wall, psnr))
     lines += [f"### {task}", "", common.md_table(["method", "NFE", "PSNR / SSIM", "wall s"], body),
@@ -213,6 +263,37 @@ def summarise(rows: list[dict]) -> None:
   with open(stem + ".md", "w") as f:
     f.write("\n".join(lines))
   logging.info("wrote %s.md", stem)
+
+
+def _headline(rows: list[dict]) -> str:
+  """One line per task: DIP alone, and each solver from noise at its largest NFE and from the
+  guiding DIP start at NFE 5: mean PSNR (mean wall seconds)."""
+  def cell(got: list[dict]) -> str:
+    if not got:
+      return "—"
+    wall = np.mean([g.get("wall_seconds", g["seconds"]) for g in got])
+    return f"{np.mean([g['psnr'] for g in got]):.2f} ({wall:.0f} s)"
+
+  solvers = sorted({r["method"] for r in rows if r["method"] != "dip"},
+                   key=list(posterior.SOLVERS).index)
+  head, body = ["task", "images", "DIP, holdout stop"], []
+  for solver in solvers:
+    nfe = max(r["nfe"] for r in rows if r["method"] == solver and r["start"] == "noise")
+    head += [f"{solver} from noise, NFE {nfe}", f"{solver} from DIP, guided, NFE 5"]
+  for task in TASKS:
+    mine = [r for r in rows if r["task"] == task and "dip_iters" not in r]
+    if not mine:
+      continue
+    cells = [task, str(len({r["image"] for r in mine})),
+             cell([r for r in mine if r["method"] == "dip"])]
+    for solver in solvers:
+      at = lambda start, nfe: [r for r in mine if r["method"] == solver and
+                               r.get("start") == start and r.get("nfe") == nfe]
+      nfe = max([r["nfe"] for r in mine if r["method"] == solver and r["start"] == "noise"],
+                default=0)
+      cells += [cell(at("noise", nfe)), cell(at("dip_guide", 5))]
+    body.append(cells)
+  return common.md_table(head, body)
 
 
 def main() -> None:

@@ -160,27 +160,33 @@ def test_report_quick_resumes_and_summarises(weights, tmp_path):
 
 
 def test_posterior_report_resumes_and_summarises(weights, tmp_path):
-  """One image, inpainting: the DIP row and DDNM from noise and from the guiding DIP start; a
-  rerun adds no row; the summary writes the table and the PSNR-vs-time figure."""
+  """One image, inpainting: the DIP row and DDNM from noise and from the guiding DIP start, and
+  both at the fit's checkpoint (iteration 100); a rerun adds no row; the summary writes the
+  table and the PSNR-vs-time figure."""
   data = tmp_path / "data"
   (data / "CSet9").mkdir(parents=True)
   io.save_image(data / "CSet9" / "image_House256rgb.png", _image((40, 36, 3)))
   out = tmp_path / "rows.jsonl"
   script = os.path.join(ROOT, "experiments", "posterior_report.py")
-  args = [f"--weights={weights[0]}", f"--data={data}", "--limit=1", "--crop=32", "--iters=20",
+  args = [f"--weights={weights[0]}", f"--data={data}", "--limit=1", "--crop=32", "--iters=200",
           "--width=4", "--tasks=inpaint_random50", "--solvers=ddnm", "--nfe_noise=1",
-          "--starts=noise,dip_guide",
-          "--nfe_dip=1", f"--out={out}"]
+          "--starts=noise,dip_guide", "--nfe_dip=5", "--dip_checkpoints=100", f"--out={out}"]
   _run(script, *args)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert sorted((r["method"], r.get("start")) for r in rows) == [
-      ("ddnm", "dip_guide"), ("ddnm", "noise"), ("dip", None)]
-  dip = next(r for r in rows if r["method"] == "dip")
-  start = next(r for r in rows if r.get("start") == "dip_guide")
-  assert dip["est_mse"] > 0 and 1 <= start["t_start"] <= 1000
-  assert start["wall_seconds"] >= dip["seconds"]
+  assert sorted((r["method"], r.get("start"), r.get("dip_iters", 0)) for r in rows) == [
+      ("ddnm", "dip_guide", 0), ("ddnm", "dip_guide", 100), ("ddnm", "noise", 0),
+      ("dip", None, 0), ("dip", None, 100)]
+  pick = lambda method, k: next(r for r in rows if r["method"] == method and
+                                r.get("start", "dip_guide") == "dip_guide" and
+                                r.get("dip_iters", 0) == k)
+  for k in (0, 100):  # the whole fit, its output at iteration 100
+    dip, start = pick("dip", k), pick("ddnm", k)
+    assert dip["est_mse"] > 0 and 1 <= start["t_start"] <= 1000
+    assert start["wall_seconds"] >= dip["seconds"]
+  assert pick("dip", 100)["seconds"] < pick("dip", 0)["seconds"]
   _run(script, *args)
   assert out.read_text().count("\n") == len(rows)
   _run(script, "--summary", f"--out={out}")
-  assert "ddnm from DIP, guided" in (tmp_path / "rows.md").read_text()
+  summary = (tmp_path / "rows.md").read_text()
+  assert "ddnm from DIP, guided" in summary and "ddnm from DIP, guided at 100 it" in summary
   assert (tmp_path / "rows_inpaint_random50.png").exists()
