@@ -18,12 +18,12 @@ OUT=docs/results/ddpm/report  # rows, summary: committed as they come; arrays (g
 mkdir -p docs/results/ddpm
 
 if [[ "${1:-}" == denoiser ]]; then
-  # The shipped model fine-tuned as a one-step denoiser: the x0 loss (MSE + 0.1 (1 - SSIM)) at
+  # The shipped model fine-tuned as a one-step denoiser: the x0 loss (MSE: the aim is PSNR) at
   # the timesteps matched to sigma in [5, 75], 6000 steps of 8 64² patches from the shipped
   # weights (~80 min at 1.3 steps/s; checkpoints every 500, resumable). Then both models,
   # DDPM alone (NFE 1, 2, 5 from t*) and (C)BM3D on 128² crops of CSet9, Set12 and BSD68.
   python experiments/train_ddpm.py --workdir=runs/ddpm_denoiser --data=$DATA/train \
-    --init_weights=assets/ddpm_colour.npz --loss=x0 --ssim_weight=0.1 --sigma_range=5,75 \
+    --init_weights=assets/ddpm_colour.npz --loss=x0 --sigma_range=5,75 \
     --lr=5e-5 --warmup=0 --steps=6000
   cp runs/ddpm_denoiser/loss.png docs/results/ddpm/loss_denoiser.png
   for weights in assets/ddpm_colour.npz runs/ddpm_denoiser/ema_weights.npz; do

@@ -3,8 +3,8 @@ r"""Trains dipjax's own DDPM, an epsilon-prediction U-Net, on random patches of 
   python experiments/train_ddpm.py --workdir runs/ddpm         # 12,000 steps of 8 64x64 patches
   python experiments/train_ddpm.py --workdir runs/ddpm_grey --grey \
       --init_weights assets/ddpm_colour.npz --steps 2000 --warmup 0  # a grey model, fine-tuned
-  python experiments/train_ddpm.py --workdir runs/ddpm_denoiser --loss x0 --ssim_weight 0.1 \
-      --sigma_range 5,75 --init_weights assets/ddpm_colour.npz --lr 5e-5 --warmup 0 \
+  python experiments/train_ddpm.py --workdir runs/ddpm_denoiser --loss x0 --sigma_range 5,75 \
+      --init_weights assets/ddpm_colour.npz --lr 5e-5 --warmup 0 \
       --steps 6000                           # the shipped model fine-tuned as a one-step denoiser
 
 Runs again with the same --workdir continue from its latest checkpoint (a run can be spread
