@@ -715,13 +715,14 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
       overlapping by `overlap`, one after the other and blended (:mod:`dipjax.tiles`), so that
       the peak memory is the tile's: every tile is fitted with the same key, settings and
       noise level (estimated once, from the whole observation) and stops by its own criterion.
-      0: the whole image; None: whole where :func:`memory_estimate` fits the available memory,
-      else the largest tile that does (:func:`auto_tile`). Fit methods without a DDPM stage
-      only (dip, staged), without checkpoints.
+      0, or a tile as large as the image: the whole image; None: whole where
+      :func:`memory_estimate` fits the available memory (or with checkpoints), else the largest
+      tile that does (:func:`auto_tile`), with a warning. Fit methods without a DDPM stage only
+      (dip, staged), no deblurring, no checkpoints.
   """
   if tile is None:
-    tile = auto_tile(config, np.shape(observation), overlap)
-  if tile:
+    tile = 0 if checkpoint_every or resume else auto_tile(config, np.shape(observation), overlap)
+  if tile and tile < config.scale * max(np.shape(observation)[:2]):
     if checkpoint_every or resume:
       raise ValueError("a tiled restoration is not checkpointed: give tile=0, or no checkpoints")
     return _restore_tiled(config, observation, key, clean, mask, progress, chunk, tile, overlap)
@@ -765,17 +766,19 @@ def auto_tile(config: RestoreConfig, shape: tuple[int, ...], overlap: int = TILE
               free: int | None = None) -> int:
   """The tile side :func:`restore` takes for tile=None: 0 (the whole image) where its
   :func:`memory_estimate` fits `free` bytes (default :func:`available_memory`; always on an
-  accelerator, or where unknown, or for a method without a fit), else the largest multiple of
-  the network's 2^scales whose tile fits (at least 4 overlaps; 0 if none does, and
+  accelerator, or where unknown, or where tiles do not apply: DDPM methods, deblurring), else
+  the largest multiple of the network's 2^scales whose tile fits (0 if none does, and
   :func:`check_memory` refuses the run)."""
-  if not config.fits or jax.default_backend() != "cpu":
+  if (config.method in DDPM_METHODS or config.task == "deblur"
+      or jax.default_backend() != "cpu"):
     return 0
   free = available_memory() if free is None else free
   if free is None or memory_estimate(config, shape) <= free:
     return 0
   multiple = 2 ** config.scales
   side = min(shape[0], shape[1]) * config.scale // multiple * multiple
-  while side >= max(4 * overlap, multiple):
+  smallest = max(4 * overlap, multiple, MIN_SIDE * config.scale)
+  while side >= smallest:
     if memory_estimate(config, (side // config.scale, side // config.scale, shape[-1])) <= free:
       return side
     side -= multiple
@@ -805,8 +808,10 @@ def _restore_tiled(config: RestoreConfig, observation: np.ndarray, key: jax.Arra
   grid = tiles_lib.Tiling(y.shape[:2], tile // s, overlap // s)
   out_grid = grid.scaled(s)
   check_memory(config, grid.size + y.shape[-1:])
-  logging.info("restoring %dx%d in %d tiles of %dx%d (overlap %d)", y.shape[1] * s,
-               y.shape[0] * s, len(grid.origins), out_grid.size[1], out_grid.size[0], overlap)
+  logging.warning("restoring %dx%d in %d tiles of %dx%d (overlap %d), each fitted on its own",
+                  y.shape[1] * s, y.shape[0] * s, len(grid.origins), out_grid.size[1],
+                  out_grid.size[0], overlap)
+  mask = _mask_of(mask, y.shape) if config.task == "inpaint" else None
   length = chunk_length(config, chunk)
   compiled = {}
 
@@ -820,7 +825,7 @@ def _restore_tiled(config: RestoreConfig, observation: np.ndarray, key: jax.Arra
     out_origin = (origin[0] * s, origin[1] * s)
     frame = make_frame(config, grid.crop(y, origin),
                        None if clean is None else out_grid.crop(clean, out_origin),
-                       None if mask is None else grid.crop(_mask_of(mask, y.shape), origin))
+                       None if mask is None else grid.crop(mask, origin))
     run = FitRun(config, frame, noise_sigma(config, frame), key, chunk=length)
     run.compile(compile_once)
     run.fit(progress=progress)

@@ -16,13 +16,13 @@ import numpy as np
 
 
 def starts(n: int, tile: int, overlap: int) -> list[int]:
-  """Tile origins along an axis of length n: 0, step, 2 step, ..., n - tile (step = tile -
-  overlap), the last flush with the end; [0] when tile >= n."""
+  """Tile origins along an axis of length n: the fewest tiles whose neighbours share at least
+  `overlap`, spread evenly from 0 to n - tile (the last flush with the end); [0] when
+  tile >= n."""
   if tile >= n:
     return [0]
-  step = tile - overlap
-  out = list(range(0, n - tile, step))
-  return out + [n - tile]
+  count = 1 + -(-(n - tile) // (tile - overlap))  # gaps of at most tile - overlap
+  return [i * (n - tile) // (count - 1) for i in range(count)]
 
 
 @dataclasses.dataclass(frozen=True)

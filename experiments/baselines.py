@@ -54,17 +54,23 @@ def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | 
           for k, v in found.items()}
 
 
+def discrepancy_target(config: pipeline.RestoreConfig, y: np.ndarray, x: np.ndarray) -> float:
+  """The noise's expected energy in y: n sigma^2, less where y's noise was clipped to [0, 1]
+  (at the clean measurement taken as A x; :func:`dipjax.pipeline.noise_energy`)."""
+  return y.size * pipeline.noise_energy(config, y, x, config.sigma / 255)
+
+
 def tv_deconvolution(config: pipeline.RestoreConfig, y: np.ndarray, tv_prox,
                      iters: int = TV_ITERS) -> np.ndarray:
   """argmin_x 1/2 ||A x - y||^2 + lam TV(x) for the config's blur A, by proximal gradient (unit
   step: the kernel sums to 1, so ||A|| <= 1; the prox of TV by Chambolle's algorithm, `tv_prox` =
   scikit-image's denoise_tv_chambolle, per channel), lam chosen without the ground truth by the
-  discrepancy principle: the largest with ||A x - y||^2 <= n sigma^2 (bisection in log lam over
-  [1e-5, 1], each solve warm-started from the last)."""
+  discrepancy principle: the largest with ||A x - y||^2 within :func:`discrepancy_target`
+  (bisection in log lam over [1e-5, 1], each solve warm-started from the last)."""
   op = pipeline.make_physics(config).operator
   forward = jax.jit(op.apply)
   back = jax.jit(lambda r: operators.adjoint(op, r, y.shape))
-  target, x = y.size * (config.sigma / 255) ** 2, y.copy()
+  x = y.copy()
 
   def solve(lam: float, x: np.ndarray) -> tuple[np.ndarray, float]:
     for _ in range(iters):
@@ -75,7 +81,7 @@ def tv_deconvolution(config: pipeline.RestoreConfig, y: np.ndarray, tv_prox,
   for _ in range(TV_BISECTIONS):
     mid = (lo + hi) / 2
     x, residual = solve(float(np.exp(mid)), x)
-    if residual <= target:
+    if residual <= discrepancy_target(config, y, x):
       lo, best = mid, x
     else:
       hi = mid

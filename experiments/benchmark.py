@@ -165,12 +165,17 @@ def bench_one(size: int, width: int, dtype: str, iters: int, repeats: int,
   net, config, problem = _setup(size, width, iters, dtype)
   run, states, compile_s, xla_bytes = _compile_fits(1, 1, net, config, problem, iters)
   jax_timer = _Timer(run, states, problem)
-  torch_steps = {}
+  torch_steps, torch_failed = {}, {}
   if torch_dip is not None and dtype == "float32":
     for variant in _TORCH_VARIANTS.value:
-      torch_steps[variant], _ = torch_dip.make_step(size, width, variant=variant)
-      for _ in range(2):  # warm-up (torch.compile compiles here)
-        torch_steps[variant]()
+      try:  # e.g. torch.compile without a C compiler: that variant only is left out
+        step, _ = torch_dip.make_step(size, width, variant=variant)
+        for _ in range(2):  # warm-up (torch.compile compiles here)
+          step()
+      except Exception as e:  # pylint: disable=broad-except
+        torch_failed[variant] = f"{type(e).__name__}: {str(e)[:200]}"
+        continue
+      torch_steps[variant] = step
   torch_times = {variant: [] for variant in torch_steps}
   for _ in range(repeats):
     jax_timer()
@@ -194,6 +199,8 @@ def bench_one(size: int, width: int, dtype: str, iters: int, repeats: int,
                torch_ms_runs={v: [x / iters * 1e3 for x in t] for v, t in torch_times.items()})
     if "eager" in torch_ms:
       row.update(torch_ms=torch_ms["eager"], speedup_vs_torch=torch_ms["eager"] / scan_ms)
+  if torch_failed:
+    row["torch_failed"] = torch_failed
   if _STEP_LOOP.value:
     row.update(_bench_step_loop(net, config, problem, iters, repeats))
   return row

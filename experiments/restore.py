@@ -215,9 +215,7 @@ def run() -> None:
       progress=progress, chunk=_LOG_EVERY.value,
       checkpoint_dir=os.path.join(os.path.abspath(out_dir), "checkpoints"),
       checkpoint_every=_CHECKPOINT_EVERY.value, resume=_RESUME.value,
-      tile=0 if _TILE.value is None and (_CHECKPOINT_EVERY.value or _RESUME.value)
-      else _TILE.value,
-      overlap=_TILE_OVERLAP.value)
+      tile=_TILE.value, overlap=_TILE_OVERLAP.value)
   logging.info("persistent compilation cache: %d hits, %d misses", cache["hits"], cache["misses"])
   write_outputs(out_dir, config, result)
 

@@ -31,7 +31,8 @@ def test_tv_deconvolution_deblurs_within_the_noise():
   assert psnr(x) > psnr(y) + 1.0
   op = pipeline.make_physics(config).operator
   residual = float(np.sum((np.asarray(op.apply(x)) - y) ** 2))
-  assert residual <= y.size * (config.sigma / 255) ** 2  # the discrepancy principle's bound
+  target = baselines.discrepancy_target(config, y, x)
+  assert 0.8 * target < residual <= target  # lambda at the discrepancy principle's bound
 
 
 def test_bicubic_has_the_outputs_shape():

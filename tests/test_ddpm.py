@@ -355,9 +355,11 @@ def test_config_validation_and_json():
   with pytest.raises(ValueError, match="loss must be one of eps, x0"):
     train.TrainConfig(loss="l1")
   with pytest.raises(ValueError, match="ssim_weight applies to loss 'x0' only"):
-    train.TrainConfig(ssim_weight=0.1)
+    train.TrainConfig(ssim_weight=0.1, t_hi=100, frac_hi=1.0)
   with pytest.raises(ValueError, match="t_lo"):
     train.TrainConfig(t_lo=5)
+  with pytest.raises(ValueError, match="loss 'x0' needs its timesteps in a range"):
+    train.TrainConfig(loss="x0")
 
 
 def _script(*args):

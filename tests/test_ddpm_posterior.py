@@ -127,6 +127,9 @@ def test_bad_arguments():
     posterior.dps(eps, SCHEDULE, op, jnp.zeros((4, 4, 3)), 0, KEY)
   with pytest.raises(ValueError, match="guide_mse guides by the start image"):
     posterior.ddnm(eps, SCHEDULE, op, jnp.zeros((4, 4, 3)), 0.0, 3, KEY, guide_mse=0.01)
+  with pytest.raises(ValueError, match="guide_mse must be >= 0"):
+    posterior.ddnm(eps, SCHEDULE, op, jnp.zeros((4, 4, 3)), 0.0, 3, KEY,
+                   start=jnp.zeros((16, 16, 3)), t_start=10, guide_mse=-1.0)
   with pytest.raises(ValueError, match="zeta"):
     posterior.diffpir(eps, SCHEDULE, op, jnp.zeros((4, 4, 3)), 0.0, 3, KEY, zeta=2.0)
 

@@ -121,6 +121,8 @@ def _setup(schedule: Schedule, op: Operator, y: Array, start: Array | None,
     raise ValueError("give both start (an image) and t_start, or neither (pure noise at T)")
   if guide_mse is not None and start is None:
     raise ValueError("guide_mse guides by the start image: give start and t_start with it")
+  if isinstance(guide_mse, (int, float)) and not guide_mse >= 0:
+    raise ValueError(f"guide_mse must be >= 0, got {guide_mse}")
   y = jnp.asarray(y, jnp.float32)
   shape = op.image_shape(y.shape) if start is None else jnp.shape(start)
   _check(op, y, tuple(shape), nfe, samples)

@@ -49,7 +49,8 @@ class TrainConfig:
     t_hi, frac_hi, t_lo: timestep sampling (:func:`diffusion.sample_timesteps`): t_hi = 0
       uniform on [1, T]; else a fraction frac_hi of the timesteps uniform on [t_lo, t_hi].
     loss: 'eps', the DDPM's epsilon MSE (:func:`diffusion.eps_loss`), or 'x0', the one-step
-      denoiser's error (:func:`diffusion.x0_loss`: fine-tuning a model as a denoiser).
+      denoiser's error (:func:`diffusion.x0_loss`: fine-tuning a model as a denoiser; only on a
+      range of timesteps, t_hi > 0 and frac_hi = 1).
     ssim_weight: the x0 loss's weight of 1 - SSIM (0: MSE only).
   """
   batch_size: int = 8
@@ -80,6 +81,9 @@ class TrainConfig:
         (self.ssim_weight < 0, f"ssim_weight must be >= 0, got {self.ssim_weight}"),
         (self.ssim_weight > 0 and self.loss != "x0",
          f"ssim_weight applies to loss 'x0' only, got loss {self.loss!r}"),
+        (self.loss == "x0" and (self.t_hi == 0 or self.frac_hi != 1.0),
+         "loss 'x0' needs its timesteps in a range (t_hi > 0, frac_hi = 1: e.g. --sigma_range): "
+         "near t = T its weight (1 - abar) / abar explodes"),
     ]
     for failed, message in checks:
       if failed:
