@@ -238,7 +238,8 @@ def summarise(rows: list[dict]) -> None:
   lines = [f"`python experiments/posterior_report.py` on {rows[0]['machine']}, "
            f"{dates[0]}..{dates[-1]}; means over images (count in brackets), {rows[0]['crop']}² "
            "crops; wall time per image, the DIP fit's included for a DIP start.", "",
-           _headline(rows), ""]
+           _headline(rows), "", "At equal wall time (the solver's largest NFE from noise):", "",
+           _equal_time(rows), ""]
   for task in TASKS:
     mine = [r for r in rows if r["task"] == task]
     if not mine:
@@ -298,6 +299,41 @@ def _headline(rows: list[dict]) -> str:
     ratio = np.mean([r["est_mse"] / 10 ** (-r["psnr"] / 10) for r in fits]) if fits else np.nan
     body.append(cells + [f"{ratio:.2f}"])
   return common.md_table(head + ["DIP's estimated / true MSE (sets t*)"], body)
+
+
+def _equal_time(rows: list[dict]) -> str:
+  """Per task and solver, at the wall time W of its largest-NFE run from noise: the best mean
+  PSNR from noise, from a DIP start (any fit length, guided or not) and of DIP alone, each among
+  the settings whose mean wall time is at most W."""
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[(r["task"], r["method"], r.get("start"), r.get("nfe"), r.get("dip_iters", 0))].append(r)
+  means = {k: (np.mean([g.get("wall_seconds", g["seconds"]) for g in got]),
+               np.mean([g["psnr"] for g in got]), len(got)) for k, got in groups.items()}
+
+  def best(task, method, starts, budget):
+    found = [(psnr, k, wall) for k, (wall, psnr, _) in means.items()
+             if k[0] == task and k[1] == method and k[2] in starts and wall <= budget]
+    if not found:
+      return "—"
+    psnr, k, wall = max(found)
+    what = (f"{k[4] or 'stop'} it" if k[4] or method == "dip" else "stop") + (
+        f", NFE {k[3]}" if k[3] else "") + (", guided" if k[2] == "dip_guide" else "")
+    return f"{psnr:.2f} ({what}; {wall:.0f} s)"
+
+  body = []
+  for task in TASKS:
+    for solver in posterior.SOLVERS:
+      noise = [(k[3], v) for k, v in means.items()
+               if k[0] == task and k[1] == solver and k[2] == "noise"]
+      if not noise:
+        continue
+      nfe, (budget, psnr, n) = max(noise)
+      body.append([task, solver, f"{budget:.0f} s", f"{psnr:.2f} (NFE {nfe})",
+                   best(task, solver, ("dip", "dip_guide"), budget),
+                   best(task, "dip", (None,), budget), str(n)])
+  return common.md_table(["task", "solver", "wall time W", "from noise", "from DIP, best within W",
+                          "DIP alone, best within W", "images"], body)
 
 
 def main() -> None:
