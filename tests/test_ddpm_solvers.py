@@ -34,6 +34,11 @@ def _oracle(x0):
 _image = tiny_ddpm.image
 
 
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  return tiny_ddpm.tiny_weights(tmp_path_factory.mktemp("ddpm") / "tiny.npz")
+
+
 def _noisy(x, sigma=SIGMA, seed=1):
   return noise.add_noise(seed, x, sigma)
 
