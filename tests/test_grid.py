@@ -40,7 +40,7 @@ summary = _load("summary")
 common, estimates, fits, grid_spec = (sys.modules[name] for name in
                                       ("common", "estimates", "fits", "grid_spec"))
 
-TINY = dict(crop=0, widths=(4,), scales=2, seeds=2, iters=20, window=5,
+TINY = dict(crop=0, widths=(4,), scales=1, seeds=2, iters=20, window=5,
             criteria=("fixed", "oracle", "es_wmv", "discrepancy"))
 
 
@@ -403,7 +403,7 @@ def test_two_processes_over_four_devices_equal_one_device(tmp_path):
     port = s.getsockname()[1]
   args = [sys.executable, os.path.join(ROOT, "experiments", "grid.py"), f"--images={image}",
           "--crop=0", "--methods=staged", "--stages=2", "--t_max=10", "--widths=4",
-          "--scales=2", "--seeds=4", "--iters=20", "--cache_dir=",
+          "--scales=1", "--seeds=4", "--iters=20", "--cache_dir=",
           "--criteria=fixed,oracle,staged"]
   env = lambda n: dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
                        + f" --xla_force_host_platform_device_count={n}",

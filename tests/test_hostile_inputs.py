@@ -23,9 +23,9 @@ from dipjax.ddpm import train as ddpm_train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "restore.py")
 IMAGE = os.path.join(ROOT, "assets", "house.png")
-TINY_FLAGS = ["--crop=32", "--width=4", "--scales=2", "--iters=20", "--log_every=10",
+TINY_FLAGS = ["--crop=32", "--width=4", "--scales=1", "--iters=20", "--log_every=10",
               "--method=dip", "--stop="]
-TINY = dict(method="dip", width=4, scales=2, iters=20, stop=("oracle",))
+TINY = dict(method="dip", width=4, scales=1, iters=20, stop=("oracle",))
 RESULTS = ("restored.png", "restored.npy", "metrics.json", "trace.csv")
 
 
@@ -234,7 +234,7 @@ def test_a_noise_level_estimated_as_zero_is_refused(clean):
   that needs sigma cannot have it."""
   smooth = np.broadcast_to(np.linspace(0.2, 0.8, 32, dtype=np.float32)[None, :, None],
                            (32, 32, 3)).copy()
-  for config in (pipeline.RestoreConfig(sigma_known=False, width=4, scales=2, iters=20),
+  for config in (pipeline.RestoreConfig(sigma_known=False, width=4, scales=1, iters=20),
                  pipeline.RestoreConfig(**dict(TINY, stop=("discrepancy",)), sigma_known=False)):
     with pytest.raises(ValueError, match="estimate from the observation is 0"):
       pipeline.restore(config, smooth, key=jax.random.PRNGKey(0))

@@ -70,7 +70,7 @@ def test_deblurring_through_the_pipeline(tmp_path):
   import jax
   clean = _image(32)
   motion = pipeline.RestoreConfig(task="deblur", blur="motion", blur_size=7, blur_seed=2,
-                                  sigma=2.55, method="dip", width=4, scales=2, iters=20,
+                                  sigma=2.55, method="dip", width=4, scales=1, iters=20,
                                   stop=("oracle",))
   op = pipeline.make_physics(motion).operator
   assert isinstance(op, operators.Blur) and op.kernel.shape == (7, 7)
@@ -111,7 +111,7 @@ def test_poisson_noise_statistics_and_level():
 def test_poisson_denoising_through_the_pipeline():
   import jax
   clean = _image(32)
-  config = pipeline.RestoreConfig(noise="poisson", peak=10, width=4, scales=2, iters=20)
+  config = pipeline.RestoreConfig(noise="poisson", peak=10, width=4, scales=1, iters=20)
   assert config.sigma == 0 and config.stop == ("staged",)  # the probe scaled to the Poisson std
   y = pipeline.degrade(config, clean, seed=1)
   np.testing.assert_array_equal(

@@ -13,7 +13,7 @@ from dipjax import io
 from dipjax import pipeline
 from dipjax import tiles
 
-TINY = dict(method="dip", width=4, scales=2, iters=40, stop=("oracle",), halt=False)
+TINY = dict(method="dip", width=4, scales=1, iters=40, stop=("oracle",), halt=False)
 KEY = jax.random.PRNGKey(0)
 IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                      "house.png")
