@@ -87,6 +87,12 @@ class Operator:
     """The shape of the images whose measurements have `shape` ((..., h, w, C))."""
     return tuple(shape)
 
+  def white_noise_gain(self) -> float:
+    """E (A z)_i^2 for white z of unit variance, at a measured entry i away from the border:
+    the measurement-space MSE of an image error that is white with MSE 1. 1 for the identity and
+    a mask (at its known pixels); the kernel's sum of squares for a blur or a down-sampler."""
+    return 1.0
+
   def gram_solve(self, r: Array, lam: Array | float = 0.0, weight: Weight | None = None
                  ) -> Array:
     """(A A^T + lam I)^+ r for a measurement-shaped r ((h, w, C) or (N, h, w, C)), lam >= 0,
@@ -130,6 +136,9 @@ class Downsample(Operator):
   kernel: Array
   factor: int = flax.struct.field(pytree_node=False)
   pad: int = flax.struct.field(pytree_node=False)
+
+  def white_noise_gain(self) -> float:
+    return float(np.sum(np.square(np.asarray(self.kernel, np.float64))))
 
   def apply(self, x: Array) -> Array:
     out_shape = self.measurement_shape(x.shape)  # Raises if H, W are not multiples of factor.
@@ -180,6 +189,9 @@ class Blur(Operator):
   'reflect' (the image mirrored beyond its edges)."""
   kernel: Array
   boundary: str = flax.struct.field(pytree_node=False)
+
+  def white_noise_gain(self) -> float:
+    return float(np.sum(np.square(np.asarray(self.kernel, np.float64))))
 
   def apply(self, x: Array) -> Array:
     k = self.kernel.shape[0]

@@ -754,8 +754,7 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
   if ddpm is not None:
     est = None
     if config.method in DIP_POSTERIOR:  # held-out residuals = A x_hat - A x - noise
-      est = max(run.held_out_error() - noise_energy(config, y, fit_image, sigma, mask),
-                ERROR_FLOOR)
+      est = fit_error_estimate(config, run.held_out_error(), y, fit_image, sigma, mask)
     image, info = _ddpm_stage(config, ddpm, y, sigma, fit_image, k_ddpm, mask=mask,
                               est_mse=est)
   return _result(config, padded, y, sigma, image, restored_at, run,
@@ -1136,6 +1135,27 @@ def noise_energy(config: RestoreConfig, y: np.ndarray, x_hat: np.ndarray, sigma:
   proxy = np.asarray(make_physics(config, mask).operator(jnp.asarray(x_hat, jnp.float32)))
   y = np.asarray(y, np.float32)
   return float(noise.noise_std(y[measured], sigma, proxy=proxy[measured])) ** 2
+
+
+def fit_error_estimate(config: RestoreConfig, held_out: float, y: np.ndarray,
+                       x_hat: np.ndarray, sigma: float, mask: np.ndarray | None = None, *,
+                       white_gain: bool = False) -> float:
+  """The image MSE of a fit's output x_hat (H, W, C) that the dip_* solvers match t* to, from
+  its held-out error (MSE on held-out measurements, noise included): held_out - the noise
+  energy (:func:`noise_energy`), at least ERROR_FLOOR.
+
+  What is left measures the error through A only: a blur of kernel k passes sum k^2 of a white
+  error's energy (0.03 for the report's Gaussian kernel, where this estimate read 0.03 of the
+  true MSE), so t* falls early (too little noise). white_gain=True divides by the operator's
+  white-noise gain (:meth:`operators.Operator.white_noise_gain`), exact in expectation for a
+  white error; 1 for denoising and inpainting. On SR a held-out low-resolution pixel is an
+  interpolation error, larger than the fitted ones' (the raw estimate read 0.22 of the true
+  MSE where the gain is 0.04), so the division overshoots there: the posterior report measures
+  both rules (experiments/posterior_report.py --t_rule)."""
+  remainder = held_out - noise_energy(config, y, x_hat, sigma, mask)
+  if white_gain:
+    remainder /= make_physics(config, mask).operator.white_noise_gain()
+  return max(remainder, ERROR_FLOOR)
 
 
 def _load_ddpm(config: RestoreConfig, channels: int):

@@ -58,6 +58,10 @@ START_LABELS = dict(noise="from noise", dip="from DIP", dip_guide="from DIP, gui
 # Shorter fits of the same run (its output at these iterations): the guided start at NFE 5 from
 # each, so that PSNR against wall time shows what a shorter DIP fit buys.
 DIP_CHECKPOINTS = (200, 500, 1000)
+# How t* is matched to the fit (pipeline.fit_error_estimate): its held-out error less the noise
+# ('measured', the pipeline's rule), or that divided by the operator's white-noise gain. Rows of
+# a rule other than 'measured' carry it in their key and are compared in their own table.
+T_RULES = ("measured", "white_gain")
 
 _TASKS = flags.DEFINE_list("tasks", list(TASKS), f"Tasks, of {', '.join(TASKS)}.")
 _SOLVERS = flags.DEFINE_list("solvers", list(posterior.SOLVERS), "Posterior solvers.")
@@ -76,6 +80,7 @@ _WEIGHTS = flags.DEFINE_string("weights", os.path.join(common.REPO, "assets", "d
 _DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
 _OUT = flags.DEFINE_string("out", os.path.join(common.REPO, "docs", "results", "posterior",
                                                "rows.jsonl"), "Rows file.")
+_T_RULE = flags.DEFINE_enum("t_rule", "measured", T_RULES, "How t* is matched to the fit.")
 _SUMMARY = flags.DEFINE_bool("summary", False, "Write the tables and figures from the rows.")
 
 
@@ -115,8 +120,8 @@ class Solvers:
     return out, time.perf_counter() - t0
 
 
-def dip_fit(setting: dict, y, clean, mask, compiler,
-            checkpoints: tuple[int, ...]) -> tuple[np.ndarray, dict, dict]:
+def dip_fit(setting: dict, y, clean, mask, compiler, checkpoints: tuple[int, ...],
+            white_gain: bool = False) -> tuple[np.ndarray, dict, dict]:
   """The DIP fit halted by its hold-out: (its output (H, W, C), row fields, {iteration: (the
   output there, its row fields)} for the `checkpoints` it reached before halting)."""
   config = pipeline.RestoreConfig(**setting, method="dip", iters=_ITERS.value,
@@ -128,8 +133,8 @@ def dip_fit(setting: dict, y, clean, mask, compiler,
   run.compile(compiler)
 
   def error_estimate(held_out: float, image: np.ndarray) -> float:
-    return max(held_out - pipeline.noise_energy(config, y, image, sigma, mask),
-               pipeline.ERROR_FLOOR)
+    return pipeline.fit_error_estimate(config, held_out, y, image, sigma, mask,
+                                       white_gain=white_gain)
 
   early = {}
 
@@ -168,6 +173,7 @@ def run() -> None:
                      f"({_ITERS.value}), got {checkpoints}")
   base = dict(crop=_CROP.value, iters=_ITERS.value, width=_WIDTH.value,
               weights=os.path.basename(_WEIGHTS.value))
+  rule = {} if _T_RULE.value == "measured" else dict(t_rule=_T_RULE.value)
   with common.Results(_OUT.value) as results:
     done = {r["key"] for r in results.rows}
 
@@ -185,18 +191,21 @@ def run() -> None:
         op = pipeline.make_physics(config, mask).operator
         sigma = config.sigma / 255
         dip_spec = dict(base, task=task, image=name, method="dip")
-        wanted = [dict(base, task=task, image=name, method=s, start=start, nfe=n)
+        wanted = [dict(base, task=task, image=name, method=s, start=start, nfe=n,
+                       **({} if start == "noise" else rule))
                   for s in _SOLVERS.value for start in _STARTS.value
                   for n in (nfe_noise if start == "noise" else nfe_dip)]
         fitted = next((r for r in results.rows if r["key"] == common.row_key(dip_spec)), None)
         reached = [k for k in checkpoints if fitted is None or k < fitted["done"]]
         early_specs = {k: [dict(dip_spec, dip_iters=k)] + [
-            dict(base, task=task, image=name, method=s, start="dip_guide", nfe=5, dip_iters=k)
+            dict(base, task=task, image=name, method=s, start="dip_guide", nfe=5, dip_iters=k,
+                 **rule)
             for s in _SOLVERS.value] for k in reached}  # a fit halted earlier never reaches k
         specs = wanted + [dip_spec] + [s for got in early_specs.values() for s in got]
         if all(common.row_key(s) in done for s in specs):
           continue
-        x_hat, fit, early = dip_fit(TASKS[task], y, clean, mask, compiler, checkpoints)
+        x_hat, fit, early = dip_fit(TASKS[task], y, clean, mask, compiler, checkpoints,
+                                    white_gain=bool(rule))
         if common.row_key(dip_spec) not in done:
           emit(dip_spec, fit)
         for k, (image, fields) in early.items():  # the shorter fits and the solvers from them
@@ -211,7 +220,8 @@ def run() -> None:
             out, seconds = solve(spec["method"], 5, op, y, sigma, key, image, t_k,
                                  fields["est_mse"])
             emit(spec, dict(task_sections.score(config, out, clean), seconds=round(seconds, 3),
-                            wall_seconds=round(seconds + fields["seconds"], 2), t_start=t_k))
+                            wall_seconds=round(seconds + fields["seconds"], 2), t_start=t_k,
+                            est_mse=fields["est_mse"]))
         t_start = int(ddpm_solvers.dip_timestep(solve.schedule, fit["est_mse"]))
         key = jax.random.PRNGKey(zlib.crc32(name.encode()))
         for spec in wanted:
@@ -224,7 +234,8 @@ def run() -> None:
           total = seconds + (fit["seconds"] if from_dip else 0.0)
           emit(spec, dict(task_sections.score(config, out, clean), seconds=round(seconds, 3),
                           wall_seconds=round(total, 2),
-                          t_start=t_start if from_dip else solve.schedule.num_steps))
+                          t_start=t_start if from_dip else solve.schedule.num_steps,
+                          **(dict(est_mse=fit["est_mse"]) if from_dip else {})))
 
 
 def summarise(rows: list[dict]) -> None:
@@ -235,12 +246,17 @@ def summarise(rows: list[dict]) -> None:
     raise ValueError(f"no rows in {_OUT.value}: run the report first")
   from dipjax import plots  # pylint: disable=g-import-not-at-top
   stem = _OUT.value.removesuffix(".jsonl")
+  other_rules = [r for r in rows if "t_rule" in r]
+  rows = [r for r in rows if "t_rule" not in r]
   dates = sorted({r["date"] for r in rows})
   lines = [f"`python experiments/posterior_report.py` on {rows[0]['machine']}, "
            f"{dates[0]}..{dates[-1]}; means over images (count in brackets), {rows[0]['crop']}² "
            "crops; wall time per image, the DIP fit's included for a DIP start.", "",
            _headline(rows), "", "At equal wall time (the solver's largest NFE from noise):", "",
            _equal_time(rows), ""]
+  if other_rules:
+    lines += ["t* by rule (from the full fit, guided, NFE 5; the images with both rules):", "",
+              _t_rules(rows, other_rules), ""]
   for task in TASKS:
     mine = [r for r in rows if r["task"] == task]
     if not mine:
@@ -302,6 +318,33 @@ def _headline(rows: list[dict]) -> str:
     ratio = np.mean([r["est_mse"] / 10 ** (-r["psnr"] / 10) for r in fits]) if fits else np.nan
     body.append(cells + [f"{ratio:.2f}"])
   return common.md_table(head + ["DIP's estimated / true MSE (sets t*)"], body)
+
+
+def _t_rules(rows: list[dict], other_rules: list[dict]) -> str:
+  """Per task, solver and t* rule: mean PSNR, mean t* and the estimated / true MSE of the DIP
+  start, from the full fit, guided, NFE 5, over the images that have every rule."""
+  def pick(group, task, solver):
+    return {r["image"]: r for r in group if r["task"] == task and r["method"] == solver and
+            r.get("start") == "dip_guide" and r.get("nfe") == 5 and "dip_iters" not in r}
+  fits = {(r["task"], r["image"]): r for r in rows if r["method"] == "dip" and
+          "dip_iters" not in r}
+  body = []
+  for task in TASKS:
+    for solver in posterior.SOLVERS:
+      by_rule = {"measured": pick(rows, task, solver)}
+      for name in T_RULES[1:]:
+        by_rule[name] = pick([r for r in other_rules if r["t_rule"] == name], task, solver)
+      images = sorted(set.intersection(*(set(got) for got in by_rule.values())))
+      if not images:
+        continue
+      for name, got in by_rule.items():
+        est = [got[i].get("est_mse", fits[(task, i)]["est_mse"]) /
+               10 ** (-fits[(task, i)]["psnr"] / 10) for i in images]
+        body.append([task, solver, name, f"{np.mean([got[i]['psnr'] for i in images]):.2f}",
+                     f"{np.mean([got[i]['t_start'] for i in images]):.0f}",
+                     f"{np.mean(est):.2f}", str(len(images))])
+  return common.md_table(["task", "solver", "t* rule", "PSNR", "t*", "est / true MSE",
+                          "images"], body)
 
 
 def _equal_time(rows: list[dict]) -> str:
