@@ -212,3 +212,22 @@ def test_data_step_batched_and_reflect_refused():
   reflect = operators.blur(operators.gaussian_kernel(1.0, 5), "reflect")
   with pytest.raises(ValueError, match="needs a circular blur"):
     operators.data_step(reflect, xs[0], xs[0])
+
+
+@pytest.mark.parametrize("name,op", [
+    ("identity", operators.identity()),
+    ("mask", operators.inpainting(jnp.asarray(
+        np.random.default_rng(0).random((64, 64, 1)) > 0.5, jnp.float32))),
+    ("sr4", operators.downsampler(4)),
+    ("blur", operators.blur(operators.gaussian_kernel(1.6))),
+])
+def test_white_noise_gain_is_the_measured_energy_of_white_noise(name, op):
+  """E (A z)_i^2 over the measured entries (a mask's known pixels) away from the border (the
+  down-sampler's edge padding repeats pixels there), for z ~ N(0, 1) white."""
+  z = jax.random.normal(jax.random.PRNGKey(1), (8, 64, 64, 3))
+  az = np.asarray(op(z))
+  if name == "mask":
+    az = az[np.broadcast_to(np.asarray(op.mask) > 0, az.shape)]
+  if name == "sr4":
+    az = az[:, 2:-2, 2:-2]
+  assert np.mean(np.square(az)) == pytest.approx(op.white_noise_gain(), rel=0.03), name

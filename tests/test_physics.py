@@ -136,3 +136,19 @@ def test_poisson_std_map_is_unbiased_in_variance():
   assert model.std_map(np.zeros((4, 4, 1), np.float32)).min() > 0  # black: still defined
   np.testing.assert_array_equal(noise.GaussianNoise(0.1).std_map(x), np.full(x.shape, 0.1,
                                                                              np.float32))
+
+
+def test_fit_error_estimate_undoes_the_blur_on_a_white_error():
+  """A fit's output x + e, e white of variance v, seen through a blur with noise sigma: its
+  residual's mean square less sigma^2 is gain * v; white_gain=True gives v back."""
+  rng = np.random.default_rng(3)
+  clean = rng.uniform(0.2, 0.8, (128, 128, 3)).astype(np.float32)
+  config = pipeline.RestoreConfig(task="deblur", blur="gaussian", sigma=2.55)
+  op, sigma, v = pipeline.make_physics(config).operator, 2.55 / 255, 0.02 ** 2
+  y = pipeline.degrade(config, clean, seed=0)
+  x_hat = clean + np.sqrt(v) * rng.standard_normal(clean.shape).astype(np.float32)
+  held_out = float(np.mean(np.square(np.asarray(op(x_hat)) - y)))
+  raw = pipeline.fit_error_estimate(config, held_out, y, x_hat, sigma)
+  assert raw == pytest.approx(op.white_noise_gain() * v, rel=0.1)
+  assert pipeline.fit_error_estimate(config, held_out, y, x_hat, sigma,
+                                     white_gain=True) == pytest.approx(v, rel=0.1)
