@@ -16,6 +16,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 SSIM_WINDOW = 11  # dm_pix's default Gaussian window (sigma 1.5), as in skimage's gaussian SSIM.
+# The per-batch kernels, each one compiled program per shape (not a few dozen eager ops).
+_PSNR = jax.jit(lambda a, b, data_range: pix.psnr(a / data_range, b / data_range))
+_SSIM = jax.jit(pix.ssim)
 
 
 def _check_pair(a: Array, b: Array, name: str) -> None:
@@ -44,7 +47,7 @@ def psnr(a: Array, b: Array, data_range: float = 1.0) -> Array:
   """
   a, b = jnp.asarray(a), jnp.asarray(b)
   _check_pair(a, b, "psnr")
-  return _per_image(lambda x, y: pix.psnr(x / data_range, y / data_range), a, b)
+  return _per_image(lambda x, y: _PSNR(x, y, data_range), a, b)
 
 
 # ITU-R BT.601 luma on the studio range [16, 235] / 255 (MATLAB's rgb2ycbcr, OpenCV's YCrCb
@@ -95,4 +98,4 @@ def ssim(a: Array, b: Array) -> Array:
   if min(a.shape[-3:-1]) < SSIM_WINDOW:
     raise ValueError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
                      f"got {a.shape[-3]}x{a.shape[-2]}")
-  return _per_image(pix.ssim, a, b)
+  return _per_image(_SSIM, a, b)
