@@ -38,8 +38,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", os.path.join(common.REPO, "docs", "res
                                "Where the PNGs go.")
 
 
-def _caption(what: str) -> str:
-  return (f"{what} · python experiments/task_figures.py --figures=... · {common.host()} · "
+def _caption(what: str, name: str) -> str:
+  return (f"{what} · python experiments/task_figures.py --figures={name} · {common.host()} · "
           f"{datetime.date.today()}")
 
 
@@ -91,7 +91,7 @@ def run() -> None:
     else:
       stem = os.path.join(_DATA.value, "dip", "inpainting", name)
       row, title = masked(stem + ".png", stem + "_mask.png"), f"inpainting, {name}"
-    plots.image_row(path + ".tmp.png", row, title=_caption(title))
+    plots.image_row(path + ".tmp.png", row, title=_caption(title, name))
     os.replace(path + ".tmp.png", path)
     logging.info("wrote %s", path)
 
