@@ -59,8 +59,9 @@ START_LABELS = dict(noise="from noise", dip="from DIP", dip_guide="from DIP, gui
 # each, so that PSNR against wall time shows what a shorter DIP fit buys.
 DIP_CHECKPOINTS = (200, 500, 1000)
 # How t* is matched to the fit (pipeline.fit_error_estimate): its held-out error less the noise
-# ('measured', the pipeline's rule), or that divided by the operator's white-noise gain. Rows of
-# a rule other than 'measured' carry it in their key and are compared in their own table.
+# ('measured', the rule of the report's first rows), or that divided by the operator's
+# white-noise gain (the pipeline's rule). Rows of a rule other than 'measured' carry it in their
+# key and are compared in their own table.
 T_RULES = ("measured", "white_gain")
 
 _TASKS = flags.DEFINE_list("tasks", list(TASKS), f"Tasks, of {', '.join(TASKS)}.")
