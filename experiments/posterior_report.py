@@ -9,12 +9,13 @@ Per (task, image): one DIP fit (width 32, 5% of the measurements held out, halte
 'holdout' stop: its wall time is the time to that stop), then each solver from pure noise at
 NFE_NOISE and from the fit's output, forward-noised to t* matched to its held-out error less
 the noise variance (--t_rule: as measured, or divided by the operator's white-noise gain as the
-pipeline does; a rule's rows are kept apart), at NFE_DIP, with and without that output guiding every x0 prediction
-(STARTS); and from the same fit's output at DIP_CHECKPOINTS iterations (guided, NFE 5), so that
-the curve of PSNR against wall time shows what a shorter fit buys. A DIP-start row's wall time is the fit's plus the solver's; a
-solver's time excludes its compile (one per solver, NFE and shape, reused over images). Each
-result is a row of docs/results/posterior/rows.jsonl, appended as it ends: a killed report
-resumes where it stopped.
+pipeline does; a rule's rows are kept apart), at NFE_DIP, with and without that output guiding
+every x0 prediction (STARTS); and from the same fit's output at DIP_CHECKPOINTS iterations
+(guided, NFE 5), so that the curve of PSNR against wall time shows what a shorter fit buys. A
+DIP-start row's wall time is the fit's plus the solver's; a solver's time excludes its compile
+(one per solver, NFE and shape, reused over images). Each result is a row of
+docs/results/posterior/rows.jsonl, appended as it ends: a killed report resumes where it
+stopped.
 """
 
 from __future__ import annotations
