@@ -1147,11 +1147,11 @@ def fit_error_estimate(config: RestoreConfig, held_out: float, y: np.ndarray,
   The remainder measures the error through A only: a blur of kernel k passes sum k^2 of a white
   error's energy (0.03 for the report's Gaussian kernel), so without the division
   (white_gain=False, the posterior report's first rows) t* fell at 1 on deblurring: est / true
-  MSE 0.03, and 0.09 on SR x4. Divided by the gain (:meth:`operators.Operator.white_noise_gain`,
-  exact in expectation for a white error; 1 for denoising and inpainting): 0.95 and 2.19 (SR's
-  held-out low-resolution pixels are interpolated, their error above the fitted ones'), and
-  DDNM from the guided start gained 0.8 / 0.1 dB (House crop; RESULTS, "Diffusion posterior
-  solvers")."""
+  MSE 0.03, and 0.22 on SR x4. Divided by the gain (:meth:`operators.Operator.white_noise_gain`,
+  exact in expectation for a white error; 1 for denoising and inpainting): 0.88 on the blur,
+  where DDNM from the guided start gained 1.1 dB, but 5.2 on SR (its held-out low-resolution
+  pixels are interpolated, their error far above the fitted ones'), where DDNM was unchanged
+  and DPS lost 0.4 dB (2 crops; RESULTS, "Diffusion posterior solvers")."""
   remainder = held_out - noise_energy(config, y, x_hat, sigma, mask)
   if white_gain:
     remainder /= make_physics(config, mask).operator.white_noise_gain()
