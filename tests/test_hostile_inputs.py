@@ -67,15 +67,12 @@ def grey_mask(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr=nan"], "lr must be a finite number"),
     (["--sigma=nan"], "sigma must be a finite number"),
-    (["--sigma=1e9"], "sigma must lie in [0, 255]"),
     (["--method=staged", "--stop=staged", "--t_max=5000"], "t_max must lie in [1, 1000]"),
     (["--task=inpaint", "--mask={d}/small.png"], "must match before --crop"),
     (["--task=inpaint", "--mask={d}/grey.png"], "the mask must be binary"),
     (["--image={d}/tiny.png", "--crop=0"], "at least 11x11"),
     (["--out_dir={d}/grey.png"], "cannot write there"),
-    (["--out_dir={d}/grey.png/under"], "cannot write there"),
 ])
 def test_bad_flags_are_refused_before_fitting(args, message, grey_mask, cache, tmp_path):
   args = [a.replace("{d}", str(grey_mask)) for a in args]
