@@ -53,6 +53,11 @@ def _gain(values: Array, lam: Array | float, weight: Weight | None) -> Array:
   return gain if weight is None else gain * weight(values)
 
 
+def _kernel_energy(kernel: Array) -> float:
+  """sum k^2 of a filter kernel: the white-noise gain of filtering with it."""
+  return float(np.sum(np.square(np.asarray(kernel, np.float64))))
+
+
 def check_divisible(shape: Sequence[int], factor: int) -> None:
   """Raises ValueError unless H and W of `shape` (..., H, W, C) are multiples of `factor`."""
   h, w = shape[-3], shape[-2]
@@ -138,7 +143,7 @@ class Downsample(Operator):
   pad: int = flax.struct.field(pytree_node=False)
 
   def white_noise_gain(self) -> float:
-    return float(np.sum(np.square(np.asarray(self.kernel, np.float64))))
+    return _kernel_energy(self.kernel)
 
   def apply(self, x: Array) -> Array:
     out_shape = self.measurement_shape(x.shape)  # Raises if H, W are not multiples of factor.
@@ -191,7 +196,7 @@ class Blur(Operator):
   boundary: str = flax.struct.field(pytree_node=False)
 
   def white_noise_gain(self) -> float:
-    return float(np.sum(np.square(np.asarray(self.kernel, np.float64))))
+    return _kernel_energy(self.kernel)
 
   def apply(self, x: Array) -> Array:
     k = self.kernel.shape[0]

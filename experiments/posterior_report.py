@@ -208,7 +208,7 @@ def run() -> None:
         if all(common.row_key(s) in done for s in specs):
           continue
         x_hat, fit, early = dip_fit(TASKS[task], y, clean, mask, compiler, checkpoints,
-                                    white_gain=bool(rule))
+                                    white_gain=_T_RULE.value == "white_gain")
         if common.row_key(dip_spec) not in done:
           emit(dip_spec, fit)
         for k, (image, fields) in early.items():  # the shorter fits and the solvers from them
