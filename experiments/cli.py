@@ -2,7 +2,9 @@
 
 ``start(argv, script)`` keeps the script's and dipjax.pipeline's INFO lines in the log and
 turns on JAX's persistent compilation cache (--cache_dir: a second run of the same command
-compiles nothing); ``join(coordinator, ...)`` makes the process one of a multi-process JAX job;
+reads its long compiles from disk; JAX's threshold, 1 s unless the environment variable
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise, decides which are kept);
+``join(coordinator, ...)`` makes the process one of a multi-process JAX job;
 ``errors(name)`` turns a ValueError or FileNotFoundError (bad flags, unreadable images) or a
 diverged fit into one line on stderr and exit status 1; ``writable_dir(path)`` checks an
 output directory before any work; ``run_main(script, run)`` is a script's whole main, both
@@ -44,7 +46,6 @@ def start(argv: list[str], script: str) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CACHE_DIR.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def join(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -72,6 +72,7 @@ _LIMIT = flags.DEFINE_integer("limit", 0, "Only the first N images (0: all).")
 _CROP = flags.DEFINE_integer("crop", 128, "Centre crop of every image.")
 _ITERS = flags.DEFINE_integer("iters", 2000, "The DIP fit's budget (halted by its hold-out).")
 _WIDTH = flags.DEFINE_integer("width", 32, "The DIP network's width.")
+_SCALES = flags.DEFINE_integer("scales", 5, "The DIP network's scales (fewer: a quick run).")
 _NFE_NOISE = flags.DEFINE_list("nfe_noise", list(map(str, NFE_NOISE)), "NFEs from noise.")
 _NFE_DIP = flags.DEFINE_list("nfe_dip", list(map(str, NFE_DIP)), "NFEs from the DIP start.")
 _STARTS = flags.DEFINE_list("starts", list(STARTS), f"Starts, of {', '.join(STARTS)}.")
@@ -128,8 +129,8 @@ def dip_fit(setting: dict, y, clean, mask, compiler, checkpoints: tuple[int, ...
   """The DIP fit halted by its hold-out: (its output (H, W, C), row fields, {iteration: (the
   output there, its row fields)} for the `checkpoints` it reached before halting)."""
   config = pipeline.RestoreConfig(**setting, method="dip", iters=_ITERS.value,
-                                  width=_WIDTH.value, holdout=0.05, stop=("holdout", "oracle"),
-                                  halt=True)
+                                  width=_WIDTH.value, scales=_SCALES.value, holdout=0.05,
+                                  stop=("holdout", "oracle"), halt=True)
   frame = pipeline.make_frame(config, y, clean, mask)
   sigma = pipeline.noise_sigma(config, frame)
   run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0), chunk=100)
@@ -175,7 +176,8 @@ def run() -> None:
     raise ValueError(f"--dip_checkpoints must be multiples of 100 below --iters "
                      f"({_ITERS.value}), got {checkpoints}")
   base = dict(crop=_CROP.value, iters=_ITERS.value, width=_WIDTH.value,
-              weights=os.path.basename(_WEIGHTS.value))
+              weights=os.path.basename(_WEIGHTS.value),
+              **({} if _SCALES.value == 5 else dict(scales=_SCALES.value)))  # the rows' keys
   rule = {} if _T_RULE.value == "measured" else dict(t_rule=_T_RULE.value)
   with common.Results(_OUT.value) as results:
     done = {r["key"] for r in results.rows}

@@ -22,6 +22,11 @@ from dipjax import pipeline
 # Boat, Man, Couple.
 SET12_IN_DIP = tuple(f"Set12/{i:02d}.png" for i in (1, 2, 3, 8, 9, 10, 11, 12))
 SET5 = tuple(f"Set5/HR/{n}.png" for n in ("baby", "bird", "butterfly", "head", "woman"))
+SET14 = tuple(f"Set14/{n}.png" for n in (
+    "baboon", "barbara", "bridge", "coastguard", "comic", "face", "flowers", "foreman", "lenna",
+    "man", "monarch", "pepper", "ppt3", "zebra"))
+SR_SETTINGS = {"x4": dict(task="sr", factor=4, reg_noise_std=0.03),
+               "x8": dict(task="sr", factor=8, reg_noise_std=0.05)}
 CSET9 = tuple(f"CSet9/{n}" for n in (
     "image_Baboon512rgb.png", "image_F16_512rgb.png", "image_House256rgb.png",
     "image_Lena512rgb.png", "image_Peppers512rgb.png", "kodim01.png",
@@ -41,9 +46,8 @@ class Section:
 
 
 SECTIONS = {
-    "sr": Section(SET5, 0, {
-        "x4": dict(task="sr", factor=4, reg_noise_std=0.03),
-        "x8": dict(task="sr", factor=8, reg_noise_std=0.05)}),
+    "sr": Section(SET5, 0, SR_SETTINGS),
+    "sr_set14": Section(SET14, 0, SR_SETTINGS),
     "inpaint": Section(SET12_IN_DIP, 0, {
         "random50": dict(task="inpaint", mask_kind="random", mask_ratio=0.5)}),
     "deblur": Section(CSET9 + tuple(f"Set12/{i:02d}.png" for i in range(1, 13)), 128, {

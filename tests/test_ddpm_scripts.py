@@ -27,17 +27,17 @@ def weights(tmp_path_factory):
   return tiny_ddpm.tiny_weights(tmp_path_factory.mktemp("ddpm") / "tiny.npz")
 
 
-def _run(script, *args, check=True):
-  proc = subprocess.run([sys.executable, script, "--cache_dir=", *args], capture_output=True,
-                        text=True, cwd=ROOT, timeout=300)
+def _run(cache_dir, script, *args, check=True):
+  proc = subprocess.run([sys.executable, script, f"--cache_dir={cache_dir}", *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def test_restore_cli_ddpm_end_to_end(weights, tmp_path):
+def test_restore_cli_ddpm_end_to_end(weights, tmp_path, cli_cache):
   out = tmp_path / "out"
-  _run(RESTORE, "--method=ddpm", "--crop=32", "--nfe=2", f"--ddpm_weights={weights[0]}",
+  _run(cli_cache, RESTORE, "--method=ddpm", "--crop=32", "--nfe=2", f"--ddpm_weights={weights[0]}",
        f"--out_dir={out}")
   result = json.loads((out / "metrics.json").read_text())
   ddpm = result["ddpm"]
@@ -48,9 +48,9 @@ def test_restore_cli_ddpm_end_to_end(weights, tmp_path):
   assert not (out / "trace.csv").exists()  # no fit
 
 
-def test_restore_cli_dip_ddpm_after_a_short_fit(weights, tmp_path):
+def test_restore_cli_dip_ddpm_after_a_short_fit(weights, tmp_path, cli_cache):
   out = tmp_path / "out"
-  _run(RESTORE, "--method=dip_ddpm", "--crop=32", "--width=4", "--scales=1", "--nfe=1",
+  _run(cli_cache, RESTORE, "--method=dip_ddpm", "--crop=32", "--width=4", "--scales=1", "--nfe=1",
        "--stop=oracle", f"--ddpm_weights={weights[0]}", f"--out_dir={out}")
   result = json.loads((out / "metrics.json").read_text())
   assert result["iterations"] == 300  # the hybrids' default budget
@@ -60,12 +60,12 @@ def test_restore_cli_dip_ddpm_after_a_short_fit(weights, tmp_path):
   assert (out / "trace.csv").exists()
 
 
-def test_restore_cli_posterior_solvers(weights, tmp_path):
+def test_restore_cli_posterior_solvers(weights, tmp_path, cli_cache):
   """DDNM from noise on inpainting satisfies the data (noise-free: A x = y on the known
   pixels); DPS from a short DIP fit on SR takes t* from its held-out error (the default 0.05)."""
   out = tmp_path / "ddnm"
-  _run(RESTORE, "--method=ddnm", "--task=inpaint", "--mask_kind=random", "--crop=32", "--nfe=2",
-       f"--ddpm_weights={weights[0]}", f"--out_dir={out}")
+  _run(cli_cache, RESTORE, "--method=ddnm", "--task=inpaint", "--mask_kind=random", "--crop=32",
+       "--nfe=2", f"--ddpm_weights={weights[0]}", f"--out_dir={out}")
   ddpm = json.loads((out / "metrics.json").read_text())["ddpm"]
   assert ddpm["t_start"] == 1000 and ddpm["steps"] == 2 and ddpm["est_mse"] is None
   assert not ddpm["guided_by_fit"]
@@ -73,7 +73,7 @@ def test_restore_cli_posterior_solvers(weights, tmp_path):
   known = np.any(degraded > 0, axis=-1)  # the generated mask's known pixels (non-black here)
   np.testing.assert_allclose(restored[known], degraded[known], atol=1e-4)
   out = tmp_path / "dip_dps"
-  _run(RESTORE, "--method=dip_dps", "--task=sr", "--factor=2", "--crop=32", "--width=4",
+  _run(cli_cache, RESTORE, "--method=dip_dps", "--task=sr", "--factor=2", "--crop=32", "--width=4",
        "--scales=1", "--iters=50", "--nfe=1", f"--ddpm_weights={weights[0]}", f"--out_dir={out}")
   result = json.loads((out / "metrics.json").read_text())
   assert result["config"]["holdout"] == 0.05 and result["config"]["stop"] == ["holdout"]
@@ -83,7 +83,7 @@ def test_restore_cli_posterior_solvers(weights, tmp_path):
   assert np.load(out / "restored.npy").shape == (32, 32, 3)
 
 
-def test_restore_cli_ddpm_errors(weights, tmp_path):
+def test_restore_cli_ddpm_errors(weights, tmp_path, cli_cache):
   cases = [
       (["--method=ddpm", f"--ddpm_weights={tmp_path / 'missing.npz'}"],
        "no DDPM weights file .*missing.npz: run experiments/train_ddpm.py"),
@@ -102,7 +102,7 @@ def test_restore_cli_ddpm_errors(weights, tmp_path):
   cases.append(([f"--ddpm_weights={tmp_path / 'wrong.npz'}", "--method=ddpm"],
                 "wrong.npz does not match"))
   for args, message in cases:
-    proc = _run(RESTORE, *args, f"--out_dir={tmp_path / 'out'}", check=False)
+    proc = _run(cli_cache, RESTORE, *args, f"--out_dir={tmp_path / 'out'}", check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("restore.py: error: ")
@@ -110,7 +110,7 @@ def test_restore_cli_ddpm_errors(weights, tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_report_quick_resumes_and_summarises(weights, tmp_path):
+def test_report_quick_resumes_and_summarises(weights, tmp_path, cli_cache):
   folder = tmp_path / "Grey"  # a grey set through the colour model
   folder.mkdir()
   io.save_image(folder / "a.png", _image((40, 36, 1)))
@@ -120,7 +120,7 @@ def test_report_quick_resumes_and_summarises(weights, tmp_path):
           "--noise_levels=25", "--nfes=1", "--dip_iters=10,20", "--dip_nfes=1",
           "--hybrids=dip_ddpm", "--dip_width=4", "--dip_scales=1", "--gen_t=10",
           "--gen_nfes=1", "--gen_ref_nfe=2", f"--out_dir={out}"]
-  first = _run(REPORT, *args)
+  first = _run(cli_cache, REPORT, *args)
   rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
   kinds = sorted(r["kind"] for r in rows)
   bm3d = 1 if any(r["kind"] == "bm3d" for r in rows) else 0
@@ -135,7 +135,7 @@ def test_report_quick_resumes_and_summarises(weights, tmp_path):
   hybrid = next(r for r in rows if r["kind"] == "dip_ddpm")
   assert hybrid["t_start"] >= 1 and hybrid["est_mse"] > 0 and "psnr" in hybrid
   assert "summary.md" in first.stdout
-  again = _run(REPORT, *args)  # resumed: nothing left to run
+  again = _run(cli_cache, REPORT, *args)  # resumed: nothing left to run
   assert "0 rows added" in again.stderr
   assert (out / "rows.jsonl").read_text().count("\n") == len(rows)
   summary = (out / "summary.md").read_text()
@@ -149,14 +149,15 @@ def test_report_quick_resumes_and_summarises(weights, tmp_path):
   train.save_weights(grey, *train.adapt_channels(weights[1], CONFIG, 1))
   args = [a for a in args if not a.startswith(("--weights", "--hybrids", "--gen_t"))]
   args = [a for a in args if not a.startswith("--dip_iters")]
-  _run(REPORT, *args, f"--weights={grey}", "--hybrids=", "--gen_images=0", "--dip_iters=")
+  _run(cli_cache, REPORT, *args, f"--weights={grey}", "--hybrids=", "--gen_images=0",
+       "--dip_iters=")
   added = (out / "rows.jsonl").read_text().count("\n") - len(rows)
   assert added == 1  # the grey model's one DDPM row
   summary = (out / "summary.md").read_text()
   assert "| 3-channel model" in summary and "| 1-channel model" in summary
 
 
-def test_posterior_report_resumes_and_summarises(weights, tmp_path):
+def test_posterior_report_resumes_and_summarises(weights, tmp_path, cli_cache):
   """One image, inpainting: the DIP row and DDNM from noise and from the guiding DIP start, and
   both at the fit's checkpoint (iteration 100); a rerun adds no row; the summary writes the
   table and the PSNR-vs-time figure."""
@@ -166,9 +167,9 @@ def test_posterior_report_resumes_and_summarises(weights, tmp_path):
   out = tmp_path / "rows.jsonl"
   script = os.path.join(ROOT, "experiments", "posterior_report.py")
   args = [f"--weights={weights[0]}", f"--data={data}", "--limit=1", "--crop=32", "--iters=200",
-          "--width=4", "--tasks=inpaint_random50", "--solvers=ddnm", "--nfe_noise=1",
+          "--width=4", "--scales=1", "--tasks=inpaint_random50", "--solvers=ddnm", "--nfe_noise=1",
           "--starts=noise,dip_guide", "--nfe_dip=5", "--dip_checkpoints=100", f"--out={out}"]
-  _run(script, *args)
+  _run(cli_cache, script, *args)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert sorted((r["method"], r.get("start"), r.get("dip_iters", 0)) for r in rows) == [
       ("ddnm", "dip_guide", 0), ("ddnm", "dip_guide", 100), ("ddnm", "noise", 0),
@@ -181,9 +182,9 @@ def test_posterior_report_resumes_and_summarises(weights, tmp_path):
     assert dip["est_mse"] > 0 and 1 <= start["t_start"] <= 1000
     assert start["wall_seconds"] >= dip["seconds"]
   assert pick("dip", 100)["seconds"] < pick("dip", 0)["seconds"]
-  _run(script, *args)
+  _run(cli_cache, script, *args)
   assert out.read_text().count("\n") == len(rows)
-  _run(script, "--summary", f"--out={out}")
+  _run(cli_cache, script, "--summary", f"--out={out}")
   summary = (tmp_path / "rows.md").read_text()
   assert "ddnm from DIP, guided" in summary and "ddnm from DIP, guided at 100 it" in summary
   assert (tmp_path / "rows_inpaint_random50.png").exists()

@@ -34,11 +34,6 @@ def clean():
   return io.center_crop(io.load_image(IMAGE), 32, 32)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
 def _cli(args, cache_dir):
   """restore.py's exit status and last stderr line."""
   proc = subprocess.run([sys.executable, SCRIPT, f"--cache_dir={cache_dir}", *args],
@@ -74,10 +69,10 @@ def grey_mask(tmp_path_factory):
     (["--image={d}/tiny.png", "--crop=0"], "at least 11x11"),
     (["--out_dir={d}/grey.png"], "cannot write there"),
 ])
-def test_bad_flags_are_refused_before_fitting(args, message, grey_mask, cache, tmp_path):
+def test_bad_flags_are_refused_before_fitting(args, message, grey_mask, cli_cache, tmp_path):
   args = [a.replace("{d}", str(grey_mask)) for a in args]
   out = [] if any(a.startswith("--out_dir") for a in args) else [f"--out_dir={tmp_path}"]
-  _refused([*TINY_FLAGS, *args, *out], message, cache, tmp_path)
+  _refused([*TINY_FLAGS, *args, *out], message, cli_cache, tmp_path)
 
 
 def test_checkpoints_are_bound_to_their_run(clean, tmp_path):
@@ -179,12 +174,12 @@ def test_the_library_checks_its_numbers(clean):
   assert set(np.unique(mask)) == {0.0, 1.0}
 
 
-def test_outputs_appear_only_when_the_run_succeeds(cache, tmp_path):
+def test_outputs_appear_only_when_the_run_succeeds(cli_cache, tmp_path):
   """A run that fails while writing (here: a directory where metrics.json must go) leaves no
   restored image, and no staging directory."""
   out = tmp_path / "out"
   os.makedirs(out / "metrics.json")
-  code, last, stderr = _cli([*TINY_FLAGS, f"--out_dir={out}"], cache)
+  code, last, stderr = _cli([*TINY_FLAGS, f"--out_dir={out}"], cli_cache)
   assert code != 0 and "Traceback" not in stderr
   assert "cannot write metrics.json into" in last, stderr[-2000:]
   assert sorted(os.listdir(out)) == ["metrics.json"]

@@ -34,7 +34,7 @@ def test_random_pixels_miss_exactly_the_ratio():
     masks.make("blobs", 8, 8, seed=0)
 
 
-def test_generated_masks_through_the_pipeline_and_cli(tmp_path):
+def test_generated_masks_through_the_pipeline_and_cli(tmp_path, cli_cache):
   config = pipeline.RestoreConfig(task="inpaint", mask_kind="random", mask_ratio=0.5)
   mask = pipeline.make_mask(config, (32, 32, 3), seed=1)
   np.testing.assert_array_equal(mask, masks.random_pixels(32, 32, 0.5, seed=1))
@@ -42,7 +42,8 @@ def test_generated_masks_through_the_pipeline_and_cli(tmp_path):
     pipeline.RestoreConfig(task="inpaint", mask_kind="random", mask_ratio=1.0)
   out = tmp_path / "out"
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "restore.py"), "--cache_dir=",
+      [sys.executable, os.path.join(ROOT, "experiments", "restore.py"),
+       f"--cache_dir={cli_cache}",
        "--task=inpaint", "--mask_kind=random", "--crop=32", "--width=4", "--scales=1",
        "--iters=10", "--stop=", f"--out_dir={out}"], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]

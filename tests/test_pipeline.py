@@ -84,7 +84,7 @@ def test_degrade_seeding_and_shapes(clean):
     pipeline.degrade(pipeline.RestoreConfig(sigma_known=False), clean, seed=0)
 
 
-def test_restore_equals_the_cli(clean, tmp_path):
+def test_restore_equals_the_cli(clean, tmp_path, cli_cache):
   """The library call and experiments/restore.py with the same settings: the same restored
   image and the same stops; 60 iterations in calls of 25 (the last one bounded)."""
   config = pipeline.RestoreConfig(**TINY)
@@ -104,7 +104,8 @@ def test_restore_equals_the_cli(clean, tmp_path):
   image = tmp_path / "clean.png"
   io.save_image(image, clean)
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "restore.py"), "--cache_dir=",
+      [sys.executable, os.path.join(ROOT, "experiments", "restore.py"),
+       f"--cache_dir={cli_cache}",
        f"--image={image}", "--width=4", "--scales=1", "--iters=60", "--log_every=25",
        "--stop=staged,oracle", "--seed=0", f"--out_dir={out}"],
       capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -133,7 +134,7 @@ def test_ground_truth_and_observation_must_agree(clean):
 def test_halting_ends_the_fit_at_the_chunk_where_the_stop_fires(clean, tmp_path):
   """The fit ends with the chunk in which its stop fires; checkpointed every chunk, the halting
   chunk included, a resume from there runs nothing more and gives the same run."""
-  config = pipeline.RestoreConfig(method="dip", width=8, scales=2, iters=1000,
+  config = pipeline.RestoreConfig(method="dip", width=4, scales=1, iters=1000,
                                   stop=("discrepancy",), halt=True)
   y = pipeline.degrade(config, clean, seed=0)
   run = lambda **kw: pipeline.restore(config, y, key=jax.random.PRNGKey(0), clean=clean,

@@ -18,11 +18,6 @@ TINY = ["--crop=32", "--width=4", "--scales=1", "--iters=100", "--log_every=50",
         "--stop="]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
 def _restore(args, cache_dir, check=True):
   proc = subprocess.run([sys.executable, SCRIPT, f"--cache_dir={cache_dir}", *args],
                         capture_output=True, text=True, cwd=ROOT)
@@ -31,71 +26,55 @@ def _restore(args, cache_dir, check=True):
   return proc
 
 
-def test_denoise_writes_outputs_and_resume_is_exact(tmp_path, cache):
-  full = tmp_path / "full"
-  stop = ["--stop=oracle,discrepancy"]
-  _restore([*TINY, *stop, f"--out_dir={full}", "--checkpoint_every=50"], cache)
+def test_outputs_any_budget_and_exact_resume(tmp_path, cli_cache):
+  """--iters 60 with progress every 50 and checkpoints every 20: one compiled call of 20
+  iterations, every iteration traced (SSIM at the last one too), the outputs at the first
+  criterion's stop; a run killed after checkpoint 40 and resumed equals the uninterrupted one;
+  the checkpoints are bound to their run."""
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  args = [*TINY, "--iters=60", "--checkpoint_every=20", "--method=staged",
+          "--stop=oracle,staged,discrepancy"]
+  _restore([*args, f"--out_dir={full}"], cli_cache)
   for name in ("restored.png", "degraded.png", "metrics.json", "trace.csv", "psnr.png"):
     assert (full / name).exists(), name
   result = json.loads((full / "metrics.json").read_text())
-  assert result["iterations"] == 100 and result["compile_seconds"] > 0
+  assert result["iterations_run"] == 60 and result["compile_seconds"] > 0
+  assert result["stage_ends"] == [7, 60]  # each stage 1, then 10% / 90% of the other 58
   assert result["restored"]["psnr"] > 0 and 0 < result["restored"]["ssim"] <= 1
   # restored.png is the EMA output at the oracle's stop: the best PSNR of the run.
   assert result["restored_at"] == "oracle"
   assert result["restored"] == result["stops"]["oracle"]["mean_of_seeds"]
   assert result["restored"]["psnr"] >= max(e["ema"]["psnr"] for e in result["per_seed"])
-  assert 1 <= result["stops"]["oracle"]["iteration"][0] <= 100
+  assert 1 <= result["stops"]["oracle"]["iteration"][0] <= 60
   rows = (full / "trace.csv").read_text().splitlines()
-  assert len(rows) == 1 + 100 and rows[0].startswith("seed,iteration,loss")
+  assert len(rows) == 1 + 60 and rows[0].startswith("seed,iteration,loss")
+  last = dict(zip(rows[0].split(","), rows[-1].split(",")))
+  assert last["ssim_clean_ema"] != ""  # SSIM at the last iteration
+  assert all(last[k] not in ("", "nan") for k in ("loss", "psnr_clean_ema", "psnr_obs"))
 
-  # A run killed after its first checkpoint: only checkpoint 50 exists and no outputs.
-  cut = tmp_path / "cut"
+  # A run killed after checkpoint 40: only that checkpoint exists and no outputs.
   os.makedirs(cut / "checkpoints")
-  shutil.copytree(full / "checkpoints" / "50", cut / "checkpoints" / "50")
+  shutil.copytree(full / "checkpoints" / "40", cut / "checkpoints" / "40")
   shutil.copy(full / "checkpoints" / "fingerprint.json", cut / "checkpoints")
-  proc = _restore([*TINY, *stop, f"--out_dir={cut}", "--checkpoint_every=50", "--resume"],
-                  cache)
-  assert "resumed from iteration 50" in proc.stderr
+  proc = _restore([*args, f"--out_dir={cut}", "--resume"], cli_cache)
+  assert "resumed from iteration 40" in proc.stderr
+  np.testing.assert_array_equal(np.load(cut / "restored.npy"), np.load(full / "restored.npy"))
   np.testing.assert_array_equal(io.load_image(cut / "restored.png"),
                                 io.load_image(full / "restored.png"))
   resumed = json.loads((cut / "metrics.json").read_text())
   assert resumed["restored"] == result["restored"] and resumed["stops"] == result["stops"]
   # The checkpoints are bound to their run: other settings are refused before any work.
-  proc = _restore([*TINY, *stop, f"--out_dir={cut}", "--checkpoint_every=50", "--resume",
-                   "--sigma=50", "--seed=7"], cache, check=False)
+  proc = _restore([*args, f"--out_dir={cut}", "--resume", "--sigma=50", "--seed=7"], cli_cache,
+                  check=False)
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 1 and "compiled in" not in proc.stderr
   assert last.startswith("restore.py: error: resume: the checkpoints in") and all(
       s in last for s in ("key", "observation", "sigma 25.0 -> 50.0")), last
-  proc = _restore([*TINY, *stop, f"--out_dir={cut}", "--checkpoint_every=50"], cache,
-                  check=False)
-  assert "already holds checkpoints (iteration 100): resume" in proc.stderr.splitlines()[-1]
+  proc = _restore([*args, f"--out_dir={cut}"], cli_cache, check=False)
+  assert "already holds checkpoints (iteration 60): resume" in proc.stderr.splitlines()[-1]
 
 
-def test_any_budget_and_checkpoints_between_progress_lines(tmp_path, cache):
-  """--iters 60 with progress every 50 and checkpoints every 20: one compiled call of 20
-  iterations, every iteration traced (SSIM at the last one too); a run killed after checkpoint
-  40 and resumed equals the uninterrupted one."""
-  full, cut = tmp_path / "full", tmp_path / "cut"
-  args = [*TINY, "--iters=60", "--checkpoint_every=20", "--method=staged", "--stop=staged"]
-  _restore([*args, f"--out_dir={full}"], cache)
-  result = json.loads((full / "metrics.json").read_text())
-  assert result["iterations_run"] == 60
-  assert result["stage_ends"] == [7, 60]  # each stage 1, then 10% / 90% of the other 58
-  rows = (full / "trace.csv").read_text().splitlines()
-  last = dict(zip(rows[0].split(","), rows[-1].split(",")))
-  assert len(rows) == 1 + 60 and last["ssim_clean_ema"] != ""  # SSIM at the last iteration
-  assert all(last[k] not in ("", "nan") for k in ("loss", "psnr_clean_ema", "psnr_obs"))
-  os.makedirs(cut / "checkpoints")
-  shutil.copytree(full / "checkpoints" / "40", cut / "checkpoints" / "40")
-  shutil.copy(full / "checkpoints" / "fingerprint.json", cut / "checkpoints")
-  proc = _restore([*args, f"--out_dir={cut}", "--resume"], cache)
-  assert "resumed from iteration 40" in proc.stderr
-  np.testing.assert_array_equal(np.load(cut / "restored.npy"), np.load(full / "restored.npy"))
-  assert json.loads((cut / "metrics.json").read_text())["stops"] == result["stops"]
-
-
-def test_inpainting_staged_with_ddpm_input(tmp_path, cache):
+def test_inpainting_staged_with_ddpm_input(tmp_path, cli_cache):
   mask = np.ones((32, 32), np.float32)
   mask[8:20, 10:22] = 0
   io.save_image(tmp_path / "mask.png", mask)
@@ -104,26 +83,26 @@ def test_inpainting_staged_with_ddpm_input(tmp_path, cache):
   out = tmp_path / "out"
   _restore([*TINY, f"--image={image}", "--task=inpaint", f"--mask={tmp_path / 'mask.png'}",
             "--method=staged", "--stages=2", "--final_share=0", "--input=ddpm", "--input_t=50",
-            f"--out_dir={out}"], cache)
+            f"--out_dir={out}"], cli_cache)
   result = json.loads((out / "metrics.json").read_text())
   assert result["stage_ends"] == [50, 100]
   assert io.load_image(out / "restored.png").shape == (32, 32, 3)
 
 
-def test_super_resolution_with_two_seeds(tmp_path, cache):
+def test_super_resolution_with_two_seeds(tmp_path, cli_cache):
   out = tmp_path / "out"
   _restore([*TINY, "--task=sr", "--factor=2", "--seeds=2", "--input=meshgrid", "--crop=33",
-            f"--out_dir={out}"], cache)  # 33 x 33: centre-cropped to a multiple of 2
+            f"--out_dir={out}"], cli_cache)  # 33 x 33: centre-cropped to a multiple of 2
   result = json.loads((out / "metrics.json").read_text())
   assert len(result["per_seed"]) == 2
   assert io.load_image(out / "degraded.png").shape == (16, 16, 3)
   assert io.load_image(out / "restored.png").shape == (32, 32, 3)
 
 
-def test_deblurring_with_poisson_noise(tmp_path, cache):
+def test_deblurring_with_poisson_noise(tmp_path, cli_cache):
   out = tmp_path / "out"
   _restore([*TINY, "--task=deblur", "--blur=motion", "--blur_size=7", "--noise=poisson",
-            "--peak=30", f"--out_dir={out}"], cache)
+            "--peak=30", f"--out_dir={out}"], cli_cache)
   result = json.loads((out / "metrics.json").read_text())
   assert result["config"]["noise"] == "poisson" and result["config"]["task"] == "deblur"
   assert result["sigma_used"] > 0 and result["restored"]["psnr"] > 0
@@ -153,10 +132,10 @@ def bad_files(tmp_path_factory):
     (["--loss=perceptual"], "needs vgg19"),
     (["--noisy", "--sigma=10"], "leave --sigma out"),
 ])
-def test_bad_input_gives_one_clear_line(args, message, bad_files, tmp_path, cache):
+def test_bad_input_gives_one_clear_line(args, message, bad_files, tmp_path, cli_cache):
   out = tmp_path / "out"
   args = [a.replace("{d}", str(bad_files)) for a in args]
-  proc = _restore([*args, f"--out_dir={out}"], cache, check=False)
+  proc = _restore([*args, f"--out_dir={out}"], cli_cache, check=False)
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]

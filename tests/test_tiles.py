@@ -102,7 +102,7 @@ def test_tiling_refuses_what_it_cannot_do(clean, fields, kw, message):
     pipeline.restore(config, y, key=KEY, **kw)
 
 
-def test_the_cli_restores_a_masked_image_in_tiles(clean, tmp_path):
+def test_the_cli_restores_a_masked_image_in_tiles(clean, tmp_path, cli_cache):
   """restore.py --tile on an inpainting problem: each tile takes its part of the mask (the known
   pixels fitted, the hole filled); the metrics list the tiles, no per-iteration trace is written
   (each tile has its own)."""
@@ -113,9 +113,10 @@ def test_the_cli_restores_a_masked_image_in_tiles(clean, tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "restore.py"),
-       "--cache_dir=", f"--image={image}", "--task=inpaint", f"--mask={tmp_path / 'mask.png'}",
-       "--width=4", "--scales=1", "--iters=200", "--method=dip", "--stop=holdout",
-       "--holdout=0.05", "--tile=32", "--tile_overlap=8", f"--out_dir={out}"],
+       f"--cache_dir={cli_cache}", f"--image={image}", "--task=inpaint",
+       f"--mask={tmp_path / 'mask.png'}", "--width=4", "--scales=1", "--iters=200",
+       "--method=dip", "--stop=holdout", "--holdout=0.05", "--tile=32", "--tile_overlap=8",
+       f"--out_dir={out}"],
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   metrics = json.loads((out / "metrics.json").read_text())
