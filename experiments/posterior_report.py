@@ -177,7 +177,7 @@ def run() -> None:
                      f"({_ITERS.value}), got {checkpoints}")
   base = dict(crop=_CROP.value, iters=_ITERS.value, width=_WIDTH.value,
               weights=os.path.basename(_WEIGHTS.value),
-              **({} if _SCALES.value == 5 else dict(scales=_SCALES.value)))  # the rows' keys
+              **({} if _SCALES.value == _SCALES.default else dict(scales=_SCALES.value)))
   rule = {} if _T_RULE.value == "measured" else dict(t_rule=_T_RULE.value)
   with common.Results(_OUT.value) as results:
     done = {r["key"] for r in results.rows}
