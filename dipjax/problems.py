@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dipjax import noise as noise_lib
 from dipjax import schedules
 from dipjax import targets as targets_lib
 from dipjax.inputs import NetInput
@@ -81,15 +82,16 @@ def plain_problem(inputs: NetInput, observation: Array, operator: Operator, iter
 
 def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: Operator,
                    iters: int, *, schedule: schedules.Schedule, num_stages: int, t_max: int,
-                   sigma: float | Array, probe_ratio: float = 0.0, fresh_noise: bool = False,
-                   scaled: bool = True, final_share: float | None = None,
-                   clean: Array | None = None) -> Problem:
+                   sigma: float | Array, probe_ratio: float = 0.0, correlation: float = 0.0,
+                   fresh_noise: bool = False, scaled: bool = True,
+                   final_share: float | None = None, clean: Array | None = None) -> Problem:
   """DDPM-staged DIP: K targets x_k = a_k (y + p) + b_k eps_k from t_max down to t = 0.
 
   a_k, b_k are sqrt(abar_t), sqrt(1 - abar_t) (scaled) or 1, noise_level(t)
   (:func:`targets.staged_targets`). p = probe_ratio * sigma * N(0, 1) is the probe: known
-  noise in a fixed ratio to the observation's own (unknown) noise, present in every stage, so
-  the network fits both at the same rate and the fitted fraction of p tells how much of the
+  noise in a fixed ratio to the observation's own (unknown) noise and of its spectrum (white,
+  or correlated as the observation's: `correlation`), present in every stage, so the network
+  fits both at the same rate and the fitted fraction of p tells how much of the
   unknown noise the output has absorbed (``mse_est_ema``; :mod:`dipjax.stopping` 'staged').
   probe_ratio = 0: no probe, the last target is y itself.
 
@@ -101,6 +103,8 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
       (:func:`targets.stage_timesteps`, :func:`targets.staged_targets`).
     sigma: the observation's noise std in [0, 1] units, known or estimated: a float, or per
       entry (h, w, C) for Poisson noise (the probe then has the noise's varying std).
+    correlation: the width of the kernel that correlates the observation's noise
+      (:func:`noise.correlate`), and so the probe's; 0: white.
     final_share: fraction of `iters` given to the last stage (the rest split equally);
       None splits all equally (with one stage it has nothing to split).
   """
@@ -121,7 +125,8 @@ def staged_problem(key: Array, inputs: NetInput, observation: Array, operator: O
   y = jnp.asarray(observation, jnp.float32)
   probe = None
   if probe_ratio:
-    probe = probe_ratio * sigma * jax.random.normal(k_probe, y.shape, jnp.float32)
+    white = jax.random.normal(k_probe, y.shape, jnp.float32)
+    probe = probe_ratio * sigma * noise_lib.correlate(white, correlation)
   ts = jnp.asarray(targets_lib.stage_timesteps(num_stages, t_max))
   stage_targets = targets_lib.staged_targets(k_stages, y if probe is None else y + probe,
                                              schedule, ts, fresh_noise=fresh_noise,

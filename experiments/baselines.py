@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 import common
+from dipjax import noise
 from dipjax import operators
 from dipjax import pipeline
 
@@ -45,6 +46,13 @@ def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | 
 
     found["richardson_lucy"] = per_channel(lucy)
     found["tv"] = tv_deconvolution(config, y, restoration.denoise_tv_chambolle)
+  elif config.task == "denoise" and config.noise == "gaussian" and config.sigma:
+    try:
+      found["cbm3d"] = common.bm3d_denoise(y, config.sigma / 255)  # as if the noise were white
+      if config.noise_corr:
+        found["cbm3d_psd"] = correlated_bm3d(y, config.sigma / 255, config.noise_corr)
+    except ImportError:
+      found["cbm3d"] = "bm3d not installed (pip install -e '.[baselines]')"
   elif config.noise == "poisson" and not config.sigma:  # the plain Anscombe: no read noise
     try:
       found["bm3d_anscombe"] = anscombe_bm3d(y, config.peak)
@@ -52,6 +60,25 @@ def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | 
       found["bm3d_anscombe"] = "bm3d not installed (pip install -e '.[baselines]')"
   return {k: np.clip(v, 0, 1).astype(np.float32) if isinstance(v, np.ndarray) else v
           for k, v in found.items()}
+
+
+def correlated_bm3d(y: np.ndarray, sigma: float, width: float) -> np.ndarray:
+  """(C)BM3D of y (H, W, C) told the noise's power spectrum: Gaussian of std `sigma` per entry,
+  correlated by dipjax.noise.correlate(., width). bm3d's convention (its examples): the PSD of
+  noise = kernel * white is |FFT(kernel)|^2 * H * W, the kernel of energy sigma^2."""
+  import bm3d  # optional extra: pip install -e '.[baselines]'
+  if not hasattr(np, "trapz"):  # bm4d 4.2's PSD path calls np.trapz, gone in NumPy 2.4
+    np.trapz = np.trapezoid
+  h, w = y.shape[:2]
+  impulse = np.zeros((h, w, 1), np.float32)
+  impulse[0, 0] = 1.0
+  kernel = np.asarray(noise.correlate(impulse, width))[..., 0]  # unit energy, wrapped
+  psd = sigma**2 * np.abs(np.fft.fft2(kernel)) ** 2 * h * w
+  if y.shape[-1] == 3:
+    out = bm3d.bm3d_rgb(y, np.repeat(psd[..., None], 3, -1))
+  else:
+    out = bm3d.bm3d(y[..., 0], psd)[..., None]
+  return np.clip(out, 0, 1).astype(np.float32)
 
 
 def discrepancy_target(config: pipeline.RestoreConfig, y: np.ndarray, x: np.ndarray) -> float:

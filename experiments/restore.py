@@ -71,6 +71,10 @@ flags.DEFINE_float("sigma", None, "Std of the Gaussian noise added to the clean 
 flags.DEFINE_enum("noise", D["noise"].default, list(pipeline.NOISES), "Noise model: gaussian "
                   "(--sigma) or poisson (--peak photons at white, plus --sigma read noise).")
 flags.DEFINE_float("peak", D["peak"].default, "--noise poisson: photons at a white pixel.")
+flags.DEFINE_float("noise_corr", D["noise_corr"].default, "--noise gaussian: std in pixels of the "
+                   "kernel that correlates the noise between neighbouring pixels (a camera's "
+                   "demosaicing); 0: white. The staged probe takes it; with --noisy the estimated "
+                   "sigma is corrected for it.")
 flags.DEFINE_enum("mask_kind", D["mask_kind"].default, list(pipeline.MASK_KINDS),
                   "Inpainting mask: file (--mask) or generated with --seed: random pixels "
                   "(--mask_ratio missing), text or brush strokes.")

@@ -34,6 +34,9 @@ from dipjax import io
 from dipjax import pipeline
 from dipjax import plots
 
+# RestoreConfig fields added after rows were written, with their defaults (see key_config)
+LATER_FIELDS = {"noise_corr": 0.0}
+
 _SECTION = flags.DEFINE_enum("section", None, list(task_sections.SECTIONS), "Report section.")
 _DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
 _OUT = flags.DEFINE_string("out", None, "Rows (default docs/results/tasks/<section>.jsonl).")
@@ -64,10 +67,18 @@ def load_clean(path: str, crop: int) -> np.ndarray:
 def restore_config(section: task_sections.Section, setting: dict,
                    method: str) -> pipeline.RestoreConfig:
   return pipeline.RestoreConfig(
-      **setting, method=method, iters=_ITERS.value or section.iters,
+      **task_sections.restore_fields(setting), method=method, iters=_ITERS.value or section.iters,
       width=_WIDTH.value or section.width, seeds=section.seeds,
       stop=task_sections.criteria(setting, method), halt=False,
       holdout=task_sections.HOLDOUT if method == "dip" else 0.0)
+
+
+def key_config(config: pipeline.RestoreConfig) -> dict:
+  """The config as a row's key holds it: every field, but those added to RestoreConfig after
+  rows were written (LATER_FIELDS) only where they differ from their default, so that the
+  earlier rows keep their keys."""
+  return {k: v for k, v in vars(config).items()
+          if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
 def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[dict, dict]:
@@ -221,12 +232,13 @@ def run() -> None:
         for method in task_sections.methods(setting):
           config = restore_config(section, setting, method)
           spec = dict(section=_SECTION.value, setting=label, image=name, method=method,
-                      crop=section.crop, config={k: v for k, v in vars(config).items()})
+                      crop=section.crop, config=key_config(config))
           key = common.row_key(spec)
           if key in done:
             continue
           t0 = time.time()
-          y, mask = task_sections.observe(config, clean, name)
+          y, mask = task_sections.observe(task_sections.observation_config(config, setting),
+                                          clean, name)
           row, curves = fit_row(config, y, clean, mask, compiler)
           found = baselines_lib.baselines(config, y, mask, clean.shape) if method == "dip" else {}
           row["baselines"] = {

@@ -58,6 +58,12 @@ SECTIONS = {
     "poisson": Section(CSET9 + tuple(f"Set12/{i:02d}.png" for i in range(1, 13)), 128, {
         "peak10": dict(task="denoise", noise="poisson", peak=10.0),
         "peak30": dict(task="denoise", noise="poisson", peak=30.0)}),
+    # camera-like noise: Gaussian, correlated over ~1 pixel (a demosaiced sensor's); the
+    # second setting draws the same observation but restores it as if the noise were white
+    "correlated": Section(CSET9 + tuple(f"Set12/{i:02d}.png" for i in range(1, 13)), 128, {
+        "corr25": dict(task="denoise", sigma=25.0, noise_corr=0.7),
+        "corr25_white": dict(task="denoise", sigma=25.0, noise_corr=0.7,
+                             assume=dict(noise_corr=0.0))}),
 }
 
 
@@ -67,7 +73,24 @@ def noisy(setting: dict) -> bool:
 
 
 def methods(setting: dict) -> tuple[str, ...]:
+  """The methods fitted; a setting with `assume` (fields the restoration takes other than the
+  observation's) only the staged method, the one whose probe they change."""
+  if "assume" in setting:
+    return ("staged",)
   return ("dip", "staged") if noisy(setting) else ("dip",)
+
+
+def restore_fields(setting: dict) -> dict:
+  """The RestoreConfig fields of a setting as the restoration takes them (`assume` applied)."""
+  fields = {k: v for k, v in setting.items() if k != "assume"}
+  return dict(fields, **setting.get("assume", {}))
+
+
+def observation_config(config: pipeline.RestoreConfig,
+                       setting: dict) -> pipeline.RestoreConfig:
+  """The config the setting's observation is drawn with: the restoration's, the fields it
+  `assume`s set back to the observation's."""
+  return dataclasses.replace(config, **{k: setting[k] for k in setting.get("assume", {})})
 
 
 def criteria(setting: dict, method: str) -> tuple[str, ...]:

@@ -41,3 +41,13 @@ def test_bicubic_has_the_outputs_shape():
   y = pipeline.degrade(config, clean, seed=0)
   found = baselines.baselines(config, y, None, clean.shape)
   assert found["bicubic"].shape == clean.shape and found["bicubic"].dtype == np.float32
+
+
+def test_bm3d_told_the_noise_spectrum_removes_correlated_noise():
+  pytest.importorskip("bm3d", reason="needs bm3d (pip install -e '.[baselines]')")
+  config = pipeline.RestoreConfig(sigma=25.0, noise_corr=0.7)
+  clean = _clean()
+  y = pipeline.degrade(config, clean, seed=0)
+  found = baselines.baselines(config, y, None, clean.shape)
+  psnr = {k: pipeline.score(v, clean)["psnr"] for k, v in found.items()}
+  assert psnr["cbm3d_psd"] > psnr["cbm3d"] + 1.0 > pipeline.score(y, clean)["psnr"] + 1.0

@@ -152,3 +152,50 @@ def test_fit_error_estimate_undoes_the_blur_on_a_white_error():
   assert raw == pytest.approx(op.white_noise_gain() * v, rel=0.1)
   assert pipeline.fit_error_estimate(config, held_out, y, x_hat, sigma) == pytest.approx(
       v, rel=0.1)
+
+
+def _lag_correlation(n: np.ndarray) -> tuple[float, float]:
+  """Correlation of a noise field (H, W, C) with itself one pixel across and one channel over."""
+  n = n - n.mean()
+  return (float(np.mean(n * np.roll(n, 1, axis=1)) / n.var()),
+          float(np.mean(n * np.roll(n, 1, axis=2)) / n.var()))
+
+
+def test_correlated_noise_keeps_its_variance_and_the_kernel_s_correlation():
+  kernel = noise.correlation_kernel(0.7).astype(np.float64)
+  assert np.sum(kernel**2) == pytest.approx(1.0, rel=1e-5)
+  expected = np.sum(kernel[:, 1:] * kernel[:, :-1])  # the kernel's autocorrelation at lag 1
+  white = np.random.default_rng(0).standard_normal((96, 96, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(noise.correlate(white, 0.0)), white)
+  shaped = np.asarray(noise.correlate(white, 0.7))
+  assert shaped.std() == pytest.approx(white.std(), rel=0.05)
+  across, between = _lag_correlation(shaped)
+  assert across == pytest.approx(expected, abs=0.03) and abs(between) < 0.03
+  model = noise.GaussianNoise(20 / 255, correlation=0.7)
+  y = model.sample(np.random.default_rng(1), np.full((128, 128, 3), 0.5, np.float32))
+  assert np.std(y) == pytest.approx(20 / 255, rel=0.05)
+  assert _lag_correlation(y)[0] == pytest.approx(expected, abs=0.03)
+  # the wavelet estimate reads correlated noise low unless told its correlation
+  assert noise.estimate_sigma(y) < 0.5 * 20 / 255
+  assert noise.GaussianNoise(None, 0.7).level(y) == pytest.approx(20 / 255, rel=0.05)
+  for bad in (-1.0, float("nan"), noise.MAX_CORRELATION + 1):
+    with pytest.raises(ValueError, match="correlation is a kernel's std"):
+      noise.GaussianNoise(0.1, correlation=bad)
+  with pytest.raises(ValueError, match="noise_corr correlates Gaussian noise"):
+    pipeline.RestoreConfig(noise="poisson", noise_corr=0.7)
+
+
+def test_the_staged_probe_takes_the_noise_s_correlation():
+  import jax
+  from dipjax import inputs, problems, schedules
+  net_input = inputs.dip_noise(jax.random.PRNGKey(0), 64, 64, channels=2)
+  y = np.full((64, 64, 3), 0.5, np.float32)
+  probes = [np.asarray(problems.staged_problem(
+      jax.random.PRNGKey(1), net_input, y, operators.identity(), 10,
+      schedule=schedules.get("linear"), num_stages=2, t_max=30, sigma=0.1, probe_ratio=0.5,
+      correlation=width).probe) for width in (0.0, 1.0)]
+  kernel = noise.correlation_kernel(1.0).astype(np.float64)
+  assert abs(_lag_correlation(probes[0])[0]) < 0.05
+  assert _lag_correlation(probes[1])[0] == pytest.approx(
+      np.sum(kernel[:, 1:] * kernel[:, :-1]), abs=0.05)
+  assert probes[1].std() == pytest.approx(0.05, rel=0.1)
