@@ -134,7 +134,8 @@ class RestoreConfig:
       (:meth:`noise.PoissonNoise.std_map`).
     noise_corr: Gaussian noise correlated between neighbouring pixels (a camera's demosaicing
       and processing): the std in pixels of the kernel that correlates it
-      (:func:`noise.correlate`; sigma stays the std of each entry); 0: white. The staged
+      (:func:`noise.correlate`; sigma stays the std of each entry); 0: white; None: estimated
+      from the observation (:func:`noise.estimate_noise`; a real photo's). The staged
       method's probe takes the same correlation, and an estimated sigma is corrected for it.
     sigma_known: False: :func:`restore` estimates sigma from the observation (a real photo).
     mask_kind, mask_ratio: the inpainting mask: 'file' (given to :func:`degrade` and
@@ -181,7 +182,7 @@ class RestoreConfig:
   sigma: float | None = None
   sigma_known: bool = True
   noise: str = "gaussian"
-  noise_corr: float = 0.0
+  noise_corr: float | None = 0.0
   peak: float = 30.0
   mask_kind: str = "file"
   mask_ratio: float = 0.5
@@ -281,12 +282,15 @@ class RestoreConfig:
         (self.kernel not in operators.KERNELS, f"kernel must be one of {operators.KERNELS}"),
         (self.noise not in NOISES, f"noise must be one of {NOISES}, got {self.noise!r}"),
         (not self.peak > 0, f"peak must be positive, got {self.peak}"),
-        (not 0 <= self.noise_corr <= noise.MAX_CORRELATION,
+        (self.noise_corr is not None and not 0 <= self.noise_corr <= noise.MAX_CORRELATION,
          f"noise_corr must lie in [0, {noise.MAX_CORRELATION}] (pixels), got {self.noise_corr}"),
-        (self.noise_corr and self.noise != "gaussian",
+        (self.noise_corr != 0 and self.noise != "gaussian",
          "noise_corr correlates Gaussian noise: noise 'gaussian'"),
         (self.noise != "gaussian" and not self.sigma_known,
          "an unknown noise level (sigma_known=False) is estimated as Gaussian: noise 'gaussian'"),
+        (self.task == "inpaint" and self.noise_corr is None,
+         "an unknown noise correlation is estimated from the whole observation, whose missing "
+         "pixels would count as noise: give noise_corr for inpainting"),
         (self.task == "inpaint" and not self.sigma_known,
          "an unknown noise level is estimated from the whole observation, whose missing pixels "
          "would count as noise: give sigma for inpainting"),
@@ -419,6 +423,7 @@ class Restoration:
       'fit' (hybrids), 'per_seed' and 'stops'; else None.
     tiles: a tiled restoration's tiles (origin in the output, where each stopped, iterations,
       seconds), else None; its stops, outputs and trace are the tiles' (in `tiles`), not here.
+    noise_corr: the noise's correlation width used (pixels; given or estimated), 0: white.
   """
   image: np.ndarray
   observation: np.ndarray
@@ -437,12 +442,14 @@ class Restoration:
   ddpm: dict | None
   scores: dict | None
   tiles: list[dict] | None = None
+  noise_corr: float = 0.0
 
   def summary(self) -> dict:
     """A JSON-able summary: where it stopped, timings, every criterion's stop and the scores
     (PSNR / SSIM) where a ground truth was given."""
     scores = self.scores or {}
     result = dict(restored_at=self.restored_at, sigma_used=round(255 * self.sigma, 4),
+                  **({"noise_corr_used": self.noise_corr} if self.noise_corr else {}),
                   **{k: scores[k] for k in ("restored", "degraded") if k in scores})
     if self.ddpm is not None:
       result["ddpm"] = dict(self.ddpm, **scores.get("restored", {}))
@@ -522,8 +529,9 @@ def degrade(config: RestoreConfig, clean: np.ndarray, *, seed: int | list[int] |
   down-sampled by `factor` (super-resolution) or blurred (deblurring), then the noise model's
   noise added and the result clipped to [0, 1], drawn from ``numpy.random.default_rng(seed)``.
   """
-  if not config.sigma_known:
-    raise ValueError("degrade adds noise of a known sigma: sigma_known must be True")
+  if not config.sigma_known or config.noise_corr is None:
+    raise ValueError("degrade adds noise of a known sigma and correlation: sigma_known must be "
+                     "True and noise_corr a number")
   clean = io.check_image(clean, "the clean image")
   if config.task == "inpaint":
     mask = _mask_of(mask, clean.shape)
@@ -651,6 +659,7 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
   poisson = isinstance(frame.physics.noise, noise.PoissonNoise)
   # Poisson: the std per entry (the probe's std and the SURE terms follow the noise's)
   stds = jnp.asarray(frame.physics.noise.std_map(frame.y)) if poisson else sigma
+  correlation = 0.0 if poisson else frame.physics.noise.width(io.unpad(frame.y, frame.padding))
   if config.method != "staged":
     problem = problems.plain_problem(net_input, y, frame.physics.operator, config.iters, clean,
                                      jnp.asarray(stds, jnp.float32))
@@ -659,7 +668,7 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
     problem = problems.staged_problems(
         k_targets, config.seeds, net_input, y, frame.physics.operator, config.iters,
         schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
-        sigma=stds, probe_ratio=config.probe, correlation=config.noise_corr,
+        sigma=stds, probe_ratio=config.probe, correlation=correlation,
         fresh_noise=config.fresh_eps, scaled=config.scaled_targets,
         final_share=config.final_share, clean=clean)
     problem = problem.replace(loss_params=problems.stack([loss_params] * config.seeds))
@@ -730,6 +739,7 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
       tile that does (:func:`auto_tile`), with a warning. Fit methods without a DDPM stage only
       (dip, staged), no deblurring, no checkpoints.
   """
+  config = resolve_noise_corr(config, observation)
   if tile is None:
     tile = 0 if checkpoint_every or resume else auto_tile(config, np.shape(observation), overlap)
   if tile and tile < config.scale * max(np.shape(observation)[:2]):
@@ -769,6 +779,16 @@ def restore(config: RestoreConfig, observation: np.ndarray, *, key: jax.Array,
                               est_mse=est)
   return _result(config, padded, y, sigma, image, restored_at, run,
                  fit_image=fit_image if ddpm is not None else None, ddpm=info)
+
+
+def resolve_noise_corr(config: RestoreConfig, observation: np.ndarray) -> RestoreConfig:
+  """`config` with an unknown noise correlation (noise_corr None) estimated from the whole
+  observation (:func:`noise.estimate_noise`), so that tiles and checkpoints share it."""
+  if config.noise_corr is not None:
+    return config
+  width = round(noise.estimate_noise(io.check_image(observation, "the observation"))[1], 3)
+  logging.info("noise correlation estimated from the observation: width %.2f pixels", width)
+  return dataclasses.replace(config, noise_corr=width)
 
 
 def auto_tile(config: RestoreConfig, shape: tuple[int, ...], overlap: int = TILE_OVERLAP,
@@ -858,7 +878,7 @@ def _restore_tiled(config: RestoreConfig, observation: np.ndarray, key: jax.Arra
       sigma=float(sigma), stops={}, ema=None, out=None, fit_image=None, trace=None,
       trace_every=0, stage_ends=(), iterations=max(t["iterations"] for t in found),
       compile_seconds=compile_seconds, fit_seconds=fit_seconds, ddpm=None, scores=scores,
-      tiles=found)
+      tiles=found, noise_corr=config.noise_corr or 0.0)
 
 
 def network_size(config: RestoreConfig, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -1268,6 +1288,7 @@ def _result(config, frame, y, sigma, image, restored_at, run, fit_image=None,
                          for name, (_, kept) in stops.items()}
   return Restoration(
       image=np.asarray(image, np.float32), observation=y, restored_at=restored_at,
+      noise_corr=config.noise_corr or 0.0,
       sigma=float(sigma), stops=stops, ema=ema, out=out, fit_image=fit_image,
       trace=None if run is None else run.trace,
       trace_every=0 if run is None else run.fit_config.segment,

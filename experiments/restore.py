@@ -38,8 +38,8 @@ METHOD_DEFAULT = "(default: the method's, docs/cli.md)"
 _IMAGE = flags.DEFINE_string("image", os.path.join(ASSETS, "house.png"), "Image to restore.")
 _NOISY = flags.DEFINE_bool(
     "noisy", False, "--image is already the degraded observation (noisy, masked or low-res); "
-    "no noise is added, sigma is estimated from it, and there is no ground truth unless --clean "
-    "is given.")
+    "no noise is added, sigma (and, unless --noise_corr is given, the noise's correlation) is "
+    "estimated from it, and there is no ground truth unless --clean is given.")
 _CLEAN = flags.DEFINE_string("clean", None, "Ground truth for an observation given with --noisy.")
 _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image: white = known pixel.")
 _CROP = flags.DEFINE_integer("crop", 0, "Centre-crop the image to this size first (0: no crop).")
@@ -73,8 +73,8 @@ flags.DEFINE_enum("noise", D["noise"].default, list(pipeline.NOISES), "Noise mod
 flags.DEFINE_float("peak", D["peak"].default, "--noise poisson: photons at a white pixel.")
 flags.DEFINE_float("noise_corr", D["noise_corr"].default, "--noise gaussian: std in pixels of the "
                    "kernel that correlates the noise between neighbouring pixels (a camera's "
-                   "demosaicing); 0: white. The staged probe takes it; with --noisy the estimated "
-                   "sigma is corrected for it.")
+                   "demosaicing); 0: white. The staged probe takes it. With --noisy and no "
+                   "--noise_corr it is estimated from the image, with sigma.")
 flags.DEFINE_enum("mask_kind", D["mask_kind"].default, list(pipeline.MASK_KINDS),
                   "Inpainting mask: file (--mask) or generated with --seed: random pixels "
                   "(--mask_ratio missing), text or brush strokes.")
@@ -96,7 +96,8 @@ flags.DEFINE_enum("method", None, list(pipeline.METHODS),
                   "dip_ddpm / dip_guided: a DIP fit refined by the DDPM (denoising only); "
                   "ddnm / diffpir / dps: a diffusion posterior solver from noise (any task); "
                   "dip_ddnm / dip_diffpir / dip_dps: the same from a DIP fit at t* (from its "
-                  "held-out error), its output guiding every step. Default: staged for denoise, dip otherwise.")
+                  "held-out error), its output guiding every step. Default: staged for "
+                  "denoise, dip otherwise.")
 flags.DEFINE_enum("schedule", D["schedule"].default, list(pipeline.SCHEDULES), "Noise schedule.")
 flags.DEFINE_integer("stages", D["stages"].default, "Stage count (staged).")
 flags.DEFINE_integer("t_max", D["t_max"].default, "Timestep of the noisiest stage (staged).")
@@ -153,6 +154,8 @@ def config_from_flags() -> pipeline.RestoreConfig:
   """The RestoreConfig the flags describe; ValueError (naming the field) for bad values."""
   values = {name: flags.FLAGS[name].value for name in D if name in flags.FLAGS}
   values["sigma_known"] = not _NOISY.value
+  if _NOISY.value and not flags.FLAGS["noise_corr"].present:
+    values["noise_corr"] = None  # a real photo's: estimated with its sigma
   if _NOISY.value and values["sigma"] is not None:
     raise ValueError("--sigma adds noise to a clean image; with --noisy the image is already "
                      "degraded and its sigma is estimated (leave --sigma out)")

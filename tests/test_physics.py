@@ -199,3 +199,35 @@ def test_the_staged_probe_takes_the_noise_s_correlation():
   assert _lag_correlation(probes[1])[0] == pytest.approx(
       np.sum(kernel[:, 1:] * kernel[:, :-1]), abs=0.05)
   assert probes[1].std() == pytest.approx(0.05, rel=0.1)
+
+
+def test_noise_level_and_correlation_estimated_together():
+  rng = np.random.default_rng(0)
+  flat = np.full((128, 128, 3), 0.5, np.float32)
+  for width in (0.0, 0.5, 0.7):
+    y = noise.GaussianNoise(20 / 255, width).sample(rng, flat)
+    sigma, found = noise.estimate_noise(y)
+    assert sigma == pytest.approx(20 / 255, rel=0.06)
+    assert found == pytest.approx(width, abs=0.1 if width else 0.3)
+    unknown = noise.GaussianNoise(None, None)
+    assert unknown.width(y) == found and unknown.level(y) == sigma
+  assert noise.estimate_noise(flat) == (0.0, 0.0)
+  with pytest.raises(ValueError, match="unknown sigma or correlation"):
+    noise.GaussianNoise(0.1, None).sample(rng, flat)
+  with pytest.raises(ValueError, match="give noise_corr for inpainting"):
+    pipeline.RestoreConfig(task="inpaint", noise_corr=None)
+  with pytest.raises(ValueError, match="known sigma and correlation"):
+    pipeline.degrade(pipeline.RestoreConfig(noise_corr=None), flat, seed=0)
+
+
+def test_a_real_photo_s_noise_correlation_is_estimated_once_and_reported():
+  import jax
+  clean = _image(32)
+  y = pipeline.degrade(pipeline.RestoreConfig(sigma=25.0, noise_corr=0.7), clean, seed=0)
+  config = pipeline.RestoreConfig(sigma_known=False, noise_corr=None, width=4, scales=1,
+                                  iters=10)
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
+  sigma, width = noise.estimate_noise(y)
+  assert result.noise_corr == round(width, 3) > 0.3
+  assert result.sigma == pytest.approx(noise.estimate_sigma(y, round(width, 3)))
+  assert result.summary()["noise_corr_used"] == result.noise_corr
