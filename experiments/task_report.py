@@ -99,7 +99,10 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[d
   last = task_sections.score(config, frame.unpad(np.asarray(run.states.ema)).mean(0), clean)
   row = dict(stops=stops, last=last, oracle_peak=dict(psnr=float(np.nanmax(curve)),
                                                       stop=int(np.nanargmax(curve)) + 1),
-             sigma_used=round(255 * sigma, 4), compile_seconds=round(run.compile_seconds, 1),
+             sigma_used=round(255 * sigma, 4),
+             **({} if config.noise_corr is not None or config.noise != "gaussian" else
+                dict(noise_corr_used=round(frame.physics.noise.width(y), 3))),
+             compile_seconds=round(run.compile_seconds, 1),
              fit_seconds=round(run.fit_seconds, 1))
   curves = {f"curve_{k}": run.trace[k] for k in ("psnr_clean_ema", "psnr_obs_ema",
                                                  "mse_est_ema", "holdout_mse_ema")}

@@ -59,11 +59,14 @@ SECTIONS = {
         "peak10": dict(task="denoise", noise="poisson", peak=10.0),
         "peak30": dict(task="denoise", noise="poisson", peak=30.0)}),
     # camera-like noise: Gaussian, correlated over ~1 pixel (a demosaiced sensor's); the
-    # second setting draws the same observation but restores it as if the noise were white
+    # other settings draw the same observation but restore it as if the noise were white, or
+    # with its level and correlation estimated from it (a real photo's case)
     "correlated": Section(CSET9 + tuple(f"Set12/{i:02d}.png" for i in range(1, 13)), 128, {
         "corr25": dict(task="denoise", sigma=25.0, noise_corr=0.7),
         "corr25_white": dict(task="denoise", sigma=25.0, noise_corr=0.7,
-                             assume=dict(noise_corr=0.0))}),
+                             assume=dict(noise_corr=0.0)),
+        "corr25_estimated": dict(task="denoise", sigma=25.0, noise_corr=0.7,
+                                 assume=dict(sigma_known=False, noise_corr=None))}),
 }
 
 
@@ -89,8 +92,10 @@ def restore_fields(setting: dict) -> dict:
 def observation_config(config: pipeline.RestoreConfig,
                        setting: dict) -> pipeline.RestoreConfig:
   """The config the setting's observation is drawn with: the restoration's, the fields it
-  `assume`s set back to the observation's."""
-  return dataclasses.replace(config, **{k: setting[k] for k in setting.get("assume", {})})
+  `assume`s set back to the observation's (the setting's, else RestoreConfig's default)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(pipeline.RestoreConfig)}
+  return dataclasses.replace(config, **{k: setting.get(k, defaults[k])
+                                        for k in setting.get("assume", {})})
 
 
 def criteria(setting: dict, method: str) -> tuple[str, ...]:
