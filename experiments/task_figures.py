@@ -4,7 +4,8 @@ r"""The task report's figures on images without a ground truth (docs/RESULTS.md,
 
   real     a photo with camera noise (the no-flash shot of the DIP repository's flash / no-flash
            pair, dip/flash_no_flash/cave01_01_noflash.png, its centre 256²): input | dipjax's
-           staged method with sigma estimated from the photo | CBM3D at that sigma. (The DIP
+           staged method with the noise's level and correlation estimated from the photo |
+           CBM3D at that sigma as if white | CBM3D told the estimated noise spectrum. (The DIP
            paper's snail is JPEG-compressed: no noise the estimator can see, sigma 0.)
   vase, kate, library
            the DIP repository's masked images (dip/inpainting/<name>.png and its mask):
@@ -25,6 +26,7 @@ from absl import logging
 import jax
 import numpy as np
 
+import baselines
 import cli
 import common
 from dipjax import io
@@ -44,19 +46,21 @@ def _caption(what: str, name: str) -> str:
 
 
 def real_noise(path: str) -> list[tuple[str, np.ndarray]]:
-  """A real noisy photo: dipjax (staged, sigma estimated, its own stop) against CBM3D at the
-  same estimated sigma."""
+  """A real noisy photo: dipjax (staged, the noise's level and correlation estimated, its own
+  stop) against CBM3D at the estimated sigma as if white, and told the estimated spectrum."""
   y = io.center_crop(io.load_image(path), 256, 256)
-  config = pipeline.RestoreConfig(sigma_known=False)
+  config = pipeline.RestoreConfig(sigma_known=False, noise_corr=None)
   result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
-  sigma = result.sigma
+  sigma, width = result.sigma, result.noise_corr
+  level = f"σ̂ = {255 * sigma:.1f}, width {width:.2f}"
   row = [("input (real noise)", y),
-         (f"dipjax staged, σ̂ = {255 * sigma:.1f}, stop {result.stops['staged'][0][0]}",
-          result.image)]
+         (f"dipjax staged, {level}, stop {result.stops['staged'][0][0]}", result.image)]
   try:
-    row.append((f"CBM3D at σ̂ = {255 * sigma:.1f}", common.bm3d_denoise(y, sigma)))
+    row.append(("CBM3D, σ̂ as if white", common.bm3d_denoise(y, sigma)))
+    row.append((f"CBM3D told the spectrum ({level})",
+                baselines.correlated_bm3d(y, sigma, width)))
   except ImportError:
-    logging.warning("bm3d is not installed (pip install -e '.[baselines]'): no CBM3D panel")
+    logging.warning("bm3d is not installed (pip install -e '.[baselines]'): no CBM3D panels")
   return row
 
 
