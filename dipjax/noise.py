@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,11 +141,13 @@ def correlation_kernel(width: float) -> np.ndarray:
   return (kernel / np.sqrt(np.sum(kernel**2))).astype(np.float32)
 
 
-def correlate(white: Array | np.ndarray, width: float) -> Array:
+def correlate(white: Array | np.ndarray, width: float) -> Array | np.ndarray:
   """White noise (..., H, W, C) correlated by :func:`correlation_kernel`, circularly (by FFT):
   stationary, each entry of the same variance as before (the kernel, wrapped onto H x W, is
-  rescaled to unit energy), independent between channels. width 0: `white` itself."""
-  white = jnp.asarray(white, jnp.float32)
+  rescaled to unit energy), independent between channels. width 0: `white` itself. A NumPy
+  array is correlated on the host (the same numbers on every backend), a JAX array by JAX."""
+  xp = np if isinstance(white, np.ndarray) else jnp
+  white = xp.asarray(white, xp.float32)
   if width == 0:
     return white
   h, w = white.shape[-3:-1]
@@ -154,9 +157,11 @@ def correlate(white: Array | np.ndarray, width: float) -> Array:
   rows, cols = np.meshgrid(np.arange(-r, r + 1) % h, np.arange(-r, r + 1) % w, indexing="ij")
   np.add.at(wrapped, (rows, cols), kernel)
   wrapped /= np.sqrt(np.sum(wrapped**2))
-  response = jnp.asarray(np.fft.rfft2(wrapped), jnp.complex64)[:, :, None]
-  return jnp.fft.irfft2(jnp.fft.rfft2(white, axes=(-3, -2)) * response, s=(h, w),
-                        axes=(-3, -2)).astype(jnp.float32)
+  response = np.fft.rfft2(wrapped)[:, :, None]
+  if xp is jnp:
+    response = jnp.asarray(response, jnp.complex64)
+  return xp.fft.irfft2(xp.fft.rfft2(white, axes=(-3, -2)) * response, s=(h, w),
+                       axes=(-3, -2)).astype(xp.float32)
 
 
 def _diagonal_band(y: np.ndarray, lag: int, stride: int = 1) -> float:
@@ -209,31 +214,41 @@ def estimate_sigma(y: Array | np.ndarray, correlation: float = 0.0) -> float:
   return _diagonal_band(y, 1, stride=2) / math.sqrt(_band_gain(correlation, 1))
 
 
-ESTIMATED_WIDTHS = np.linspace(0.0, 2.0, 201)  # the correlation widths estimate_noise tells
+# The correlation widths estimate_noise tells apart: below 0.4 the leak of image structure into
+# the bands reads as much (white noise reads 0.3-0.4), above 1 the noise is too weak in both.
+WHITE_BELOW = 0.4
+ESTIMATED_WIDTHS = np.linspace(WHITE_BELOW, 1.0, 61)
 
 
 def estimate_noise(y: Array | np.ndarray) -> tuple[float, float]:
   """(sigma, correlation width) of Gaussian noise that may be correlated (a camera's), from
   the image alone: the ratio of the MAD stds of diagonal second differences at lags 2 and 1
   (:func:`_diagonal_band`) grows with the width of :func:`correlation_kernel` as the noise's
-  share of each band does, which fixes the width (in [0, 2]); then :func:`estimate_sigma` at
-  that width. Image structure leaks more into the lag-2 band: white noise reads width
-  0.3-0.4 (sigma 0-10% high), and widths above ~0.8, whose noise is weak in both bands, read
-  low (128-256 px crops of CSet9 at sigma = 25: width 0.5 reads 0.50-0.52, 0.7 reads
-  0.65-0.70, 1.0 reads 0.70-0.91).
+  share of each band does, which fixes the width; then :func:`estimate_sigma` at that width.
+  Image structure leaks more into the lag-2 band: white noise reads width 0.3-0.4, so widths
+  below WHITE_BELOW (0.4) count as white (0); widths above ~0.8, whose noise is weak in both
+  bands, read low, and the estimate stops at 1 (with a warning): beyond it the sigma
+  correction (x4.5 at 1) would amplify the leak. The 256² centre crops of CSet9 at sigma = 25:
+  white reads 0 (sigma 23.9-26.1), width 0.5 reads 0.50-0.52 and 0.7 reads 0.65-0.70 (sigma
+  24.5-26.8, kodim01's texture 28.5-28.9), 1.0 reads 0.70-0.91 (sigma 19-25).
 
   Args:
     y: (H, W, C) image in [0, 1] units, H and W >= 3.
 
   Returns:
-    (sigma in the image's units, width in pixels).
+    (sigma in the image's units, width in pixels: 0 or in [0.4, 1]).
   """
   y = _check_image(y, "estimate_noise", 3)
   fine = _diagonal_band(y, 1)
   if fine <= 0:
     return 0.0, 0.0
   ratios = [math.sqrt(_band_gain(w, 2) / _band_gain(w, 1)) for w in ESTIMATED_WIDTHS]
-  width = float(np.interp(_diagonal_band(y, 2) / fine, ratios, ESTIMATED_WIDTHS))
+  ratio = _diagonal_band(y, 2) / fine
+  width = float(np.interp(ratio, ratios, ESTIMATED_WIDTHS, left=0.0))
+  if ratio > ratios[-1]:
+    logging.warning("the noise looks correlated beyond a width of %.1f pixels (or the image is "
+                    "smooth, up-sampled or compressed): its width is taken as %.1f",
+                    ESTIMATED_WIDTHS[-1], ESTIMATED_WIDTHS[-1])
   return estimate_sigma(y, width), width
 
 

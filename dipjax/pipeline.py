@@ -112,6 +112,9 @@ _NUMBER_FIELDS = {
                      "ddpm_samples"), numbers.Integral)}
 # Settings of the DDPM stage after a fit: a checkpoint of the fit does not depend on them.
 _AFTER_FIT_FIELDS = ("ddpm_weights", "nfe", "ddpm_samples", "ddpm_eta", "guide_weight")
+# Fields added after checkpoints were written, with their defaults: in a fingerprint only where
+# set, so that those checkpoints still resume.
+_LATER_FIELDS = {"noise_corr": 0.0}
 
 
 class DivergedError(RuntimeError):
@@ -659,12 +662,13 @@ def build_problem(key: jax.Array, config: RestoreConfig, frame: Frame,
   poisson = isinstance(frame.physics.noise, noise.PoissonNoise)
   # Poisson: the std per entry (the probe's std and the SURE terms follow the noise's)
   stds = jnp.asarray(frame.physics.noise.std_map(frame.y)) if poisson else sigma
-  correlation = 0.0 if poisson else frame.physics.noise.width(io.unpad(frame.y, frame.padding))
   if config.method != "staged":
     problem = problems.plain_problem(net_input, y, frame.physics.operator, config.iters, clean,
                                      jnp.asarray(stds, jnp.float32))
     problem = problem.replace(loss_params=loss_params)
   else:
+    y_seen = io.unpad(frame.y, frame.padding)
+    correlation = 0.0 if poisson else frame.physics.noise.width(y_seen)
     problem = problems.staged_problems(
         k_targets, config.seeds, net_input, y, frame.physics.operator, config.iters,
         schedule=schedules.get(config.schedule), num_stages=config.stages, t_max=config.t_max,
@@ -952,7 +956,8 @@ def fingerprint(config: RestoreConfig, frame: Frame, key: jax.Array,
 
   key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   fp = {f.name: json.dumps(getattr(config, f.name)) for f in dataclasses.fields(config)
-        if f.name not in _AFTER_FIT_FIELDS}
+        if f.name not in _AFTER_FIT_FIELDS
+        and not (f.name in _LATER_FIELDS and getattr(config, f.name) == _LATER_FIELDS[f.name])}
   return fp | {"observation": digest(frame.y), "ground_truth": digest(frame.clean),
                "mask": digest(getattr(frame.physics.operator, "mask", None)),
                "key": str(np.asarray(key).tolist()),

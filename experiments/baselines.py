@@ -1,6 +1,6 @@
 """The classical baselines of the task report (experiments/task_report.py), flag-free: bicubic
 (SR), biharmonic inpainting, Wiener / Richardson-Lucy / TV deconvolution, Anscombe + (C)BM3D
-(Poisson). scikit-image and bm3d are optional extras: a missing one is named, not raised.
+(Poisson), (C)BM3D as if white and told the noise's spectrum (correlated Gaussian noise). scikit-image and bm3d are optional extras: a missing one is named, not raised.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | 
     up = lambda c: np.asarray(Image.fromarray(common.uint8(c)).resize(size, Image.BICUBIC))
     found["bicubic"] = np.stack([up(y[..., c]) for c in range(y.shape[-1])], -1) / 255
     return {"bicubic": found["bicubic"].astype(np.float32)}
+  if config.task == "denoise" and config.noise == "gaussian" and config.sigma:
+    try:
+      found["cbm3d"] = common.bm3d_denoise(y, config.sigma / 255)  # as if the noise were white
+      if config.noise_corr:
+        found["cbm3d_psd"] = correlated_bm3d(y, config.sigma / 255, config.noise_corr)
+    except ImportError:
+      found["cbm3d"] = "bm3d not installed (pip install -e '.[baselines]')"
+    return _clipped(found)
   try:
     from skimage import restoration  # optional: pip install scikit-image
   except ImportError:
@@ -46,18 +54,15 @@ def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | 
 
     found["richardson_lucy"] = per_channel(lucy)
     found["tv"] = tv_deconvolution(config, y, restoration.denoise_tv_chambolle)
-  elif config.task == "denoise" and config.noise == "gaussian" and config.sigma:
-    try:
-      found["cbm3d"] = common.bm3d_denoise(y, config.sigma / 255)  # as if the noise were white
-      if config.noise_corr:
-        found["cbm3d_psd"] = correlated_bm3d(y, config.sigma / 255, config.noise_corr)
-    except ImportError:
-      found["cbm3d"] = "bm3d not installed (pip install -e '.[baselines]')"
   elif config.noise == "poisson" and not config.sigma:  # the plain Anscombe: no read noise
     try:
       found["bm3d_anscombe"] = anscombe_bm3d(y, config.peak)
     except ImportError:
       found["bm3d_anscombe"] = "bm3d not installed (pip install -e '.[baselines]')"
+  return _clipped(found)
+
+
+def _clipped(found: dict) -> dict:
   return {k: np.clip(v, 0, 1).astype(np.float32) if isinstance(v, np.ndarray) else v
           for k, v in found.items()}
 
@@ -67,8 +72,8 @@ def correlated_bm3d(y: np.ndarray, sigma: float, width: float) -> np.ndarray:
   correlated by dipjax.noise.correlate(., width). bm3d's convention (its examples): the PSD of
   noise = kernel * white is |FFT(kernel)|^2 * H * W, the kernel of energy sigma^2."""
   import bm3d  # optional extra: pip install -e '.[baselines]'
-  if not hasattr(np, "trapz"):  # bm4d 4.2's PSD path calls np.trapz, gone in NumPy 2.4
-    np.trapz = np.trapezoid
+  if not hasattr(np, "trapz"):  # bm4d 4.2's PSD path calls np.trapz, gone in NumPy 2.4: the
+    np.trapz = np.trapezoid      # alias is set on numpy itself, for this process
   h, w = y.shape[:2]
   impulse = np.zeros((h, w, 1), np.float32)
   impulse[0, 0] = 1.0

@@ -154,7 +154,8 @@ def config_from_flags() -> pipeline.RestoreConfig:
   """The RestoreConfig the flags describe; ValueError (naming the field) for bad values."""
   values = {name: flags.FLAGS[name].value for name in D if name in flags.FLAGS}
   values["sigma_known"] = not _NOISY.value
-  if _NOISY.value and not flags.FLAGS["noise_corr"].present:
+  if (_NOISY.value and not flags.FLAGS["noise_corr"].present and values["noise"] == "gaussian"
+      and values["task"] != "inpaint"):
     values["noise_corr"] = None  # a real photo's: estimated with its sigma
   if _NOISY.value and values["sigma"] is not None:
     raise ValueError("--sigma adds noise to a clean image; with --noisy the image is already "

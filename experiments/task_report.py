@@ -34,9 +34,6 @@ from dipjax import io
 from dipjax import pipeline
 from dipjax import plots
 
-# RestoreConfig fields added after rows were written, with their defaults (see key_config)
-LATER_FIELDS = {"noise_corr": 0.0}
-
 _SECTION = flags.DEFINE_enum("section", None, list(task_sections.SECTIONS), "Report section.")
 _DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the image sets.")
 _OUT = flags.DEFINE_string("out", None, "Rows (default docs/results/tasks/<section>.jsonl).")
@@ -73,16 +70,10 @@ def restore_config(section: task_sections.Section, setting: dict,
       holdout=task_sections.HOLDOUT if method == "dip" else 0.0)
 
 
-def key_config(config: pipeline.RestoreConfig) -> dict:
-  """The config as a row's key holds it: every field, but those added to RestoreConfig after
-  rows were written (LATER_FIELDS) only where they differ from their default, so that the
-  earlier rows keep their keys."""
-  return {k: v for k, v in vars(config).items()
-          if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
-
-
 def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[dict, dict]:
   """One fit, every criterion's stop scored against `clean`: (row fields, curves)."""
+  estimated = config.noise_corr is None
+  config = pipeline.resolve_noise_corr(config, y)
   frame = pipeline.make_frame(config, y, clean, mask)
   sigma = pipeline.noise_sigma(config, frame)
   run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0), chunk=100,
@@ -100,8 +91,7 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[d
   row = dict(stops=stops, last=last, oracle_peak=dict(psnr=float(np.nanmax(curve)),
                                                       stop=int(np.nanargmax(curve)) + 1),
              sigma_used=round(255 * sigma, 4),
-             **({} if config.noise_corr is not None or config.noise != "gaussian" else
-                dict(noise_corr_used=round(frame.physics.noise.width(y), 3))),
+             **(dict(noise_corr_used=config.noise_corr) if estimated else {}),
              compile_seconds=round(run.compile_seconds, 1),
              fit_seconds=round(run.fit_seconds, 1))
   curves = {f"curve_{k}": run.trace[k] for k in ("psnr_clean_ema", "psnr_obs_ema",
@@ -206,8 +196,9 @@ def refresh_baselines(section: task_sections.Section) -> None:
       if row["method"] != "dip":
         continue
       config = pipeline.RestoreConfig(**row["config"])
+      observed = pipeline.RestoreConfig(**row.get("observed", row["config"]))
       clean = load_clean(os.path.join(_DATA.value, row["image"]), row["crop"])
-      y, mask = task_sections.observe(config, clean, row["image"])
+      y, mask = task_sections.observe(observed, clean, row["image"])
       row["baselines"] = {
           k: task_sections.score(config, v, clean) if isinstance(v, np.ndarray) else v
           for k, v in baselines_lib.baselines(config, y, mask, clean.shape).items()}
@@ -234,14 +225,16 @@ def run() -> None:
       for label, setting in settings.items():
         for method in task_sections.methods(setting):
           config = restore_config(section, setting, method)
+          observed = task_sections.observation_config(config, setting)
           spec = dict(section=_SECTION.value, setting=label, image=name, method=method,
-                      crop=section.crop, config=key_config(config))
+                      crop=section.crop, config=task_sections.key_config(config),
+                      **({"observed": task_sections.key_config(observed)}
+                         if observed != config else {}))
           key = common.row_key(spec)
           if key in done:
             continue
           t0 = time.time()
-          y, mask = task_sections.observe(task_sections.observation_config(config, setting),
-                                          clean, name)
+          y, mask = task_sections.observe(observed, clean, name)
           row, curves = fit_row(config, y, clean, mask, compiler)
           found = baselines_lib.baselines(config, y, mask, clean.shape) if method == "dip" else {}
           row["baselines"] = {
