@@ -188,8 +188,8 @@ def test_correlated_noise_keeps_its_variance_and_the_kernel_s_correlation():
 def test_the_staged_probe_takes_the_noise_s_correlation():
   import jax
   from dipjax import inputs, problems, schedules
-  net_input = inputs.dip_noise(jax.random.PRNGKey(0), 64, 64, channels=2)
-  y = np.full((64, 64, 3), 0.5, np.float32)
+  net_input = inputs.dip_noise(jax.random.PRNGKey(0), 48, 48, channels=2)
+  y = np.full((48, 48, 3), 0.5, np.float32)
   probes = [np.asarray(problems.staged_problem(
       jax.random.PRNGKey(1), net_input, y, operators.identity(), 10,
       schedule=schedules.get("linear"), num_stages=2, t_max=30, sigma=0.1, probe_ratio=0.5,
