@@ -57,7 +57,7 @@ def real_noise(path: str) -> list[tuple[str, np.ndarray]]:
          (f"dipjax staged, {level}, stop {result.stops['staged'][0][0]}", result.image)]
   try:
     row.append(("CBM3D, σ̂ as if white", common.bm3d_denoise(y, sigma)))
-    row.append((f"CBM3D told the spectrum ({level})",
+    row.append(("CBM3D told the estimated spectrum",
                 baselines.correlated_bm3d(y, sigma, width)))
   except ImportError:
     logging.warning("bm3d is not installed (pip install -e '.[baselines]'): no CBM3D panels")
