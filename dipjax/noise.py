@@ -196,7 +196,7 @@ def _check_image(y: Array | np.ndarray, what: str, side: int) -> np.ndarray:
 def estimate_sigma(y: Array | np.ndarray, correlation: float = 0.0) -> float:
   """Noise std of an image with additive Gaussian noise, from the image alone.
 
-  Donoho's MAD estimator on the finest diagonal Haar wavelet coefficients (every pixel's),
+  Donoho's MAD estimator on the finest diagonal Haar wavelet coefficients,
   sigma = median|HH| / 0.6745, per channel, averaged over channels. Image structure biases it
   slightly upwards (edges leak into HH); on natural images at sigma >= 15/255 it is typically
   within a few percent. Correlated noise (a camera's) is weaker in that band: with

@@ -112,9 +112,10 @@ _NUMBER_FIELDS = {
                      "ddpm_samples"), numbers.Integral)}
 # Settings of the DDPM stage after a fit: a checkpoint of the fit does not depend on them.
 _AFTER_FIT_FIELDS = ("ddpm_weights", "nfe", "ddpm_samples", "ddpm_eta", "guide_weight")
-# Fields added after checkpoints were written, with their defaults: in a fingerprint only where
-# set, so that those checkpoints still resume.
-_LATER_FIELDS = {"noise_corr": 0.0}
+# Fields added to RestoreConfig after checkpoints and report rows were written, with their
+# defaults: in a config's identity (:func:`identity_fields`) only where set, so that those
+# checkpoints still resume and those rows keep their keys.
+LATER_FIELDS = types.MappingProxyType({"noise_corr": 0.0})
 
 
 class DivergedError(RuntimeError):
@@ -882,7 +883,7 @@ def _restore_tiled(config: RestoreConfig, observation: np.ndarray, key: jax.Arra
       sigma=float(sigma), stops={}, ema=None, out=None, fit_image=None, trace=None,
       trace_every=0, stage_ends=(), iterations=max(t["iterations"] for t in found),
       compile_seconds=compile_seconds, fit_seconds=fit_seconds, ddpm=None, scores=scores,
-      tiles=found, noise_corr=config.noise_corr or 0.0)
+      tiles=found, noise_corr=config.noise_corr)
 
 
 def network_size(config: RestoreConfig, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -942,6 +943,13 @@ def check_memory(config: RestoreConfig, shape: tuple[int, ...]) -> None:
         "or lower the width or the seeds")
 
 
+def identity_fields(config: RestoreConfig) -> dict:
+  """The config's fields by name as what identifies a run: every one, but those of
+  LATER_FIELDS only where they differ from their default."""
+  return {k: v for k, v in vars(config).items()
+          if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+
+
 def fingerprint(config: RestoreConfig, frame: Frame, key: jax.Array,
                 chunk: int) -> dict[str, str]:
   """What defines a fit, as text by name (:func:`checkpoint.bind`): every config setting but the
@@ -955,9 +963,8 @@ def fingerprint(config: RestoreConfig, frame: Frame, key: jax.Array,
     return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()[:16]
 
   key = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-  fp = {f.name: json.dumps(getattr(config, f.name)) for f in dataclasses.fields(config)
-        if f.name not in _AFTER_FIT_FIELDS
-        and not (f.name in _LATER_FIELDS and getattr(config, f.name) == _LATER_FIELDS[f.name])}
+  fp = {k: json.dumps(v) for k, v in identity_fields(config).items()
+        if k not in _AFTER_FIT_FIELDS}
   return fp | {"observation": digest(frame.y), "ground_truth": digest(frame.clean),
                "mask": digest(getattr(frame.physics.operator, "mask", None)),
                "key": str(np.asarray(key).tolist()),
@@ -1293,7 +1300,7 @@ def _result(config, frame, y, sigma, image, restored_at, run, fit_image=None,
                          for name, (_, kept) in stops.items()}
   return Restoration(
       image=np.asarray(image, np.float32), observation=y, restored_at=restored_at,
-      noise_corr=config.noise_corr or 0.0,
+      noise_corr=config.noise_corr,
       sigma=float(sigma), stops=stops, ema=ema, out=out, fit_image=fit_image,
       trace=None if run is None else run.trace,
       trace_every=0 if run is None else run.fit_config.segment,

@@ -1,6 +1,7 @@
 """The classical baselines of the task report (experiments/task_report.py), flag-free: bicubic
 (SR), biharmonic inpainting, Wiener / Richardson-Lucy / TV deconvolution, Anscombe + (C)BM3D
-(Poisson), (C)BM3D as if white and told the noise's spectrum (correlated Gaussian noise). scikit-image and bm3d are optional extras: a missing one is named, not raised.
+(Poisson), (C)BM3D as if white and told the noise's spectrum (correlated Gaussian noise).
+scikit-image and bm3d are optional extras: a missing one is named, not raised.
 """
 
 from __future__ import annotations

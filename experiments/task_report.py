@@ -227,8 +227,8 @@ def run() -> None:
           config = restore_config(section, setting, method)
           observed = task_sections.observation_config(config, setting)
           spec = dict(section=_SECTION.value, setting=label, image=name, method=method,
-                      crop=section.crop, config=task_sections.key_config(config),
-                      **({"observed": task_sections.key_config(observed)}
+                      crop=section.crop, config=pipeline.identity_fields(config),
+                      **({"observed": pipeline.identity_fields(observed)}
                          if observed != config else {}))
           key = common.row_key(spec)
           if key in done:

@@ -32,8 +32,6 @@ CSET9 = tuple(f"CSet9/{n}" for n in (
     "image_Lena512rgb.png", "image_Peppers512rgb.png", "kodim01.png",
     "kodim02.png", "kodim03.png", "kodim12.png"))
 HOLDOUT = 0.05  # share of the measurements held out of every DIP fit of the report
-# RestoreConfig fields added after rows were written, with their defaults (see key_config)
-LATER_FIELDS = {"noise_corr": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +119,3 @@ def score(config: pipeline.RestoreConfig, x: np.ndarray, clean: np.ndarray) -> d
   if config.task == "sr":
     found["psnr_y"] = float(metrics.psnr_y(x, clean, config.factor))
   return found
-
-
-def key_config(config: pipeline.RestoreConfig) -> dict:
-  """The config as a row's key holds it: every field, but those added to RestoreConfig after
-  rows were written (LATER_FIELDS) only where they differ from their default, so that the
-  earlier rows keep their keys."""
-  return {k: v for k, v in vars(config).items()
-          if k not in LATER_FIELDS or v != LATER_FIELDS[k]}

@@ -1,5 +1,5 @@
-"""experiments/task_sections.py: the rows the task report has written keep their keys as
-RestoreConfig grows (a resumed report never redoes them)."""
+"""The rows experiments/task_report.py has written keep their keys as RestoreConfig grows
+(pipeline.identity_fields; a resumed report never redoes them)."""
 
 import glob
 import json
@@ -13,7 +13,6 @@ from dipjax import pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import task_sections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROWS = sorted(glob.glob(os.path.join(ROOT, "docs", "results", "tasks", "*.jsonl")))
 
@@ -25,7 +24,7 @@ def test_written_rows_keep_their_keys(path):
   assert rows
   for row in rows:
     spec = {k: row[k] for k in ("section", "setting", "image", "method", "crop")}
-    spec["config"] = task_sections.key_config(pipeline.RestoreConfig(**row["config"]))
+    spec["config"] = pipeline.identity_fields(pipeline.RestoreConfig(**row["config"]))
     if "observed" in row:
-      spec["observed"] = task_sections.key_config(pipeline.RestoreConfig(**row["observed"]))
+      spec["observed"] = pipeline.identity_fields(pipeline.RestoreConfig(**row["observed"]))
     assert common.row_key(spec) == row["key"], (row["setting"], row["image"], row["method"])
