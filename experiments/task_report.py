@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import time
 
 from absl import flags
@@ -30,6 +31,7 @@ import cli
 import common
 import fits
 import task_sections
+from dipjax import checkpoint
 from dipjax import io
 from dipjax import pipeline
 from dipjax import plots
@@ -41,8 +43,13 @@ _SETTINGS = flags.DEFINE_list("settings", None, "Only these settings of the sect
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the section's first N images (0: all).")
 _IMAGES = flags.DEFINE_list("images", None, "Only the section's images whose path contains one "
                             "of these (e.g. butterfly).")
-_ITERS = flags.DEFINE_integer("iters", None, "Override the section's iterations (a smoke run).")
+_ITERS = flags.DEFINE_integer("iters", None, "Override the section's iterations (a smoke run; a paper's budget).")
 _WIDTH = flags.DEFINE_integer("width", None, "Override the section's network width.")
+_LR = flags.DEFINE_float("lr", None, "Override the learning rate (the DIP paper's inpainting: "
+                         "0.001 over 11,000 iterations).")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 0, "Checkpoint each fit every N iterations under runs/ (a multiple of "
+    "100), so that a killed long fit resumes there; removed once its row is written.")
 _SUMMARY = flags.DEFINE_bool("summary", False, "Write the section's table and figure from its "
                              "rows (no fits).")
 _REFRESH = flags.DEFINE_bool("refresh_baselines", False, "Recompute the baselines of the "
@@ -66,20 +73,25 @@ def restore_config(section: task_sections.Section, setting: dict,
   return pipeline.RestoreConfig(
       **task_sections.restore_fields(setting), method=method, iters=_ITERS.value or section.iters,
       width=_WIDTH.value or section.width, seeds=section.seeds,
+      **({"lr": _LR.value} if _LR.value else {}),
       stop=task_sections.criteria(setting, method), halt=False,
       holdout=task_sections.HOLDOUT if method == "dip" else 0.0)
 
 
-def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler) -> tuple[dict, dict]:
-  """One fit, every criterion's stop scored against `clean`: (row fields, curves)."""
+def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler,
+            checkpoint_dir: str | None = None) -> tuple[dict, dict]:
+  """One fit, every criterion's stop scored against `clean`: (row fields, curves); with
+  `checkpoint_dir`, checkpointed every --checkpoint_every iterations and resumed from there."""
   estimated = config.noise_corr is None
   config = pipeline.resolve_noise_corr(config, y)
   frame = pipeline.make_frame(config, y, clean, mask)
   sigma = pipeline.noise_sigma(config, frame)
-  run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0), chunk=100,
-                        stop_diverged=False)
+  every = _CHECKPOINT_EVERY.value if checkpoint_dir else 0
+  run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0),
+                        chunk=pipeline.chunk_length(config, 100, every), stop_diverged=False)
   run.compile(compiler)
-  run.fit()
+  run.fit(checkpoint_dir=checkpoint_dir, checkpoint_every=every,
+          resume=every > 0 and checkpoint.latest_step(checkpoint_dir) is not None)
   curve = np.nanmean(run.trace["psnr_clean_ema"], axis=0)
   stops = {}
   for name, (steps, kept) in run.stops().items():
@@ -157,7 +169,7 @@ def summarise(section: task_sections.Section, rows: list[dict]) -> None:
 def _command() -> str:
   """The command that makes the rows (the row-defining flags that were set)."""
   words = [f"python experiments/task_report.py --section={_SECTION.value}"]
-  for flag in (_IMAGES, _ITERS, _WIDTH):
+  for flag in (_IMAGES, _ITERS, _WIDTH, _LR):
     if flag.value:
       value = ",".join(flag.value) if flag is _IMAGES else flag.value
       words.append(f"--{flag.name}={value}")
@@ -235,7 +247,9 @@ def run() -> None:
             continue
           t0 = time.time()
           y, mask = task_sections.observe(observed, clean, name)
-          row, curves = fit_row(config, y, clean, mask, compiler)
+          saves = os.path.join(common.arrays_dir(_out()), key + "_checkpoints")
+          row, curves = fit_row(config, y, clean, mask, compiler,
+                                saves if _CHECKPOINT_EVERY.value else None)
           found = baselines_lib.baselines(config, y, mask, clean.shape) if method == "dip" else {}
           row["baselines"] = {
               k: task_sections.score(config, v, clean) if isinstance(v, np.ndarray) else v
@@ -245,6 +259,7 @@ def run() -> None:
           common.save_arrays(os.path.join(common.arrays_dir(_out()), key + ".npz"), curves)
           results.append(dict(spec, key=key, **row, seconds=round(time.time() - t0, 1),
                               machine=common.host(), date=str(datetime.date.today())))
+          shutil.rmtree(saves, ignore_errors=True)
           logging.info("%s %s %s %s: oracle %.2f dB, %s", _SECTION.value, label, name, method,
                        row["oracle_peak"]["psnr"], {k: round(v["psnr"], 2)
                                                     for k, v in row["stops"].items()})
