@@ -43,7 +43,8 @@ _SETTINGS = flags.DEFINE_list("settings", None, "Only these settings of the sect
 _LIMIT = flags.DEFINE_integer("limit", 0, "Only the section's first N images (0: all).")
 _IMAGES = flags.DEFINE_list("images", None, "Only the section's images whose path contains one "
                             "of these (e.g. butterfly).")
-_ITERS = flags.DEFINE_integer("iters", None, "Override the section's iterations (a smoke run; a paper's budget).")
+_ITERS = flags.DEFINE_integer("iters", None, "Override the section's iterations (a smoke run; "
+                              "a paper's budget).")
 _WIDTH = flags.DEFINE_integer("width", None, "Override the section's network width.")
 _LR = flags.DEFINE_float("lr", None, "Override the learning rate (the DIP paper's inpainting: "
                          "0.001 over 11,000 iterations).")
