@@ -55,9 +55,9 @@ def baselines(config: pipeline.RestoreConfig, y: np.ndarray, mask: np.ndarray | 
 
     found["richardson_lucy"] = per_channel(lucy)
     found["tv"] = tv_deconvolution(config, y, restoration.denoise_tv_chambolle)
-  elif config.noise == "poisson" and not config.sigma:  # the plain Anscombe: no read noise
+  elif config.noise == "poisson":  # the generalised Anscombe where there is read noise
     try:
-      found["bm3d_anscombe"] = anscombe_bm3d(y, config.peak)
+      found["bm3d_anscombe"] = anscombe_bm3d(y, config.peak, config.sigma / 255)
     except ImportError:
       found["bm3d_anscombe"] = "bm3d not installed (pip install -e '.[baselines]')"
   return _clipped(found)
@@ -121,12 +121,16 @@ def tv_deconvolution(config: pipeline.RestoreConfig, y: np.ndarray, tv_prox,
   return best if best is not None else solve(1e-5, x)[0]
 
 
-def anscombe_bm3d(y: np.ndarray, peak: float) -> np.ndarray:
-  """(C)BM3D of a Poisson observation through the Anscombe transform (unit variance) and its
-  closed-form unbiased inverse (Makitalo & Foi, 2011)."""
-  counts = np.maximum(y * peak, 0)
-  a = 2 * np.sqrt(counts + 3 / 8)
+def anscombe_bm3d(y: np.ndarray, peak: float, read_sigma: float = 0.0) -> np.ndarray:
+  """(C)BM3D of a Poisson observation of `peak` photons at white, with Gaussian read noise of
+  std `read_sigma` ([0, 1] units), through the generalised Anscombe transform (unit variance;
+  the plain one at read_sigma 0) and the closed-form approximation of its exact unbiased
+  inverse (Makitalo & Foi, 2011 and 2013)."""
+  counts = y * peak  # the read noise in photon units: read_sigma * peak
+  s2 = (read_sigma * peak) ** 2
+  a = 2 * np.sqrt(np.maximum(counts + 3 / 8 + s2, 0))
   lo, hi = a.min(), a.max()
   d = common.bm3d_denoise((a - lo) / (hi - lo), 1 / (hi - lo)) * (hi - lo) + lo
+  d = np.maximum(d, 1e-3)
   inverse = (d / 2) ** 2 + np.sqrt(1.5) / 4 / d - 11 / 8 / d**2 + 5 * np.sqrt(1.5) / 8 / d**3
-  return np.maximum(inverse - 1 / 8, 0) / peak
+  return np.maximum(inverse - 1 / 8 - s2, 0) / peak

@@ -3,6 +3,7 @@ r"""Restores one image: flags -> dipjax.pipeline.RestoreConfig -> dipjax.pipelin
   python experiments/restore.py                        # staged DIP on the bundled image, sigma 25
   python experiments/restore.py --image x.png --sigma 50
   python experiments/restore.py --image photo.png --noisy   # a real noisy photo: sigma estimated
+  python experiments/restore.py --image raw.png --noisy --noise poisson  # peak, read noise too
   python experiments/restore.py --image x.png --task inpaint --mask m.png
   python experiments/restore.py --image x.png --task sr --factor 4
   python experiments/restore.py --task deblur --blur motion --noise poisson --peak 30
@@ -38,8 +39,9 @@ METHOD_DEFAULT = "(default: the method's, docs/cli.md)"
 _IMAGE = flags.DEFINE_string("image", os.path.join(ASSETS, "house.png"), "Image to restore.")
 _NOISY = flags.DEFINE_bool(
     "noisy", False, "--image is already the degraded observation (noisy, masked or low-res); "
-    "no noise is added, sigma (and, unless --noise_corr is given, the noise's correlation) is "
-    "estimated from it, and there is no ground truth unless --clean is given.")
+    "no noise is added, sigma (and, unless --noise_corr is given, the noise's correlation; with "
+    "--noise poisson its peak and read noise) is estimated from it, and there is no ground "
+    "truth unless --clean is given.")
 _CLEAN = flags.DEFINE_string("clean", None, "Ground truth for an observation given with --noisy.")
 _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image: white = known pixel.")
 _CROP = flags.DEFINE_integer("crop", 0, "Centre-crop the image to this size first (0: no crop).")
@@ -70,7 +72,8 @@ flags.DEFINE_float("sigma", None, "Std of the Gaussian noise added to the clean 
                    "units (default 25 for Gaussian denoising, 0 otherwise).")
 flags.DEFINE_enum("noise", D["noise"].default, list(pipeline.NOISES), "Noise model: gaussian "
                   "(--sigma) or poisson (--peak photons at white, plus --sigma read noise).")
-flags.DEFINE_float("peak", D["peak"].default, "--noise poisson: photons at a white pixel.")
+flags.DEFINE_float("peak", D["peak"].default, "--noise poisson: photons at a white pixel "
+                   "(estimated with --noisy).")
 flags.DEFINE_float("noise_corr", D["noise_corr"].default, "--noise gaussian: std in pixels of the "
                    "kernel that correlates the noise between neighbouring pixels (a camera's "
                    "demosaicing); 0: white. The staged probe takes it. With --noisy and no "
@@ -160,6 +163,9 @@ def config_from_flags() -> pipeline.RestoreConfig:
   if _NOISY.value and values["sigma"] is not None:
     raise ValueError("--sigma adds noise to a clean image; with --noisy the image is already "
                      "degraded and its sigma is estimated (leave --sigma out)")
+  if _NOISY.value and values["noise"] == "poisson" and flags.FLAGS["peak"].present:
+    raise ValueError("with --noisy --noise poisson the peak is estimated from the image with "
+                     "the read noise (leave --peak out)")
   if _PRESET.value == "paper":
     if values["task"] not in PRESETS["paper"]:
       raise ValueError("--preset paper covers denoise and sr (the DIP notebooks tune "

@@ -83,8 +83,8 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler,
             checkpoint_dir: str | None = None) -> tuple[dict, dict]:
   """One fit, every criterion's stop scored against `clean`: (row fields, curves); with
   `checkpoint_dir`, checkpointed every --checkpoint_every iterations and resumed from there."""
-  estimated = config.noise_corr is None
-  config = pipeline.resolve_noise_corr(config, y)
+  estimated = config.noise_corr is None or (config.noise == "poisson" and not config.sigma_known)
+  config = pipeline.resolve_noise(config, y)
   frame = pipeline.make_frame(config, y, clean, mask)
   sigma = pipeline.noise_sigma(config, frame)
   every = _CHECKPOINT_EVERY.value if checkpoint_dir else 0
@@ -104,7 +104,8 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler,
   row = dict(stops=stops, last=last, oracle_peak=dict(psnr=float(np.nanmax(curve)),
                                                       stop=int(np.nanargmax(curve)) + 1),
              sigma_used=round(255 * sigma, 4),
-             **(dict(noise_corr_used=config.noise_corr) if estimated else {}),
+             **(pipeline.noise_summary(pipeline.restored_noise(config, sigma))
+                if estimated else {}),
              compile_seconds=round(run.compile_seconds, 1),
              fit_seconds=round(run.fit_seconds, 1))
   curves = {f"curve_{k}": run.trace[k] for k in ("psnr_clean_ema", "psnr_obs_ema",

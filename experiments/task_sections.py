@@ -57,7 +57,15 @@ SECTIONS = {
         "motion_3pct": dict(task="deblur", blur="motion", blur_size=15, sigma=7.65)}),
     "poisson": Section(CSET9 + tuple(f"Set12/{i:02d}.png" for i in range(1, 13)), 128, {
         "peak10": dict(task="denoise", noise="poisson", peak=10.0),
-        "peak30": dict(task="denoise", noise="poisson", peak=30.0)}),
+        "peak30": dict(task="denoise", noise="poisson", peak=30.0),
+        # a raw camera's noise: photon noise plus read noise (Poisson-Gaussian); the other
+        # settings restore the same observation with both estimated from it, and as if the
+        # noise were white Gaussian of an estimated sigma (a Gaussian-only tool's reading)
+        "pg60_read8": dict(task="denoise", noise="poisson", peak=60.0, sigma=8.0),
+        "pg60_read8_estimated": dict(task="denoise", noise="poisson", peak=60.0, sigma=8.0,
+                                     assume=dict(sigma_known=False)),
+        "pg60_read8_as_gaussian": dict(task="denoise", noise="poisson", peak=60.0, sigma=8.0,
+                                       assume=dict(noise="gaussian", sigma_known=False))}),
     # camera-like noise: Gaussian, correlated over ~1 pixel (a demosaiced sensor's); the
     # other settings draw the same observation but restore it as if the noise were white, or
     # with its level and correlation estimated from it (a real photo's case)

@@ -121,8 +121,49 @@ def test_poisson_denoising_through_the_pipeline():
   assert np.isfinite(result.image).all()
   with pytest.raises(ValueError, match="takes Gaussian noise only"):
     pipeline.RestoreConfig(noise="poisson", method="ddpm", ddpm_weights="x.npz")
-  with pytest.raises(ValueError, match="estimated as Gaussian"):
-    pipeline.RestoreConfig(noise="poisson", sigma_known=False)
+
+
+def _ramp(size: int = 96) -> np.ndarray:
+  """A smooth colour ramp over [0.05, 0.95]: every level present, no texture."""
+  t = np.linspace(0.05, 0.95, size, dtype=np.float32)
+  return np.stack([np.add.outer(t, t) / 2, np.add.outer(t, 1 - t) / 2,
+                   np.broadcast_to(t[:, None], (size, size))], -1)
+
+
+@pytest.mark.parametrize("peak,read", [(10.0, 0.0), (60.0, 8 / 255), (200.0, 10 / 255)])
+def test_poisson_gaussian_noise_is_estimated_from_the_image(peak, read):
+  """The noise's variance against the level recovers the photon count (also at peak 10, whose
+  steps of 1 / peak defeat a median) and the read noise; white Gaussian noise reads as a peak
+  too high to matter and its sigma."""
+  clean = _ramp()
+  y = noise.PoissonNoise(peak, read).sample(np.random.default_rng(0), clean)
+  got_peak, got_read = noise.estimate_poisson_gaussian(y)
+  assert got_peak == pytest.approx(peak, rel=0.1)
+  assert got_read == pytest.approx(read, abs=2 / 255)
+  white = noise.add_noise(1, clean, 0.1)
+  got_peak, got_read = noise.estimate_poisson_gaussian(white)
+  assert 0.5 / got_peak < 0.01 * 0.1**2 and got_read == pytest.approx(0.1, rel=0.05)
+  with pytest.raises(ValueError, match="H, W >= 12"):
+    noise.estimate_poisson_gaussian(np.zeros((8, 8, 1)))
+
+
+def test_a_raw_photo_s_poisson_gaussian_noise_is_estimated_once_and_reported():
+  import jax
+  clean = _ramp(48)
+  y = pipeline.degrade(pipeline.RestoreConfig(noise="poisson", peak=60.0, sigma=8.0), clean,
+                       seed=0)
+  config = pipeline.RestoreConfig(noise="poisson", sigma_known=False, width=4, scales=1,
+                                  iters=10)
+  resolved = pipeline.resolve_noise(config, y)
+  peak, read = noise.estimate_poisson_gaussian(y)
+  assert resolved.sigma_known and resolved.peak == round(peak, 3)
+  assert resolved.sigma == round(255 * read, 4)
+  result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
+  assert result.noise_model == noise.PoissonNoise(resolved.peak, resolved.sigma / 255)
+  summary = result.summary()
+  assert summary["peak_used"] == resolved.peak and summary["read_sigma_used"] == resolved.sigma
+  with pytest.raises(ValueError, match="no noise found"):
+    pipeline.resolve_noise(config, clean)
 
 
 def test_poisson_std_map_is_unbiased_in_variance():
@@ -229,6 +270,7 @@ def test_a_real_photo_s_noise_correlation_is_estimated_once_and_reported():
                                   iters=10)
   result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
   sigma, width = noise.estimate_noise(y)
-  assert result.noise_corr == round(width, 3) > noise.WHITE_BELOW
+  assert result.noise_model.correlation == round(width, 3) > noise.WHITE_BELOW
   assert result.sigma == pytest.approx(noise.estimate_sigma(y, round(width, 3)))
-  assert result.summary()["noise_corr_used"] == result.noise_corr
+  assert result.noise_model.sigma == result.sigma
+  assert result.summary()["noise_corr_used"] == result.noise_model.correlation
