@@ -190,6 +190,9 @@ def _check_image(y: Array | np.ndarray, what: str, side: int) -> np.ndarray:
   y = np.asarray(y, np.float64)
   if y.ndim != 3 or y.shape[0] < side or y.shape[1] < side:
     raise ValueError(f"{what} needs an image (H, W, C) with H, W >= {side}, got {y.shape}")
+  if not np.all(np.isfinite(y)):
+    raise ValueError(f"{what} needs a finite image, got {np.sum(~np.isfinite(y))} NaN or "
+                     "infinite values")
   return y
 
 
@@ -253,6 +256,8 @@ def estimate_noise(y: Array | np.ndarray) -> tuple[float, float]:
 
 
 MAX_PEAK = 1e5  # the largest photon count estimate_poisson_gaussian reports (a ~ 0: Gaussian)
+MIN_BLOCKS = 1024  # 2 x 2 blocks (over the channels) estimate_poisson_gaussian needs
+MIN_SPAN = 0.1  # the range of levels it needs to tell photon noise from read noise
 
 
 def _box_mean(x: np.ndarray, size: int) -> np.ndarray:
@@ -272,20 +277,27 @@ def estimate_poisson_gaussian(y: Array | np.ndarray, bins: int = 16) -> tuple[fl
   x / peak + sigma^2 (Foi et al., 2008, simplified). Each 2 x 2 block's diagonal difference
   (y00 - y01 - y10 + y11) / 2 has the variance of the block's noise; the blocks are binned by
   the level around them (the mean over 6 x 6 pixels), each bin's variance taken within 3 std
-  (edges and texture a minority; not MAD, which photon counts at a low peak step), and the line fitted by weighted least squares to the bins whose
-  level lies 2 std inside (0, 1) (clipping shrinks the noise there), with peak and sigma kept
-  non-negative. Channels share the model. Image structure reads as a little extra read noise,
-  as for :func:`estimate_sigma`.
+  (edges and texture a minority; not MAD, which photon counts at a low peak step; bins of
+  mostly equal pixels, flat or saturated, left out), and the line fitted by least squares,
+  weighted by the model's variance, to the bins clear of clipping (2 std below the image's
+  white, whose level may sit under 1, and 2 read-noise stds above its black, with 3 photons
+  or more), peak and sigma kept non-negative. Channels share the model. Image structure reads
+  as a little extra read noise, as for :func:`estimate_sigma`.
 
   Args:
-    y: (H, W, C) image in [0, 1] units, H and W >= 12.
-    bins: level bins (equal counts).
+    y: (H, W, C) finite image in [0, 1] units, at least MIN_BLOCKS 2 x 2 blocks over its
+      channels (e.g. 64 x 64 grey) with levels spanning MIN_SPAN or more.
+    bins: level bins (equal counts; fewer on small images).
 
   Returns:
     (peak: photons at a white pixel, up to MAX_PEAK where the noise does not grow with the
     level; sigma: the read noise std in [0, 1] units).
+
+  Raises:
+    ValueError: too small an image, or too narrow a range of levels clear of clipping to tell
+      the two noises apart.
   """
-  y = _check_image(y, "estimate_poisson_gaussian", 12)
+  y = _check_image(y, "estimate_poisson_gaussian", 2)
   h, w = y.shape[0] // 2 * 2, y.shape[1] // 2 * 2
   levels, diffs = [], []
   for c in range(y.shape[-1]):
@@ -293,33 +305,43 @@ def estimate_poisson_gaussian(y: Array | np.ndarray, bins: int = 16) -> tuple[fl
     diffs.append(((x[::2, ::2] - x[::2, 1::2] - x[1::2, ::2] + x[1::2, 1::2]) / 2).ravel())
     levels.append(_box_mean(x, 6)[1::2, 1::2].ravel())  # 6 x 6 centred on each block
   level, diff = np.concatenate(levels), np.concatenate(diffs)
+  if level.size < MIN_BLOCKS:
+    raise ValueError(f"estimate_poisson_gaussian needs {MIN_BLOCKS} 2 x 2 blocks over the "
+                     f"channels (e.g. 64 x 64 grey), got an image of {y.shape}")
+  bins = min(bins, level.size // 64)
   edges = np.quantile(level, np.linspace(0, 1, bins + 1))
   which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, bins - 1)
   at, var, count = [], [], []
   for b in range(bins):
     d = diff[which == b]
-    if d.size >= 16:
+    if d.size >= 16 and np.mean(d == 0) < 0.5:
       at.append(level[which == b].mean())
       var.append(_clipped_variance(d))
       count.append(d.size)
   at, var, count = np.array(at), np.array(var), np.array(count)
-  if not np.any(var > 1e-12):  # no noise (a clean or quantised-flat image)
+  if not at.size or var.max() < 1e-8:  # no noise (std < 0.03 / 255): a clean or flat image
     return MAX_PEAK, 0.0
-  # the bins clear of clipping: at first those 2 std inside (0, 1), then by the model, whose
-  # photon noise is never cut at 0: 2 std below 1, 2 read-noise stds above 0, and 3 photons
-  keep = (at > 2 * np.sqrt(var)) & (at < 1 - 2 * np.sqrt(var))
-  if keep.sum() < 3:
-    keep = at < 1 - 2 * np.sqrt(var)
-  for _ in range(3):
-    if keep.sum() < 2:
-      raise ValueError("estimate_poisson_gaussian: the noise fills the whole range [0, 1]; "
-                       "give peak and sigma")
-    weight = count[keep] / np.maximum(var[keep], 1e-12) ** 2  # 1 / a variance's variance
-    slope, offset = _nonnegative_line(at[keep], var[keep], weight / weight.max())
-    std = np.sqrt(slope * at + offset)
-    keep = (at < 1 - 2 * std) & (at > 2 * np.sqrt(offset)) & (slope <= at / 3)
+  black, white = float(y.min()), float(y.max())
+  std = np.sqrt(var)
+  keep = (at - black > 2 * std) & (white - at > 2 * std)
+  if keep.sum() < 3 or np.ptp(at[keep]) < MIN_SPAN:  # strong noise: photon noise is not cut at 0
+    keep = white - at > 2 * std
+  def fit(keep: np.ndarray, model: np.ndarray) -> tuple[float, float]:
+    span = np.ptp(at[keep]) if keep.any() else 0.0
+    if span < MIN_SPAN:
+      raise ValueError(f"estimate_poisson_gaussian: the image's levels clear of clipping span "
+                       f"{span:.2f} (< {MIN_SPAN}): too narrow to tell photon from read noise")
+    weight = count[keep] / np.maximum(model[keep], 1e-12) ** 2  # 1 / a variance's variance
+    return _nonnegative_line(at[keep], var[keep], weight / weight.max())
+
+  slope, offset = fit(keep, np.maximum(var, 0.1 * np.median(var)))  # no bin takes over
+  for _ in range(3):  # the bins clear of clipping by the model, weighted by its variance
+    model = slope * at + offset
+    keep = ((white - at > 2 * np.sqrt(model)) & (at - black > 2 * math.sqrt(offset))
+            & (slope * 3 <= at))
+    slope, offset = fit(keep, model)
   peak = MAX_PEAK if slope * MAX_PEAK <= 1 else 1.0 / slope
-  return float(peak), float(np.sqrt(offset))
+  return float(peak), float(math.sqrt(offset))
 
 
 def _clipped_variance(d: np.ndarray, rounds: int = 5) -> float:
@@ -328,6 +350,8 @@ def _clipped_variance(d: np.ndarray, rounds: int = 5) -> float:
   share cut off (E[z^2 | |z| < 3] = 0.9733). Unlike MAD it is not stepped on discrete data
   (photon counts at a low peak)."""
   var = float(np.mean(d**2))
+  if var == 0:
+    return 0.0
   for _ in range(rounds):
     var = float(np.mean(d[np.abs(d) < 3 * np.sqrt(var)] ** 2)) / 0.97333
   return var

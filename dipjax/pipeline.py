@@ -428,7 +428,7 @@ class Restoration:
       'fit' (hybrids), 'per_seed' and 'stops'; else None.
     tiles: a tiled restoration's tiles (origin in the output, where each stopped, iterations,
       seconds), else None; its stops, outputs and trace are the tiles' (in `tiles`), not here.
-    noise_model: the observation's noise as restored, its parameters given or estimated:
+    noise_used: the observation's noise as restored, its parameters given or estimated:
       :class:`noise.GaussianNoise` (sigma, correlation width) or :class:`noise.PoissonNoise`
       (peak, read noise sigma); None only where a Restoration is built by hand.
   """
@@ -449,14 +449,14 @@ class Restoration:
   ddpm: dict | None
   scores: dict | None
   tiles: list[dict] | None = None
-  noise_model: noise.NoiseModel | None = None
+  noise_used: noise.NoiseModel | None = None
 
   def summary(self) -> dict:
     """A JSON-able summary: where it stopped, timings, every criterion's stop and the scores
     (PSNR / SSIM) where a ground truth was given."""
     scores = self.scores or {}
     result = dict(restored_at=self.restored_at, sigma_used=round(255 * self.sigma, 4),
-                  **noise_summary(self.noise_model),
+                  **noise_summary(self.noise_used),
                   **{k: scores[k] for k in ("restored", "degraded") if k in scores})
     if self.ddpm is not None:
       result["ddpm"] = dict(self.ddpm, **scores.get("restored", {}))
@@ -522,8 +522,12 @@ def blur_kernel(config: RestoreConfig) -> np.ndarray:
 
 def noise_model(config: RestoreConfig) -> noise.NoiseModel:
   """The observation's noise: Gaussian of std sigma / 255 (unknown when not `sigma_known`),
-  correlated by noise_corr, or Poisson of `peak` with Gaussian read noise sigma / 255."""
+  correlated by noise_corr, or Poisson of `peak` with Gaussian read noise sigma / 255 (known:
+  an unknown one is estimated by :func:`resolve_noise` first)."""
   if config.noise == "poisson":
+    if not config.sigma_known:
+      raise ValueError("noise 'poisson' with sigma_known=False: its peak and read noise are "
+                       "unknown; estimate them first with pipeline.resolve_noise(config, y)")
     return noise.PoissonNoise(config.peak, config.sigma / 255)
   return noise.GaussianNoise(config.sigma / 255 if config.sigma_known else None,
                              config.noise_corr)
@@ -630,6 +634,9 @@ def noise_sigma(config: RestoreConfig, frame: Frame) -> float:
   if config.sigma_known:
     return sigma
   logging.info("noise level estimated from the observation: sigma = %.2f (0-255)", 255 * sigma)
+  if sigma > 1:
+    raise ValueError(f"the noise level estimated from the observation, {255 * sigma:.0f} "
+                     "(0-255), exceeds the image's range: it is not a noisy photo's (give sigma)")
   level_methods = ("ddpm", "dip_ddpm", "dip_guided", "staged")
   needs = [f"method {config.method!r}"] if config.method in level_methods else []
   needs += [f"stop {name!r}" for name in config.stop if name in ("staged", "discrepancy")]
@@ -810,10 +817,11 @@ def resolve_noise(config: RestoreConfig, observation: np.ndarray) -> RestoreConf
     logging.info("noise correlation estimated from the observation: width %.2f pixels", width)
     config = dataclasses.replace(config, noise_corr=width)
   if config.noise == "poisson" and not config.sigma_known:
-    peak, read = noise.estimate_poisson_gaussian(io.check_image(observation, "the observation"))
-    if peak >= noise.MAX_PEAK and read == 0:
+    y = io.check_image(observation, "the observation")
+    peak, read = noise.estimate_poisson_gaussian(y)
+    if noise.PoissonNoise(peak, read).level(y) < 1 / 255:
       raise ValueError("no noise found in the observation (a clean or compressed image?): "
-                       "give peak and sigma")
+                       "give its peak and read noise sigma (restore.py --noisy: --peak, --sigma)")
     logging.info("Poisson-Gaussian noise estimated from the observation: peak %.1f photons, "
                  "read noise sigma %.2f (0-255)", peak, 255 * read)
     config = dataclasses.replace(config, peak=round(peak, 3), sigma=round(255 * read, 4),
@@ -908,7 +916,7 @@ def _restore_tiled(config: RestoreConfig, observation: np.ndarray, key: jax.Arra
       sigma=float(sigma), stops={}, ema=None, out=None, fit_image=None, trace=None,
       trace_every=0, stage_ends=(), iterations=max(t["iterations"] for t in found),
       compile_seconds=compile_seconds, fit_seconds=fit_seconds, ddpm=None, scores=scores,
-      tiles=found, noise_model=restored_noise(config, sigma))
+      tiles=found, noise_used=restored_noise(config, sigma))
 
 
 def network_size(config: RestoreConfig, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -1333,7 +1341,7 @@ def _result(config, frame, y, sigma, image, restored_at, run, fit_image=None,
                          for name, (_, kept) in stops.items()}
   return Restoration(
       image=np.asarray(image, np.float32), observation=y, restored_at=restored_at,
-      noise_model=restored_noise(config, sigma),
+      noise_used=restored_noise(config, sigma),
       sigma=float(sigma), stops=stops, ema=ema, out=out, fit_image=fit_image,
       trace=None if run is None else run.trace,
       trace_every=0 if run is None else run.fit_config.segment,

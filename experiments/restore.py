@@ -40,8 +40,8 @@ _IMAGE = flags.DEFINE_string("image", os.path.join(ASSETS, "house.png"), "Image 
 _NOISY = flags.DEFINE_bool(
     "noisy", False, "--image is already the degraded observation (noisy, masked or low-res); "
     "no noise is added, sigma (and, unless --noise_corr is given, the noise's correlation; with "
-    "--noise poisson its peak and read noise) is estimated from it, and there is no ground "
-    "truth unless --clean is given.")
+    "--noise poisson, unless --peak is given, its peak and read noise) is estimated from it, "
+    "and there is no ground truth unless --clean is given.")
 _CLEAN = flags.DEFINE_string("clean", None, "Ground truth for an observation given with --noisy.")
 _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image: white = known pixel.")
 _CROP = flags.DEFINE_integer("crop", 0, "Centre-crop the image to this size first (0: no crop).")
@@ -73,7 +73,7 @@ flags.DEFINE_float("sigma", None, "Std of the Gaussian noise added to the clean 
 flags.DEFINE_enum("noise", D["noise"].default, list(pipeline.NOISES), "Noise model: gaussian "
                   "(--sigma) or poisson (--peak photons at white, plus --sigma read noise).")
 flags.DEFINE_float("peak", D["peak"].default, "--noise poisson: photons at a white pixel "
-                   "(estimated with --noisy).")
+                   "(with --noisy: estimated with the read noise unless given).")
 flags.DEFINE_float("noise_corr", D["noise_corr"].default, "--noise gaussian: std in pixels of the "
                    "kernel that correlates the noise between neighbouring pixels (a camera's "
                    "demosaicing); 0: white. The staged probe takes it. With --noisy and no "
@@ -156,16 +156,17 @@ PRESETS = dict(paper=dict(denoise=dict(iters=3000, reg_noise_std=1 / 30),
 def config_from_flags() -> pipeline.RestoreConfig:
   """The RestoreConfig the flags describe; ValueError (naming the field) for bad values."""
   values = {name: flags.FLAGS[name].value for name in D if name in flags.FLAGS}
-  values["sigma_known"] = not _NOISY.value
+  # --noisy: the noise is the image's, estimated; with --noise poisson, --peak (and --sigma, its
+  # read noise) may give it instead
+  given = values["noise"] == "poisson" and flags.FLAGS["peak"].present
+  values["sigma_known"] = not _NOISY.value or given
   if (_NOISY.value and not flags.FLAGS["noise_corr"].present and values["noise"] == "gaussian"
       and values["task"] != "inpaint"):
     values["noise_corr"] = None  # a real photo's: estimated with its sigma
-  if _NOISY.value and values["sigma"] is not None:
+  if _NOISY.value and values["sigma"] is not None and not given:
     raise ValueError("--sigma adds noise to a clean image; with --noisy the image is already "
-                     "degraded and its sigma is estimated (leave --sigma out)")
-  if _NOISY.value and values["noise"] == "poisson" and flags.FLAGS["peak"].present:
-    raise ValueError("with --noisy --noise poisson the peak is estimated from the image with "
-                     "the read noise (leave --peak out)")
+                     "degraded and its sigma is estimated (leave --sigma out; with --noise "
+                     "poisson, --peak and --sigma give its known noise)")
   if _PRESET.value == "paper":
     if values["task"] not in PRESETS["paper"]:
       raise ValueError("--preset paper covers denoise and sr (the DIP notebooks tune "

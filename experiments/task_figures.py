@@ -51,7 +51,7 @@ def real_noise(path: str) -> list[tuple[str, np.ndarray]]:
   y = io.center_crop(io.load_image(path), 256, 256)
   config = pipeline.RestoreConfig(sigma_known=False, noise_corr=None)
   result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
-  sigma, width = result.sigma, result.noise_model.correlation
+  sigma, width = result.sigma, result.noise_used.correlation
   level = f"σ̂ = {255 * sigma:.1f}, width {width:.2f}"
   row = [("input (real noise)", y),
          (f"dipjax staged, {level}, stop {result.stops['staged'][0][0]}", result.image)]

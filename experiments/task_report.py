@@ -74,7 +74,7 @@ def restore_config(section: task_sections.Section, setting: dict,
   return pipeline.RestoreConfig(
       **task_sections.restore_fields(setting), method=method, iters=_ITERS.value or section.iters,
       width=_WIDTH.value or section.width, seeds=section.seeds,
-      **({"lr": _LR.value} if _LR.value else {}),
+      **({"lr": _LR.value} if _LR.value is not None else {}),
       stop=task_sections.criteria(setting, method), halt=False,
       holdout=task_sections.HOLDOUT if method == "dip" else 0.0)
 
@@ -88,11 +88,12 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler,
   frame = pipeline.make_frame(config, y, clean, mask)
   sigma = pipeline.noise_sigma(config, frame)
   every = _CHECKPOINT_EVERY.value if checkpoint_dir else 0
-  run = pipeline.FitRun(config, frame, sigma, jax.random.PRNGKey(0),
-                        chunk=pipeline.chunk_length(config, 100, every), stop_diverged=False)
+  key, chunk = jax.random.PRNGKey(0), pipeline.chunk_length(config, 100, every)
+  found = every > 0 and checkpoint.bind(
+      checkpoint_dir, pipeline.fingerprint(config, frame, key, chunk), resume=True)
+  run = pipeline.FitRun(config, frame, sigma, key, chunk=chunk, stop_diverged=False)
   run.compile(compiler)
-  run.fit(checkpoint_dir=checkpoint_dir, checkpoint_every=every,
-          resume=every > 0 and checkpoint.latest_step(checkpoint_dir) is not None)
+  run.fit(checkpoint_dir=checkpoint_dir, checkpoint_every=every, resume=found)
   curve = np.nanmean(run.trace["psnr_clean_ema"], axis=0)
   stops = {}
   for name, (steps, kept) in run.stops().items():
@@ -107,7 +108,8 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler,
              **(pipeline.noise_summary(pipeline.restored_noise(config, sigma))
                 if estimated else {}),
              compile_seconds=round(run.compile_seconds, 1),
-             fit_seconds=round(run.fit_seconds, 1))
+             fit_seconds=round(run.fit_seconds, 1),  # of this process (after a resume: since)
+             **({"resumed_from": run.start} if run.start else {}))
   curves = {f"curve_{k}": run.trace[k] for k in ("psnr_clean_ema", "psnr_obs_ema",
                                                  "mse_est_ema", "holdout_mse_ema")}
   return row, curves
@@ -231,6 +233,9 @@ def run() -> None:
     return summarise(section, common.read_rows(_out()))
   if _REFRESH.value:
     return refresh_baselines(section)
+  if _CHECKPOINT_EVERY.value < 0 or _CHECKPOINT_EVERY.value % 100:
+    raise ValueError(f"--checkpoint_every must be a multiple of 100 (the fits' chunk), got "
+                     f"{_CHECKPOINT_EVERY.value}")
   compiler = fits.Compiler()
   with common.Results(_out()) as results:
     done = {r["key"] for r in results.rows}
@@ -250,6 +255,9 @@ def run() -> None:
           t0 = time.time()
           y, mask = task_sections.observe(observed, clean, name)
           saves = os.path.join(common.arrays_dir(_out()), key + "_checkpoints")
+          if os.path.isdir(saves) and not _CHECKPOINT_EVERY.value:
+            logging.warning("%s: its checkpoints in %s are not resumed without "
+                            "--checkpoint_every (the fit starts over)", key, saves)
           row, curves = fit_row(config, y, clean, mask, compiler,
                                 saves if _CHECKPOINT_EVERY.value else None)
           found = baselines_lib.baselines(config, y, mask, clean.shape) if method == "dip" else {}

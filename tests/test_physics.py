@@ -143,8 +143,25 @@ def test_poisson_gaussian_noise_is_estimated_from_the_image(peak, read):
   white = noise.add_noise(1, clean, 0.1)
   got_peak, got_read = noise.estimate_poisson_gaussian(white)
   assert 0.5 / got_peak < 0.01 * 0.1**2 and got_read == pytest.approx(0.1, rel=0.05)
-  with pytest.raises(ValueError, match="H, W >= 12"):
-    noise.estimate_poisson_gaussian(np.zeros((8, 8, 1)))
+
+
+def test_poisson_gaussian_estimate_survives_a_sensor_s_clipping_and_flat_areas():
+  """A white level under 1, a constant patch and a black band (no noise there) leave the
+  estimate near the truth; too small an image, too narrow a range of levels (photon and read
+  noise cannot be told apart) and NaN give one clear error each."""
+  y = noise.PoissonNoise(60.0, 8 / 255).sample(np.random.default_rng(0), _ramp())
+  for name, edit in (("white at 0.9", lambda z: np.minimum(z, 0.9)),
+                     ("constant patch", lambda z: np.where(np.arange(96)[:, None, None] < 24,
+                                                           np.float32(0.5), z)),
+                     ("black band", lambda z: np.where(np.arange(96)[:, None, None] < 16, 0, z))):
+    peak, read = noise.estimate_poisson_gaussian(edit(y))
+    assert peak == pytest.approx(60.0, rel=0.15) and read == pytest.approx(8 / 255, abs=3 / 255)
+  with pytest.raises(ValueError, match="needs 1024 2 x 2 blocks"):
+    noise.estimate_poisson_gaussian(y[:40, :40, :1])
+  with pytest.raises(ValueError, match="too narrow to tell photon from read noise"):
+    noise.estimate_poisson_gaussian(noise.add_noise(0, np.full((96, 96, 1), 0.5), 0.1))
+  with pytest.raises(ValueError, match="finite"):
+    noise.estimate_poisson_gaussian(np.where(np.eye(96)[..., None] > 0, np.nan, y))
 
 
 def test_a_raw_photo_s_poisson_gaussian_noise_is_estimated_once_and_reported():
@@ -159,7 +176,7 @@ def test_a_raw_photo_s_poisson_gaussian_noise_is_estimated_once_and_reported():
   assert resolved.sigma_known and resolved.peak == round(peak, 3)
   assert resolved.sigma == round(255 * read, 4)
   result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
-  assert result.noise_model == noise.PoissonNoise(resolved.peak, resolved.sigma / 255)
+  assert result.noise_used == noise.PoissonNoise(resolved.peak, resolved.sigma / 255)
   summary = result.summary()
   assert summary["peak_used"] == resolved.peak and summary["read_sigma_used"] == resolved.sigma
   with pytest.raises(ValueError, match="no noise found"):
@@ -270,7 +287,7 @@ def test_a_real_photo_s_noise_correlation_is_estimated_once_and_reported():
                                   iters=10)
   result = pipeline.restore(config, y, key=jax.random.PRNGKey(0))
   sigma, width = noise.estimate_noise(y)
-  assert result.noise_model.correlation == round(width, 3) > noise.WHITE_BELOW
+  assert result.noise_used.correlation == round(width, 3) > noise.WHITE_BELOW
   assert result.sigma == pytest.approx(noise.estimate_sigma(y, round(width, 3)))
-  assert result.noise_model.sigma == result.sigma
-  assert result.summary()["noise_corr_used"] == result.noise_model.correlation
+  assert result.noise_used.sigma == result.sigma
+  assert result.summary()["noise_corr_used"] == result.noise_used.correlation

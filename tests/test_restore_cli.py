@@ -129,7 +129,7 @@ def bad_files(tmp_path_factory):
     (["--method=dip", "--stop=staged"], "stop 'staged' needs method 'staged'"),
     (["--loss=perceptual"], "needs vgg19"),
     (["--noisy", "--sigma=10"], "leave --sigma out"),
-    (["--noisy", "--noise=poisson", "--peak=30"], "leave --peak out"),
+    (["--noisy", "--noise=poisson", "--sigma=5"], "--peak and --sigma give its known noise"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, bad_files, tmp_path, cli_cache):
   out = tmp_path / "out"
