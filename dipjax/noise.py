@@ -164,14 +164,20 @@ def correlate(white: Array | np.ndarray, width: float) -> Array | np.ndarray:
                        axes=(-3, -2)).astype(xp.float32)
 
 
-def _diagonal_band(y: np.ndarray, lag: int, stride: int = 1) -> float:
-  """Donoho's MAD std of y's diagonal second differences at `lag` pixels,
+def _diagonal_differences(y: np.ndarray, lag: int, stride: int = 1) -> np.ndarray:
+  """y's (H, W, C) diagonal second differences at `lag` pixels,
   (y[i, j] - y[i, j + lag] - y[i + lag, j] + y[i + lag, j + lag]) / 2 at every `stride`-th
-  (i, j), per channel, averaged over channels (lag 1, stride 2: the finest diagonal Haar
-  band)."""
+  (i, j): (ceil((H - lag) / stride), ceil((W - lag) / stride), C); lag 1, stride 2: the finest
+  diagonal Haar band, one entry per 2 x 2 block."""
   h, w = y.shape[0] - lag, y.shape[1] - lag
-  d = (y[:h:stride, :w:stride] - y[:h:stride, lag:lag + w:stride]
-       - y[lag:lag + h:stride, :w:stride] + y[lag:lag + h:stride, lag:lag + w:stride]) / 2.0
+  return (y[:h:stride, :w:stride] - y[:h:stride, lag:lag + w:stride]
+          - y[lag:lag + h:stride, :w:stride] + y[lag:lag + h:stride, lag:lag + w:stride]) / 2.0
+
+
+def _diagonal_band(y: np.ndarray, lag: int, stride: int = 1) -> float:
+  """Donoho's MAD std of y's :func:`_diagonal_differences`, per channel, averaged over
+  channels."""
+  d = _diagonal_differences(y, lag, stride)
   return float(np.mean(np.median(np.abs(d), axis=(0, 1)) / 0.6744897501960817))
 
 
@@ -299,12 +305,9 @@ def estimate_poisson_gaussian(y: Array | np.ndarray, bins: int = 16) -> tuple[fl
   """
   y = _check_image(y, "estimate_poisson_gaussian", 2)
   h, w = y.shape[0] // 2 * 2, y.shape[1] // 2 * 2
-  levels, diffs = [], []
-  for c in range(y.shape[-1]):
-    x = y[:h, :w, c]
-    diffs.append(((x[::2, ::2] - x[::2, 1::2] - x[1::2, ::2] + x[1::2, 1::2]) / 2).ravel())
-    levels.append(_box_mean(x, 6)[1::2, 1::2].ravel())  # 6 x 6 centred on each block
-  level, diff = np.concatenate(levels), np.concatenate(diffs)
+  diff = np.moveaxis(_diagonal_differences(y, 1, stride=2), -1, 0).ravel()  # channel by channel
+  level = np.concatenate([_box_mean(y[:h, :w, c], 6)[1::2, 1::2].ravel()  # 6 x 6 around a block
+                          for c in range(y.shape[-1])])
   if level.size < MIN_BLOCKS:
     raise ValueError(f"estimate_poisson_gaussian needs {MIN_BLOCKS} 2 x 2 blocks over the "
                      f"channels (e.g. 64 x 64 grey), got an image of {y.shape}")

@@ -83,8 +83,8 @@ def fit_row(config: pipeline.RestoreConfig, y, clean, mask, compiler,
             checkpoint_dir: str | None = None) -> tuple[dict, dict]:
   """One fit, every criterion's stop scored against `clean`: (row fields, curves); with
   `checkpoint_dir`, checkpointed every --checkpoint_every iterations and resumed from there."""
-  estimated = config.noise_corr is None or (config.noise == "poisson" and not config.sigma_known)
-  config = pipeline.resolve_noise(config, y)
+  resolved = pipeline.resolve_noise(config, y)
+  estimated, config = resolved != config, resolved
   frame = pipeline.make_frame(config, y, clean, mask)
   sigma = pipeline.noise_sigma(config, frame)
   every = _CHECKPOINT_EVERY.value if checkpoint_dir else 0
